@@ -1,0 +1,1 @@
+pub struct QuantSpec; pub struct QuantizedMatrix;
