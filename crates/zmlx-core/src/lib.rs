@@ -6,6 +6,7 @@
 
 pub mod dtype;
 pub mod mlx_math;
+pub mod ops;
 pub mod quant;
 
 pub use dtype::DType;
