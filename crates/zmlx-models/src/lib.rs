@@ -1,1 +1,117 @@
+//! zmlx-models: checkpoints, architectures (one file each, read like mlx-lm),
+//! tokenizer and chat template, generation.
 
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod hub;
+pub mod nn;
+pub mod tokenizer;
+pub mod models {
+    pub mod qwen3_moe;
+}
+
+use std::path::{Path, PathBuf};
+
+pub use config::ModelConfig;
+pub use error::{ModelError, Result};
+pub use generate::{generate, Decoder, GenerationStats, SamplingOptions};
+pub use tokenizer::Tokenizer;
+use zmlx_core::DType;
+
+/// The architectures zmlx runs.
+pub enum Architecture {
+    Qwen3Moe(models::qwen3_moe::Model),
+}
+
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen3_moe"];
+
+/// A model folder loaded for the CPU: config, weights, tokenizer.
+pub struct LoadedModel {
+    pub path: PathBuf,
+    pub config: ModelConfig,
+    pub arch: Architecture,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+impl LoadedModel {
+    /// `model` is a folder or a Hugging Face repo id in the local cache.
+    pub fn load(model: &str) -> Result<Self> {
+        let path = hub::resolve_model_path(model)?;
+        let config = ModelConfig::load(&path)?;
+        if !SUPPORTED_MODEL_TYPES.contains(&config.model_type.as_str()) {
+            return Err(ModelError::file(
+                &config.path,
+                format!("model_type `{}` is not supported (supported: {})", config.model_type, SUPPORTED_MODEL_TYPES.join(", ")),
+            ));
+        }
+        let ckpt = checkpoint::Checkpoint::open(&path)?;
+        let arch = match config.model_type.as_str() {
+            "qwen3_moe" => Architecture::Qwen3Moe(models::qwen3_moe::Model::load(&config, &ckpt)?),
+            _ => unreachable!("checked against SUPPORTED_MODEL_TYPES"),
+        };
+        let tokenizer = Tokenizer::load(&path)?;
+        Ok(LoadedModel { path, config, arch, tokenizer })
+    }
+
+    /// EOS ids as mlx-lm picks them: generation_config.json, else config.json, else the tokenizer's.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let gen = self.path.join("generation_config.json");
+        if let Ok(text) = std::fs::read_to_string(gen) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if let Ok(c) = ModelConfig::parse(Path::new(""), &format!("{{\"model_type\":\"x\",\"eos_token_id\":{}}}", v.get("eos_token_id").cloned().unwrap_or(serde_json::Value::Null))) {
+                    let ids = c.eos_token_ids();
+                    if !ids.is_empty() {
+                        return ids;
+                    }
+                }
+            }
+        }
+        let ids = self.config.eos_token_ids();
+        if !ids.is_empty() {
+            return ids;
+        }
+        self.tokenizer.as_ref().and_then(|t| t.eos_token_id()).into_iter().collect()
+    }
+
+    /// A fresh CPU decoding session (its own KV cache) over these weights.
+    pub fn cpu_session(&self) -> CpuSession<'_> {
+        match &self.arch {
+            Architecture::Qwen3Moe(m) => CpuSession { model: m, cache: m.new_cache() },
+        }
+    }
+}
+
+/// The CPU reference decoder.
+pub struct CpuSession<'a> {
+    model: &'a models::qwen3_moe::Model,
+    cache: Vec<nn::KvCache>,
+}
+
+impl Decoder for CpuSession<'_> {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let vocab = self.vocab_size();
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::invalid(format!("token id {bad} is out of range (vocab size {vocab})")));
+        }
+        let max = self.model.args.max_position_embeddings;
+        let len = self.cache.first().map_or(0, |c| c.len) + tokens.len();
+        if len > max {
+            return Err(ModelError::invalid(format!("sequence of {len} tokens exceeds max_position_embeddings ({max})")));
+        }
+        Ok(self.model.forward(tokens, &mut self.cache))
+    }
+
+    fn reset(&mut self) {
+        self.cache = self.model.new_cache();
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.embed_tokens.vocab()
+    }
+
+    fn dtype(&self) -> DType {
+        self.model.dtype
+    }
+}

@@ -1,0 +1,112 @@
+//! `zmlx generate`: prompt → tokens, streamed, with mlx_lm.generate-like stats.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use zmlx_models::{generate, LoadedModel, SamplingOptions};
+
+use super::{parse_token_list, require_cpu, Device};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder or Hugging Face repo id (from the local cache).
+    #[arg(long)]
+    pub model: String,
+    /// Prompt text (the chat template is applied, as mlx_lm.generate does).
+    #[arg(long, conflicts_with = "prompt_tokens")]
+    pub prompt: Option<String>,
+    /// Prompt as token ids, e.g. 3,141,59 (no template).
+    #[arg(long)]
+    pub prompt_tokens: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Use the raw prompt, without the chat template.
+    #[arg(long)]
+    pub ignore_chat_template: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Print one JSON object as the last line of stdout (tokens, text, stats).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    require_cpu(args.device)?;
+    if !(args.temp >= 0.0 && args.temp.is_finite()) {
+        bail!("--temp must be a finite number >= 0, got {}", args.temp);
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", args.top_p);
+    }
+    let model = LoadedModel::load(&args.model)?;
+    let prompt = match (&args.prompt, &args.prompt_tokens) {
+        (_, Some(ids)) => parse_token_list(ids)?,
+        (Some(text), None) => {
+            let tok = model.tokenizer.as_ref().with_context(|| format!("{}: no tokenizer.json, so --prompt cannot be used; give --prompt-tokens", model.path.display()))?;
+            tok.encode_prompt(text, !args.ignore_chat_template)?
+        }
+        (None, None) => bail!("give --prompt TEXT or --prompt-tokens IDS"),
+    };
+    let eos = model.eos_token_ids();
+    let sampling = SamplingOptions { temp: args.temp, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
+    let mut session = model.cpu_session();
+
+    let tokenizer = model.tokenizer.as_ref();
+    let mut generated = Vec::new();
+    let mut printed = String::new();
+    let stream = !args.json && tokenizer.is_some();
+    if stream {
+        println!("==========");
+    }
+    let (tokens, stats) = generate(&mut session, &prompt, args.max_tokens, sampling, &eos, |t| {
+        if let (true, Some(tok)) = (stream, tokenizer) {
+            generated.push(t);
+            // Print the new suffix once it no longer ends in a partial UTF-8 sequence.
+            let text = tok.decode(&generated);
+            if !text.ends_with('\u{FFFD}') && text.len() > printed.len() && text.starts_with(&printed) {
+                print!("{}", &text[printed.len()..]);
+                std::io::stdout().flush().ok();
+                printed = text;
+            }
+        }
+    })?;
+    let text = tokenizer.map(|t| t.decode(&tokens));
+    if args.json {
+        let mut obj = serde_json::json!({
+            "tokens": tokens,
+            "prompt_tokens": stats.prompt_tokens,
+            "prompt_tps": stats.prompt_tps,
+            "generation_tokens": stats.generation_tokens,
+            "generation_tps": stats.generation_tps,
+            "peak_memory_bytes": stats.peak_memory_bytes,
+            "device": "cpu",
+        });
+        if let Some(text) = text {
+            obj["text"] = text.into();
+        }
+        println!("{obj}");
+    } else {
+        if stream {
+            if let Some(text) = &text {
+                print!("{}", text.get(printed.len()..).unwrap_or(""));
+            }
+            println!("\n==========");
+        } else {
+            println!("{}", tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+        }
+        println!("Prompt: {} tokens, {:.3} tokens-per-sec", stats.prompt_tokens, stats.prompt_tps);
+        println!("Generation: {} tokens, {:.3} tokens-per-sec", stats.generation_tokens, stats.generation_tps);
+        println!("Peak memory: {:.3} GB", stats.peak_memory_bytes as f64 / 1e9);
+    }
+    Ok(ExitCode::SUCCESS)
+}

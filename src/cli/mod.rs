@@ -1,0 +1,67 @@
+//! Subcommands. Each returns an exit code or an error that `main` prints as one line.
+
+mod generate;
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "zmlx", version, about = "Fast, token-identical MoE decode from MLX quantized checkpoints")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (like mlx_lm.generate).
+    Generate(generate::Args),
+}
+
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+    }
+}
+
+/// `--device cpu | cuda[:N]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}` (use cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+/// `--prompt-tokens 3,141,59`.
+pub fn parse_token_list(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| t.trim().parse::<u32>().map_err(|_| anyhow::anyhow!("--prompt-tokens: `{t}` is not a token id")))
+        .collect()
+}
+
+pub fn require_cpu(device: Device) -> Result<()> {
+    if let Device::Cuda(_) = device {
+        if !cfg!(feature = "cuda") {
+            bail!("this zmlx was built without CUDA: rebuild with `cargo build --release --features cuda`");
+        }
+    }
+    Ok(())
+}
