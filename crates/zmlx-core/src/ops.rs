@@ -97,14 +97,23 @@ pub fn argmax(row: &[f32]) -> usize {
     best
 }
 
-/// Sum in the array dtype, in order, as MLX's CPU `sum` does for float16/bfloat16.
+/// `mx.sum` over one axis on the CPU, for an array of `dtype`.
+///
+/// Despite the name, MLX (>= 0.32.3, "Accumulate low-precision float
+/// reductions in float32 on the CPU") does not add float16/bfloat16 values in
+/// their own dtype: `reduce_dispatch_sum_prod` reduces into an f32 accumulator,
+/// in element order starting from 0.0 (also for a strided axis, e.g.
+/// `sum(axis=-2)`), and rounds to the dtype once at the end.
 pub fn sum_in_dtype(values: impl IntoIterator<Item = f32>, dtype: DType) -> f32 {
-    values.into_iter().fold(0.0f32, |acc, v| dtype.round(v + acc))
+    dtype.round(values.into_iter().fold(0.0f32, |acc, v| acc + v))
 }
 
 /// `x @ w.T` for an unquantized `w` of shape `[n, k]` and `x` of shape `[m, k]`:
-/// MLX's CPU gemm for f16/bf16 accumulates each output in f32 in k order, then
-/// rounds once. (f32 goes to BLAS in MLX, whose order is not ours; see docs.)
+/// MLX's CPU gemm for f16/bf16 (`simd_gemm`, 16x16 blocks, simd width 1 on
+/// x86) accumulates each output in f32 in k order from 0, then rounds once.
+/// f32 goes to `cblas_sgemm`; the Linux mlx-cpu wheel bundles netlib's
+/// reference BLAS, whose sgemm also accumulates each output in k order from 0
+/// (no FMA), so f32 matches bit for bit there too. Another BLAS would not.
 pub fn matmul_t(x: &[f32], w: &[f32], k: usize, dtype: DType) -> Vec<f32> {
     let n = w.len() / k;
     let mut out = Vec::with_capacity(x.len() / k * n);
@@ -174,9 +183,14 @@ pub fn min_value(dtype: DType) -> f32 {
 }
 
 /// `mx.argpartition(values, kth)` on the CPU: MLX runs libstdc++'s
-/// `std::nth_element` (introselect) over an iota of indices with a `<`
-/// comparator that sends NaNs last. The order of the returned indices is that
-/// algorithm's, and it matters: mlx-lm sums the selected experts in this order.
+/// `std::nth_element` (introselect) over an iota of indices. The order of the
+/// returned indices is that algorithm's, and it matters: mlx-lm sums the
+/// selected experts in this order.
+///
+/// The comparator (mlx/backend/cpu/sort.cpp) sends NaNs last and breaks ties
+/// by index: `v[a] < v[b] || (v[a] == v[b] && a < b)`. Ties are common for
+/// bf16 router probabilities, and without the index tie-break the order of
+/// equal values differs from MLX's.
 pub fn argpartition(values: &[f32], kth: usize) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..values.len() as u32).collect();
     if values.is_empty() || kth >= values.len() {
@@ -190,7 +204,7 @@ pub fn argpartition(values: &[f32], kth: usize) -> Vec<u32> {
         if vb.is_nan() {
             return true;
         }
-        va < vb
+        va < vb || (va == vb && a < b)
     };
     let n = idx.len();
     let depth = 2 * (usize::BITS - 1 - n.leading_zeros()) as usize;
