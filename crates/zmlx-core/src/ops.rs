@@ -99,7 +99,7 @@ pub fn argmax(row: &[f32]) -> usize {
 
 /// `mx.sum` over one axis on the CPU, for an array of `dtype`.
 ///
-/// Despite the name, MLX (>= 0.32.3, "Accumulate low-precision float
+/// Despite the name, MLX 0.32.4 (commit e9ebf7c2, "Accumulate low-precision float
 /// reductions in float32 on the CPU") does not add float16/bfloat16 values in
 /// their own dtype: `reduce_dispatch_sum_prod` reduces into an f32 accumulator,
 /// in element order starting from 0.0 (also for a strided axis, e.g.
