@@ -1,0 +1,134 @@
+//! The kernel catalog: every CUDA C source, grouped in modules compiled lazily (one
+//! NVRTC call per module, cached on disk).
+
+use zmlx_core::DType;
+
+use crate::{nvrtc, Result};
+
+pub const COMMON: &str = include_str!("kernels/common.cuh");
+pub const QMV: &str = include_str!("kernels/qmv.cu");
+pub const OPS: &str = include_str!("kernels/ops.cu");
+
+pub const QMV_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
+pub const QMV_GROUPS: [u32; 3] = [32, 64, 128];
+pub const QMV_ROWS: [u32; 2] = [1, 4];
+
+/// Short name used in kernel symbols.
+pub fn dtype_tag(dt: DType) -> Result<&'static str> {
+    match dt {
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        DType::F32 => Ok("f32"),
+        other => Err(crate::CudaError::Invalid(format!("dtype {other} has no CUDA kernels (bf16, f16, f32)"))),
+    }
+}
+
+fn dt_struct(tag: &str) -> &'static str {
+    match tag {
+        "bf16" => "DtBF16",
+        "f16" => "DtF16",
+        _ => "DtF32",
+    }
+}
+
+/// One NVRTC compilation unit.
+pub struct ModuleSpec {
+    pub name: String,
+    pub source: String,
+    pub functions: Vec<String>,
+}
+
+pub fn qmv_fn_name(tag: &str, bits: u32, gs: u32, r: u32) -> String {
+    format!("qmv_{tag}_b{bits}_g{gs}_r{r}")
+}
+
+/// The module that holds `function`.
+pub fn module_of(function: &str) -> String {
+    let tag = ["bf16", "f16", "f32"].into_iter().find(|t| function.contains(&format!("_{t}"))).unwrap_or("f32");
+    if function.starts_with("qmv_") {
+        format!("qmv_{tag}")
+    } else {
+        format!("ops_{tag}")
+    }
+}
+
+pub fn module_spec(name: &str) -> Option<ModuleSpec> {
+    let (kind, tag) = name.split_once('_')?;
+    if !["bf16", "f16", "f32"].contains(&tag) {
+        return None;
+    }
+    let st = dt_struct(tag);
+    match kind {
+        "qmv" => {
+            let mut functions = Vec::new();
+            for b in QMV_BITS {
+                for g in QMV_GROUPS {
+                    for r in QMV_ROWS {
+                        functions.push(qmv_fn_name(tag, b, g, r));
+                    }
+                }
+            }
+            Some(ModuleSpec {
+                name: name.into(),
+                source: format!("{COMMON}\n{QMV}\nZMLX_QMV_ALL({st}, {tag})\n"),
+                functions,
+            })
+        }
+        "ops" => {
+            let functions = [
+                "rms_norm", "rope", "kv_append", "attn_split", "attn_combine", "softmax_topk", "moe_combine",
+                "swiglu", "add", "embed", "argmax",
+            ]
+            .iter()
+            .flat_map(|k| match *k {
+                "attn_split" | "attn_combine" => vec![format!("{k}_{tag}_d64"), format!("{k}_{tag}_d128")],
+                _ => vec![format!("{k}_{tag}")],
+            })
+            .collect();
+            Some(ModuleSpec { name: name.into(), source: format!("{COMMON}\n{OPS}\nZMLX_OPS({st}, {tag})\n"), functions })
+        }
+        _ => None,
+    }
+}
+
+pub fn all_modules() -> Vec<ModuleSpec> {
+    ["qmv", "ops"]
+        .iter()
+        .flat_map(|k| ["bf16", "f16", "f32"].iter().map(move |t| format!("{k}_{t}")))
+        .filter_map(|n| module_spec(&n))
+        .collect()
+}
+
+/// Compile every kernel module with NVRTC for `arch` (e.g. "sm_90"). Needs libnvrtc only,
+/// no GPU. Each entry is (module name, Ok or the compiler log). Successful cubins are also
+/// written to the kernel cache, so a later run on a GPU of that arch starts without JIT.
+/// Errors only when libnvrtc cannot be loaded at all.
+pub fn check_all_kernels(arch: &str) -> Result<Vec<(String, std::result::Result<(), String>)>> {
+    nvrtc::ensure_nvrtc()?;
+    let opts = nvrtc::compile_options(arch);
+    let mut out = Vec::new();
+    for m in all_modules() {
+        let res = nvrtc::compile_cubin(&m.name, &m.source, &opts).map_err(|e| e.to_string()).and_then(|cubin| {
+            let missing: Vec<&String> =
+                m.functions.iter().filter(|f| !contains(&cubin, f.as_bytes())).collect();
+            if !missing.is_empty() {
+                return Err(format!("cubin lacks functions {missing:?}"));
+            }
+            let key = nvrtc::stable_hash(&[m.source.as_bytes(), opts.join(" ").as_bytes(), arch.as_bytes()]);
+            let dir = nvrtc::cache_dir();
+            if std::fs::create_dir_all(&dir).is_ok() {
+                let _ = std::fs::write(dir.join(format!("{}-{arch}-{key}.cubin", m.name)), &cubin);
+            }
+            Ok(())
+        });
+        out.push((m.name.clone(), res));
+    }
+    Ok(out)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    // symbol names are NUL-terminated in the string table
+    let mut n = needle.to_vec();
+    n.push(0);
+    hay.windows(n.len()).any(|w| w == n.as_slice())
+}

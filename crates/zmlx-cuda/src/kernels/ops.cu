@@ -1,0 +1,381 @@
+// Decode-step kernels other than the quantized matmuls. Rounding contracts are in
+// docs/kernels.md; every op whose MLX counterpart rounds to the dtype rounds here too.
+
+// rms_norm over rows of length n: f32 sum of squares (tree order), mean = sum * inv_n,
+// r = 1/sqrt(mean + eps), out = r(r(x*r) * w).
+template <class D>
+__device__ __forceinline__ void rms_norm_impl(const typename D::T* __restrict__ x, const typename D::T* __restrict__ w,
+                                              typename D::T* __restrict__ y, int n, float eps, float inv_n) {
+  __shared__ float red[32];
+  x += (long long)blockIdx.x * n;
+  y += (long long)blockIdx.x * n;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) { float v = D::ld(x[i]); ss = fmaf(v, v, ss); }
+  ss = block_sum(ss, red);
+  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    float v = D::rnd(__fmul_rn(D::ld(x[i]), r));
+    y[i] = D::st(__fmul_rn(v, D::ld(w[i])));
+  }
+}
+
+// Non-traditional RoPE on rows of head_dim, rotating the first `dims` features; the
+// position is *pos_ptr + pos_add. inv_freq_i = mlx_exp(-(i) * step), step = ln(base)/half
+// (f32, host side), theta = r32(pos*scale) * inv_freq, cos/sin by MLX's polynomials,
+// rounded to dtype; out1 = r(r(x1 c) - r(x2 s)), out2 = r(r(x1 s) + r(x2 c)).
+template <class D>
+__device__ __forceinline__ void rope_impl(const typename D::T* x, typename D::T* y, const int* __restrict__ pos_ptr,
+                                          int pos_add, int rows, int head_dim, int dims, float step, float scale) {
+  const int half = dims >> 1;
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const int pos = *pos_ptr + pos_add;
+  if (idx < rows * half) {
+    const int row = idx / half, i = idx - row * half;
+    const float inv = mlx_exp(__fmul_rn(-(float)i, step));
+    const float theta = __fmul_rn(__fmul_rn((float)pos, scale), inv);
+    const float c = D::rnd(mlx_cos(theta)), s = D::rnd(mlx_sin(theta));
+    const long long o = (long long)row * head_dim;
+    const float x1 = D::ld(x[o + i]), x2 = D::ld(x[o + i + half]);
+    const float o1 = D::rnd(__fsub_rn(D::rnd(__fmul_rn(x1, c)), D::rnd(__fmul_rn(x2, s))));
+    const float o2 = D::rnd(__fadd_rn(D::rnd(__fmul_rn(x1, s)), D::rnd(__fmul_rn(x2, c))));
+    y[o + i] = D::st(o1);
+    y[o + i + half] = D::st(o2);
+  }
+  const int rest = head_dim - dims;
+  if (rest > 0 && idx < rows * rest) {
+    const int row = idx / rest, j = dims + (idx - row * rest);
+    y[(long long)row * head_dim + j] = x[(long long)row * head_dim + j];
+  }
+}
+
+// KV-cache append: cache [n_kv, max_len, hd]; writes k/v [n_kv, hd] at position *pos_ptr + pos_add.
+template <class D>
+__device__ __forceinline__ void kv_append_impl(const typename D::T* __restrict__ k, const typename D::T* __restrict__ v,
+                                               typename D::T* kc, typename D::T* vc, const int* __restrict__ pos_ptr,
+                                               int pos_add, int n_kv, int max_len, int hd) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= n_kv * hd) return;
+  const int pos = *pos_ptr + pos_add;
+  if (pos < 0 || pos >= max_len) return;
+  const int h = idx / hd, d = idx - h * hd;
+  const long long o = ((long long)h * max_len + pos) * hd + d;
+  kc[o] = k[idx];
+  vc[o] = v[idx];
+}
+
+// Flash-decoding attention, pass 1. Block (kv head h, split s) covers positions
+// [s*CHUNK, min((s+1)*CHUNK, len)) for the G query heads of h (GQA: q head i uses kv head
+// i / G). q is first scaled MLX-style: r(q * r(scale)). Scores and softmax in f32 (MLX exp),
+// partial output o = sum_t p_t v_t in f32. Writes [G][HD + 2] floats: o, max, sum.
+#define ATT_CHUNK 256
+#define ATT_GMAX 16
+#define ATT_THREADS 128
+template <class D, int HD>
+__device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
+                                                const typename D::T* __restrict__ vc, float* __restrict__ part,
+                                                const int* __restrict__ len_ptr, int len_add, int G, int max_len,
+                                                float scale) {
+  __shared__ float qs[ATT_GMAX * HD];
+  __shared__ float sc[ATT_GMAX * ATT_CHUNK];
+  const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y;
+  const int len = min(*len_ptr + len_add, max_len);
+  const int t0 = s * ATT_CHUNK;
+  if (t0 >= len) return;  // the combine pass never reads this split
+  const int n = min(ATT_CHUNK, len - t0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float scale_r = D::rnd(scale);
+  for (int i = tid; i < G * HD; i += ATT_THREADS)
+    qs[i] = D::rnd(__fmul_rn(D::ld(q[(long long)h * G * HD + i]), scale_r));
+  __syncthreads();
+  const typename D::T* kbase = kc + ((long long)h * max_len + t0) * HD;
+  const typename D::T* vbase = vc + ((long long)h * max_len + t0) * HD;
+  // Scores: LPR lanes per key row, 8 features per lane (one 16-byte load for 16-bit dtypes).
+  {
+    const int LPR = HD / 8, RPW = 32 / LPR;
+    const int sub = lane / LPR, e0 = (lane % LPR) * 8;
+    for (int base = warp * RPW; base < n; base += (ATT_THREADS / 32) * RPW) {
+      const int t = base + sub;
+      float kv[8];
+      if (t < n) load8<D>(kbase + (long long)t * HD + e0, kv);
+      else {
+#pragma unroll
+        for (int j = 0; j < 8; j++) kv[j] = 0.0f;
+      }
+#pragma unroll
+      for (int g = 0; g < ATT_GMAX; g++) {
+        if (g < G) {
+          float p = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 8; j++) p = fmaf(qs[g * HD + e0 + j], kv[j], p);
+#pragma unroll
+          for (int o = LPR / 2; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
+          if ((lane % LPR) == 0 && t < n) sc[g * ATT_CHUNK + t] = p;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  float* out = part + (((long long)h * S + s) * G) * (HD + 2);
+  // Softmax pieces per head: one warp per head.
+  for (int g = warp; g < G; g += ATT_THREADS / 32) {
+    float m = -ZMLX_INF;
+    for (int t = lane; t < n; t += 32) m = fmaxf(m, sc[g * ATT_CHUNK + t]);
+    m = warp_max(m);
+    float l = 0.0f;
+    for (int t = lane; t < n; t += 32) {
+      float p = mlx_exp(__fsub_rn(sc[g * ATT_CHUNK + t], m));
+      sc[g * ATT_CHUNK + t] = p;
+      l += p;
+    }
+    l = warp_sum(l);
+    if (lane == 0) { out[g * (HD + 2) + HD] = m; out[g * (HD + 2) + HD + 1] = l; }
+  }
+  __syncthreads();
+  // P.V: thread owns 2 features of one row group; NG row groups split the positions.
+  {
+    const int TPR = HD / 2, NG = ATT_THREADS / TPR;
+    const int grp = tid / TPR, d0 = (tid % TPR) * 2;
+    float acc0[ATT_GMAX], acc1[ATT_GMAX];
+#pragma unroll
+    for (int g = 0; g < ATT_GMAX; g++) { acc0[g] = 0.0f; acc1[g] = 0.0f; }
+    for (int t = grp; t < n; t += NG) {
+      const typename D::T* vr = vbase + (long long)t * HD + d0;
+      const float v0 = D::ld(vr[0]), v1 = D::ld(vr[1]);
+#pragma unroll
+      for (int g = 0; g < ATT_GMAX; g++) {
+        if (g < G) {
+          const float p = sc[g * ATT_CHUNK + t];
+          acc0[g] = fmaf(p, v0, acc0[g]);
+          acc1[g] = fmaf(p, v1, acc1[g]);
+        }
+      }
+    }
+    __syncthreads();  // scores are dead: reuse sc for the cross-group reduction
+#pragma unroll
+    for (int g = 0; g < ATT_GMAX; g++) {
+      if (g < G) {
+        sc[(grp * ATT_GMAX + g) * HD + d0] = acc0[g];
+        sc[(grp * ATT_GMAX + g) * HD + d0 + 1] = acc1[g];
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < G * HD; i += ATT_THREADS) {
+      const int g = i / HD, d = i - g * HD;
+      float o = 0.0f;
+      for (int r = 0; r < NG; r++) o += sc[(r * ATT_GMAX + g) * HD + d];
+      out[g * (HD + 2) + d] = o;
+    }
+  }
+}
+
+// Pass 2: merge the splits of each query head; out = r(sum_s w_s o_s / sum_s w_s l_s),
+// w_s = exp(m_s - max_s m_s).
+template <class D, int HD>
+__device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part, typename D::T* __restrict__ y,
+                                                  const int* __restrict__ len_ptr, int len_add, int G, int S, int max_len) {
+  const int hq = blockIdx.x, h = hq / G, g = hq - h * G;
+  const int len = min(*len_ptr + len_add, max_len);
+  const int used = (len + ATT_CHUNK - 1) / ATT_CHUNK;
+  const float* p = part + ((long long)h * S * G + g) * (HD + 2);
+  const long long st = (long long)G * (HD + 2);
+  float m = -ZMLX_INF;
+  for (int s = 0; s < used; s++) m = fmaxf(m, p[s * st + HD]);
+  for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+    float num = 0.0f, den = 0.0f;
+    for (int s = 0; s < used; s++) {
+      const float w = mlx_exp(__fsub_rn(p[s * st + HD], m));
+      num = fmaf(w, p[s * st + d], num);
+      den = fmaf(w, p[s * st + HD + 1], den);
+    }
+    y[(long long)hq * HD + d] = D::st(__fdiv_rn(num, den));
+  }
+}
+
+// Router: softmax (f32, MLX exp, tree-order sum, times 1/sum) over E logits per row,
+// optionally rounded to the dtype (MLX `softmax(precise=True)` returns the dtype),
+// then top-k by value (ties -> lower index), listed in descending order, then optional
+// renormalisation (sum of the k weights accumulated in the dtype, then w / sum rounded).
+// Weights are written as f32 (values exact in the dtype when round_probs != 0).
+template <class D>
+__device__ __forceinline__ void softmax_topk_impl(const typename D::T* __restrict__ logits, u32* __restrict__ ids,
+                                                  float* __restrict__ wout, int E, int k, int round_probs, int renorm) {
+  extern __shared__ float pr[];  // E floats
+  __shared__ float red[32];
+  __shared__ int redi[32];
+  __shared__ float topw[64];
+  logits += (long long)blockIdx.x * E;
+  ids += (long long)blockIdx.x * k;
+  wout += (long long)blockIdx.x * k;
+  float m = -ZMLX_INF;
+  for (int i = threadIdx.x; i < E; i += blockDim.x) { float v = D::ld(logits[i]); pr[i] = v; m = fmaxf(m, v); }
+  m = block_max(m, red);
+  float sum = 0.0f;
+  for (int i = threadIdx.x; i < E; i += blockDim.x) { float e = mlx_exp(__fsub_rn(pr[i], m)); pr[i] = e; sum += e; }
+  sum = block_sum(sum, red);
+  const float inv = __fdiv_rn(1.0f, sum);
+  for (int i = threadIdx.x; i < E; i += blockDim.x) {
+    float p = __fmul_rn(pr[i], inv);
+    pr[i] = round_probs ? D::rnd(p) : p;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  for (int j = 0; j < k; j++) {
+    float bv = -ZMLX_INF;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < E; i += blockDim.x) {
+      float v = pr[i];
+      if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    }
+    if (lane == 0) { red[warp] = bv; redi[warp] = bi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float v = red[0];
+      int ix = redi[0];
+      for (int w = 1; w < nw; w++)
+        if (red[w] > v || (red[w] == v && redi[w] < ix)) { v = red[w]; ix = redi[w]; }
+      ids[j] = (u32)ix;
+      topw[j] = v;
+      pr[ix] = -ZMLX_INF;  // taken
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    if (renorm) {
+      float s = 0.0f;
+      for (int j = 0; j < k; j++) s = round_probs ? D::rnd(__fadd_rn(s, topw[j])) : __fadd_rn(s, topw[j]);
+      for (int j = 0; j < k; j++) { float v = __fdiv_rn(topw[j], s); wout[j] = round_probs ? D::rnd(v) : v; }
+    } else {
+      for (int j = 0; j < k; j++) wout[j] = topw[j];
+    }
+  }
+}
+
+// Weighted sum of k expert outputs y [k, n] with f32 weights w [k] (exact in the dtype):
+// acc = r(w0*y0); acc = r(acc + r(wi*yi)) in list order (MLX: multiply, then a sum over
+// the k axis that accumulates in the dtype).
+template <class D>
+__device__ __forceinline__ void moe_combine_impl(const typename D::T* __restrict__ y, const float* __restrict__ w,
+                                                 typename D::T* __restrict__ out, int k, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float acc = 0.0f;
+  for (int j = 0; j < k; j++) acc = D::rnd(__fadd_rn(acc, D::rnd(__fmul_rn(w[j], D::ld(y[(long long)j * n + i])))));
+  out[i] = D::st(acc);
+}
+
+// swiglu: MLX sigmoid (e = r(exp|x|), y = 1/(1+e), s = r(x<0 ? y : 1-y)), silu = r(g*s), out = r(silu*u).
+template <class D>
+__device__ __forceinline__ void swiglu_impl(const typename D::T* __restrict__ g, const typename D::T* __restrict__ u,
+                                            typename D::T* __restrict__ out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float gv = D::ld(g[i]);
+  const float e = D::rnd(mlx_exp(fabsf(gv)));
+  const float yv = __fdiv_rn(1.0f, __fadd_rn(1.0f, e));
+  const float s = D::rnd(gv < 0.0f ? yv : __fsub_rn(1.0f, yv));
+  const float silu = D::rnd(__fmul_rn(gv, s));
+  out[i] = D::st(__fmul_rn(silu, D::ld(u[i])));
+}
+
+template <class D>
+__device__ __forceinline__ void add_impl(const typename D::T* a, const typename D::T* b, typename D::T* out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  out[i] = D::st(__fadd_rn(D::ld(a[i]), D::ld(b[i])));
+}
+
+// Quantized embedding row: out[d] = r(r(s*q) + b) (MLX dequantize), row id read from device.
+template <class D>
+__device__ __forceinline__ void embed_impl(const u32* __restrict__ w, const typename D::T* __restrict__ scales,
+                                           const typename D::T* __restrict__ biases, const u32* __restrict__ id_ptr,
+                                           typename D::T* __restrict__ out, int dim, int bits, int gs) {
+  const int d = blockIdx.x * blockDim.x + threadIdx.x;
+  if (d >= dim) return;
+  const long long row = *id_ptr;
+  const long long wpr = (long long)dim * bits / 32;
+  const u32* wr = w + row * wpr;
+  const int bp = d * bits, wi = bp >> 5, off = bp & 31;
+  u32 v = wr[wi] >> off;
+  if (off + bits > 32) v |= wr[wi + 1] << (32 - off);
+  v &= (1u << bits) - 1u;
+  const long long gi = row * (dim / gs) + d / gs;
+  const float sq = D::rnd(__fmul_rn(D::ld(scales[gi]), (float)v));
+  out[d] = D::st(__fadd_rn(sq, D::ld(biases[gi])));
+}
+
+// argmax over n values (single block); first index of the maximum; NaN never wins.
+template <class D>
+__device__ __forceinline__ void argmax_impl(const typename D::T* __restrict__ x, u32* __restrict__ out, int n) {
+  __shared__ float rv[32];
+  __shared__ int ri[32];
+  float bv = -ZMLX_INF;
+  int bi = 0x7fffffff;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    float v = D::ld(x[i]);
+    if (v > bv || (bi == 0x7fffffff && v == bv)) { bv = v; bi = i; }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  if (lane == 0) { rv[warp] = bv; ri[warp] = bi; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < nw; w++)
+      if (rv[w] > bv || (rv[w] == bv && ri[w] < bi)) { bv = rv[w]; bi = ri[w]; }
+    *out = (u32)(bi == 0x7fffffff ? 0 : bi);
+  }
+}
+
+#define ZMLX_OPS(DT, DN)                                                                                       \
+  extern "C" __global__ void rms_norm_##DN(const DT::T* x, const DT::T* w, DT::T* y, int n, float eps,         \
+                                           float inv_n) { rms_norm_impl<DT>(x, w, y, n, eps, inv_n); }         \
+  extern "C" __global__ void rope_##DN(const DT::T* x, DT::T* y, const int* pos, int pos_add, int rows, int hd, \
+                                       int dims, float step, float scale) {                                    \
+    rope_impl<DT>(x, y, pos, pos_add, rows, hd, dims, step, scale);                                            \
+  }                                                                                                            \
+  extern "C" __global__ void kv_append_##DN(const DT::T* k, const DT::T* v, DT::T* kc, DT::T* vc,             \
+                                            const int* pos, int pos_add, int n_kv, int max_len, int hd) {      \
+    kv_append_impl<DT>(k, v, kc, vc, pos, pos_add, n_kv, max_len, hd);                                         \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_##DN##_d64(                            \
+      const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
+      int max_len, float scale) { attn_split_impl<DT, 64>(q, kc, vc, part, len, len_add, G, max_len, scale); } \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_##DN##_d128(                           \
+      const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
+      int max_len, float scale) { attn_split_impl<DT, 128>(q, kc, vc, part, len, len_add, G, max_len, scale); }\
+  extern "C" __global__ void attn_combine_##DN##_d64(const float* part, DT::T* y, const int* len, int len_add,  \
+                                                     int G, int S, int max_len) {                              \
+    attn_combine_impl<DT, 64>(part, y, len, len_add, G, S, max_len);                                           \
+  }                                                                                                            \
+  extern "C" __global__ void attn_combine_##DN##_d128(const float* part, DT::T* y, const int* len, int len_add, \
+                                                      int G, int S, int max_len) {                             \
+    attn_combine_impl<DT, 128>(part, y, len, len_add, G, S, max_len);                                          \
+  }                                                                                                            \
+  extern "C" __global__ void softmax_topk_##DN(const DT::T* logits, u32* ids, float* w, int E, int k,          \
+                                               int round_probs, int renorm) {                                  \
+    softmax_topk_impl<DT>(logits, ids, w, E, k, round_probs, renorm);                                          \
+  }                                                                                                            \
+  extern "C" __global__ void moe_combine_##DN(const DT::T* y, const float* w, DT::T* out, int k, int n) {      \
+    moe_combine_impl<DT>(y, w, out, k, n);                                                                     \
+  }                                                                                                            \
+  extern "C" __global__ void swiglu_##DN(const DT::T* g, const DT::T* u, DT::T* out, int n) {                  \
+    swiglu_impl<DT>(g, u, out, n);                                                                             \
+  }                                                                                                            \
+  extern "C" __global__ void add_##DN(const DT::T* a, const DT::T* b, DT::T* out, int n) {                     \
+    add_impl<DT>(a, b, out, n);                                                                                \
+  }                                                                                                            \
+  extern "C" __global__ void embed_##DN(const u32* w, const DT::T* s, const DT::T* b, const u32* id,           \
+                                        DT::T* out, int dim, int bits, int gs) {                               \
+    embed_impl<DT>(w, s, b, id, out, dim, bits, gs);                                                           \
+  }                                                                                                            \
+  extern "C" __global__ void argmax_##DN(const DT::T* x, u32* out, int n) { argmax_impl<DT>(x, out, n); }

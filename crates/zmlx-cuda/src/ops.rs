@@ -1,0 +1,326 @@
+//! Rust launchers for the catalog kernels. All pointers are device addresses (`u64`);
+//! every launcher checks shapes and alignment, then enqueues on the device's stream
+//! (capturable into a graph). Rounding contracts: docs/kernels.md.
+
+use zmlx_core::DType;
+
+use crate::catalog::{dtype_tag, qmv_fn_name};
+use crate::runtime::{Arg, CudaDevice};
+use crate::{CudaError, Result};
+
+fn inv(msg: String) -> CudaError {
+    CudaError::Invalid(msg)
+}
+
+fn aligned(p: u64, a: u64, what: &str) -> Result<()> {
+    if p % a != 0 {
+        return Err(inv(format!("{what} pointer {p:#x} must be {a}-byte aligned")));
+    }
+    Ok(())
+}
+
+/// An MLX affine-quantized weight on the device: `w` u32 words `[E, N, K*bits/32]`,
+/// `scales`/`biases` `[E, N, K/group_size]` in the compute dtype. `n_experts` = 1 for a plain matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct QuantWeight {
+    pub w: u64,
+    pub scales: u64,
+    pub biases: u64,
+    pub n: usize,
+    pub k: usize,
+    pub bits: u32,
+    pub group_size: u32,
+    pub n_experts: usize,
+}
+
+impl QuantWeight {
+    /// Bytes of one expert's packed words, scales and biases (for bandwidth accounting).
+    pub fn bytes_per_expert(&self, dt: DType) -> usize {
+        let groups = self.n * self.k / self.group_size as usize;
+        self.n * self.k * self.bits as usize / 8 + 2 * groups * dt.size_bytes()
+    }
+    fn validate(&self) -> Result<()> {
+        if !crate::catalog::QMV_BITS.contains(&self.bits) || !crate::catalog::QMV_GROUPS.contains(&self.group_size) {
+            return Err(inv(format!("unsupported quantization bits={} group={}", self.bits, self.group_size)));
+        }
+        if self.k % self.group_size as usize != 0 || self.n == 0 || self.k == 0 {
+            return Err(inv(format!("K={} must be a positive multiple of the group size {}", self.k, self.group_size)));
+        }
+        if self.n >= (1 << 31) || self.k >= (1 << 31) {
+            return Err(inv("matrix too large".into()));
+        }
+        aligned(self.w, 16, "weight")
+    }
+}
+
+fn qmv_launch(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64, ids: u64, slots: usize, x_stride: usize) -> Result<()> {
+    wq.validate()?;
+    aligned(x, 16, "x")?;
+    let tag = dtype_tag(dt)?;
+    let n = wq.n as u32;
+    // Many rows: 4 rows per warp, 8 warps (loads of 4 rows in flight per lane). Few rows:
+    // 1 row per warp, 4 warps, so the grid still covers every SM.
+    let big = (n as u64).div_ceil(32) * slots as u64 >= 2 * dev.sm_count() as u64;
+    let (r, threads) = if big { (4u32, 256u32) } else { (1, 128) };
+    let rows_per_block = r * threads / 32;
+    let grid = (n.div_ceil(rows_per_block), slots as u32, 1);
+    dev.launch(
+        &qmv_fn_name(tag, wq.bits, wq.group_size, r),
+        grid,
+        (threads, 1, 1),
+        0,
+        &[
+            Arg::Ptr(wq.w),
+            Arg::Ptr(wq.scales),
+            Arg::Ptr(wq.biases),
+            Arg::Ptr(x),
+            Arg::Ptr(y),
+            Arg::Ptr(ids),
+            Arg::I32(wq.n as i32),
+            Arg::I32(wq.k as i32),
+            Arg::I32(x_stride as i32),
+        ],
+    )
+}
+
+/// y[N] = W·x for a quantized W [N, K]; x [K], y [N] in `dt`. f32 accumulation, output
+/// rounded to `dt`.
+pub fn qmv(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64) -> Result<()> {
+    qmv_launch(dev, dt, wq, x, y, 0, 1, 0)
+}
+
+/// MoE expert matmuls in one launch: for slot i in 0..k, y[i] = W[ids[i]]·x_i with W
+/// stacked `[E, N, K]`, `ids` k u32 expert indices in device memory (must be < E),
+/// x_i = x (shared, `x_per_slot` false) or x[i*K..] (`x_per_slot` true); y [k, N].
+pub fn gather_qmv(dev: &CudaDevice, dt: DType, wq: &QuantWeight, ids: u64, k: usize, x: u64, x_per_slot: bool, y: u64) -> Result<()> {
+    if ids == 0 || k == 0 {
+        return Err(inv("gather_qmv needs expert ids and k > 0".into()));
+    }
+    qmv_launch(dev, dt, wq, x, y, ids, k, if x_per_slot { wq.k } else { 0 })
+}
+
+/// RMSNorm over `rows` rows of `n`: y = r(r(x * 1/sqrt(mean(x²)+eps)) * w). In place allowed.
+pub fn rms_norm(dev: &CudaDevice, dt: DType, x: u64, w: u64, y: u64, rows: usize, n: usize, eps: f32) -> Result<()> {
+    let tag = dtype_tag(dt)?;
+    let inv_n = (1.0f64 / n as f64) as f32;
+    let threads = if n >= 1024 { 256 } else { 128 };
+    dev.launch(
+        &format!("rms_norm_{tag}"),
+        (rows as u32, 1, 1),
+        (threads, 1, 1),
+        0,
+        &[Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(y), Arg::I32(n as i32), Arg::F32(eps), Arg::F32(inv_n)],
+    )
+}
+
+/// The f32 `ln(base) / (dims/2)` step MLX's RoPE fallback uses (zmlx-core `rope_tables`).
+pub fn rope_step(base: f32, dims: usize) -> f32 {
+    base.ln() / (dims / 2) as f32
+}
+
+/// Non-traditional RoPE on `rows` rows of `head_dim` (one token: rows = heads), rotating
+/// the first `dims` features, at position `*pos_ptr + pos_add` (i32 in device memory).
+/// `scale` multiplies the position (1.0 normally). In place allowed (y == x).
+#[allow(clippy::too_many_arguments)]
+pub fn rope(dev: &CudaDevice, dt: DType, x: u64, y: u64, pos_ptr: u64, pos_add: i32, rows: usize, head_dim: usize, dims: usize, base: f32, scale: f32) -> Result<()> {
+    if dims % 2 != 0 || dims > head_dim {
+        return Err(inv(format!("rope dims {dims} must be even and <= head_dim {head_dim}")));
+    }
+    let tag = dtype_tag(dt)?;
+    let work = rows * (dims / 2).max(head_dim - dims);
+    dev.launch(
+        &format!("rope_{tag}"),
+        ((work as u32).div_ceil(128), 1, 1),
+        (128, 1, 1),
+        0,
+        &[
+            Arg::Ptr(x),
+            Arg::Ptr(y),
+            Arg::Ptr(pos_ptr),
+            Arg::I32(pos_add),
+            Arg::I32(rows as i32),
+            Arg::I32(head_dim as i32),
+            Arg::I32(dims as i32),
+            Arg::F32(rope_step(base, dims)),
+            Arg::F32(scale),
+        ],
+    )
+}
+
+/// Shape of one layer's attention for decode.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// KV cache capacity (positions) per layer: caches are `[n_kv_heads, max_len, head_dim]`.
+    pub max_len: usize,
+}
+
+/// Positions per split of the flash-decoding pass (fixed in the kernel).
+pub const ATT_CHUNK: usize = 256;
+
+impl AttnShape {
+    fn splits(&self) -> usize {
+        self.max_len.div_ceil(ATT_CHUNK)
+    }
+    /// f32 scratch the attention needs (reusable across layers).
+    pub fn workspace_bytes(&self) -> usize {
+        self.n_kv_heads * self.splits() * (self.n_heads / self.n_kv_heads) * (self.head_dim + 2) * 4
+    }
+    fn validate(&self) -> Result<()> {
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return Err(inv(format!("n_heads {} must be a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads)));
+        }
+        let g = self.n_heads / self.n_kv_heads;
+        if g > 16 {
+            return Err(inv(format!("GQA group {g} > 16 not supported")));
+        }
+        if self.head_dim != 64 && self.head_dim != 128 {
+            return Err(inv(format!("head_dim {} not supported (64, 128)", self.head_dim)));
+        }
+        Ok(())
+    }
+}
+
+/// Append one token's k, v `[n_kv, head_dim]` to the caches at position `*pos_ptr + pos_add`.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_append(dev: &CudaDevice, dt: DType, s: &AttnShape, k: u64, v: u64, k_cache: u64, v_cache: u64, pos_ptr: u64, pos_add: i32) -> Result<()> {
+    let tag = dtype_tag(dt)?;
+    let n = (s.n_kv_heads * s.head_dim) as u32;
+    dev.launch(
+        &format!("kv_append_{tag}"),
+        (n.div_ceil(128), 1, 1),
+        (128, 1, 1),
+        0,
+        &[
+            Arg::Ptr(k),
+            Arg::Ptr(v),
+            Arg::Ptr(k_cache),
+            Arg::Ptr(v_cache),
+            Arg::Ptr(pos_ptr),
+            Arg::I32(pos_add),
+            Arg::I32(s.n_kv_heads as i32),
+            Arg::I32(s.max_len as i32),
+            Arg::I32(s.head_dim as i32),
+        ],
+    )
+}
+
+/// Single-token attention: q `[n_heads, head_dim]` against the first `*len_ptr + len_add`
+/// cached positions; out `[n_heads, head_dim]`. q is scaled as MLX does (`r(q * r(scale))`),
+/// scores and softmax in f32, output rounded to `dt`. `workspace`: `s.workspace_bytes()`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, q: u64, k_cache: u64, v_cache: u64, len_ptr: u64, len_add: i32, scale: f32, workspace: u64, out: u64) -> Result<()> {
+    s.validate()?;
+    let tag = dtype_tag(dt)?;
+    let g = (s.n_heads / s.n_kv_heads) as i32;
+    let sp = s.splits() as u32;
+    dev.launch(
+        &format!("attn_split_{tag}_d{}", s.head_dim),
+        (s.n_kv_heads as u32, sp, 1),
+        (128, 1, 1),
+        0,
+        &[
+            Arg::Ptr(q),
+            Arg::Ptr(k_cache),
+            Arg::Ptr(v_cache),
+            Arg::Ptr(workspace),
+            Arg::Ptr(len_ptr),
+            Arg::I32(len_add),
+            Arg::I32(g),
+            Arg::I32(s.max_len as i32),
+            Arg::F32(scale),
+        ],
+    )?;
+    dev.launch(
+        &format!("attn_combine_{tag}_d{}", s.head_dim),
+        (s.n_heads as u32, 1, 1),
+        (s.head_dim as u32, 1, 1),
+        0,
+        &[
+            Arg::Ptr(workspace),
+            Arg::Ptr(out),
+            Arg::Ptr(len_ptr),
+            Arg::I32(len_add),
+            Arg::I32(g),
+            Arg::I32(sp as i32),
+            Arg::I32(s.max_len as i32),
+        ],
+    )
+}
+
+/// Router: per row of `e` logits, softmax (f32), top-`k` (ties → lower index, listed by
+/// descending weight), optional renormalisation. `round_probs`: round probabilities to
+/// `dt` as MLX's `softmax(precise=True)` output does. ids: u32 `[rows, k]`; weights: f32 `[rows, k]`.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_topk(dev: &CudaDevice, dt: DType, logits: u64, rows: usize, e: usize, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64) -> Result<()> {
+    if k == 0 || k > 64 || k > e || e > 8192 {
+        return Err(inv(format!("softmax_topk: k={k}, E={e} unsupported (k <= 64, E <= 8192)")));
+    }
+    let tag = dtype_tag(dt)?;
+    dev.launch(
+        &format!("softmax_topk_{tag}"),
+        (rows as u32, 1, 1),
+        (128, 1, 1),
+        (e * 4) as u32,
+        &[
+            Arg::Ptr(logits),
+            Arg::Ptr(ids),
+            Arg::Ptr(weights),
+            Arg::I32(e as i32),
+            Arg::I32(k as i32),
+            Arg::I32(round_probs as i32),
+            Arg::I32(renorm as i32),
+        ],
+    )
+}
+
+fn elementwise(dev: &CudaDevice, name: &str, n: usize, args: &[Arg]) -> Result<()> {
+    dev.launch(name, ((n as u32).div_ceil(256), 1, 1), (256, 1, 1), 0, args)
+}
+
+/// out[n] = Σ_j r(w[j] * y[j, :]) accumulated in `dt` in list order; w: f32 `[k]`.
+pub fn moe_combine(dev: &CudaDevice, dt: DType, y: u64, w: u64, out: u64, k: usize, n: usize) -> Result<()> {
+    let tag = dtype_tag(dt)?;
+    elementwise(dev, &format!("moe_combine_{tag}"), n, &[Arg::Ptr(y), Arg::Ptr(w), Arg::Ptr(out), Arg::I32(k as i32), Arg::I32(n as i32)])
+}
+
+/// out = silu(g) * u with MLX's sigmoid and per-op rounding.
+pub fn swiglu(dev: &CudaDevice, dt: DType, g: u64, u: u64, out: u64, n: usize) -> Result<()> {
+    let tag = dtype_tag(dt)?;
+    elementwise(dev, &format!("swiglu_{tag}"), n, &[Arg::Ptr(g), Arg::Ptr(u), Arg::Ptr(out), Arg::I32(n as i32)])
+}
+
+/// out = r(a + b).
+pub fn add(dev: &CudaDevice, dt: DType, a: u64, b: u64, out: u64, n: usize) -> Result<()> {
+    let tag = dtype_tag(dt)?;
+    elementwise(dev, &format!("add_{tag}"), n, &[Arg::Ptr(a), Arg::Ptr(b), Arg::Ptr(out), Arg::I32(n as i32)])
+}
+
+/// Dequantize row `*id_ptr` (u32 in device memory) of a quantized table `[vocab, dim]`.
+pub fn embed(dev: &CudaDevice, dt: DType, table: &QuantWeight, id_ptr: u64, out: u64) -> Result<()> {
+    table.validate()?;
+    let tag = dtype_tag(dt)?;
+    elementwise(
+        dev,
+        &format!("embed_{tag}"),
+        table.k,
+        &[
+            Arg::Ptr(table.w),
+            Arg::Ptr(table.scales),
+            Arg::Ptr(table.biases),
+            Arg::Ptr(id_ptr),
+            Arg::Ptr(out),
+            Arg::I32(table.k as i32),
+            Arg::I32(table.bits as i32),
+            Arg::I32(table.group_size as i32),
+        ],
+    )
+}
+
+/// Index of the first maximum of x[n] → u32 at `out`.
+pub fn argmax(dev: &CudaDevice, dt: DType, x: u64, n: usize, out: u64) -> Result<()> {
+    let tag = dtype_tag(dt)?;
+    dev.launch(&format!("argmax_{tag}"), (1, 1, 1), (1024, 1, 1), 0, &[Arg::Ptr(x), Arg::Ptr(out), Arg::I32(n as i32)])
+}

@@ -1,0 +1,344 @@
+//! Device, stream, memory and launch plumbing on the CUDA driver API (through cudarc).
+//!
+//! Kernels take raw device pointers (`u64`), so buffers are plain allocations ([`DevBuf`])
+//! or sub-ranges of one preallocated [`Arena`]: a decode step allocates nothing, and the
+//! same addresses are baked into a captured CUDA graph ([`CudaDevice::capture`]) that is
+//! replayed every token; per-token values (position, length, token id) live in device
+//! memory and are updated with [`CudaDevice::write`] before a replay.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result, sys, CudaContext, CudaStream};
+
+use crate::{catalog, nvrtc, CudaError, Result};
+
+fn drv<T>(r: std::result::Result<T, result::DriverError>, what: &str) -> Result<T> {
+    r.map_err(|e| CudaError::Driver(format!("{what}: {e:?}")))
+}
+
+/// One kernel parameter by value.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    F32(f32),
+}
+
+/// A device allocation (freed on drop). `ptr()` is what kernels take.
+pub struct DevBuf {
+    ptr: u64,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+    owned: bool,
+}
+
+impl DevBuf {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// Pointer `off` bytes in.
+    pub fn at(&self, off: usize) -> u64 {
+        assert!(off <= self.bytes, "offset {off} past a buffer of {} bytes", self.bytes);
+        self.ptr + off as u64
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if self.owned && self.ptr != 0 {
+            let _ = self.ctx.bind_to_thread();
+            unsafe {
+                let _ = result::free_sync(self.ptr);
+            }
+        }
+    }
+}
+
+/// A bump allocator over one device allocation, for activations and scratch: reserve once
+/// at model load, `alloc` while building the step (256-byte aligned), never free.
+pub struct Arena {
+    buf: DevBuf,
+    used: usize,
+}
+
+impl Arena {
+    pub fn alloc(&mut self, bytes: usize) -> Result<u64> {
+        let off = self.used.div_ceil(256) * 256;
+        if off + bytes > self.buf.bytes {
+            return Err(CudaError::Invalid(format!(
+                "arena of {} bytes exhausted (asked {bytes} at {off})",
+                self.buf.bytes
+            )));
+        }
+        self.used = off + bytes;
+        Ok(self.buf.ptr + off as u64)
+    }
+    pub fn used(&self) -> usize {
+        self.used
+    }
+    pub fn capacity(&self) -> usize {
+        self.buf.bytes
+    }
+    /// Forget every allocation (the memory stays reserved).
+    pub fn reset(&mut self) {
+        self.used = 0;
+    }
+}
+
+/// A captured sequence of launches, replayed with [`CudaGraph::replay`].
+pub struct CudaGraph {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+    stream: sys::CUstream,
+    ctx: Arc<CudaContext>,
+}
+
+impl CudaGraph {
+    pub fn replay(&self) -> Result<()> {
+        drv(self.ctx.bind_to_thread(), "bind")?;
+        drv(unsafe { result::graph::launch(self.exec, self.stream) }, "cuGraphLaunch")
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        unsafe {
+            let _ = result::graph::exec_destroy(self.exec);
+            let _ = result::graph::destroy(self.graph);
+        }
+    }
+}
+
+unsafe impl Send for CudaGraph {}
+
+/// A CUDA event pair for timing on the device's stream.
+pub struct EventTimer {
+    start: sys::CUevent,
+    end: sys::CUevent,
+}
+
+/// The GPU, its context and the one stream everything runs on.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    name: String,
+    sm_count: u32,
+    funcs: Mutex<HashMap<String, sys::CUfunction>>,
+    modules: Mutex<HashMap<String, sys::CUmodule>>,
+    /// (module, seconds spent in NVRTC or 0 when it came from the disk cache)
+    pub(crate) compile_log: Mutex<Vec<(String, f64, bool)>>,
+}
+
+unsafe impl Send for CudaDevice {}
+unsafe impl Sync for CudaDevice {}
+
+impl CudaDevice {
+    /// Open GPU `ordinal` with a fresh non-blocking stream (capturable, unlike the legacy stream).
+    pub fn new(ordinal: usize) -> Result<Arc<Self>> {
+        let ctx = drv(CudaContext::new(ordinal), "cuInit/context")?;
+        // Single-stream use: cudarc's per-buffer event tracking is not needed (and would
+        // add events inside graph captures).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = drv(ctx.new_stream(), "stream")?;
+        let (maj, min) = drv(ctx.compute_capability(), "compute capability")?;
+        let sm_count = drv(
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
+            "SM count",
+        )? as u32;
+        let name = drv(ctx.name(), "device name")?;
+        Ok(Arc::new(Self {
+            ctx,
+            stream,
+            arch: format!("sm_{maj}{min}"),
+            name,
+            sm_count,
+            funcs: Mutex::new(HashMap::new()),
+            modules: Mutex::new(HashMap::new()),
+            compile_log: Mutex::new(Vec::new()),
+        }))
+    }
+
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+    pub fn stream_handle(&self) -> sys::CUstream {
+        self.stream.cu_stream()
+    }
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    fn bind(&self) -> Result<()> {
+        drv(self.ctx.bind_to_thread(), "bind context")
+    }
+
+    /// Allocate `bytes` of device memory (contents undefined).
+    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        self.bind()?;
+        let ptr = drv(unsafe { result::malloc_sync(bytes.max(1)) }, "cuMemAlloc")?;
+        Ok(DevBuf { ptr, bytes, ctx: self.ctx.clone(), owned: true })
+    }
+
+    /// Reserve an arena of `bytes` for step activations.
+    pub fn arena(&self, bytes: usize) -> Result<Arena> {
+        Ok(Arena { buf: self.alloc(bytes)?, used: 0 })
+    }
+
+    /// Allocate and copy a host slice (synchronous).
+    pub fn upload<T: Copy>(&self, data: &[T]) -> Result<DevBuf> {
+        let b = self.alloc(std::mem::size_of_val(data))?;
+        self.write(b.ptr, data)?;
+        Ok(b)
+    }
+
+    /// Copy host → device at `dst`, ordered on the stream (waits for the copy to finish).
+    pub fn write<T: Copy>(&self, dst: u64, data: &[T]) -> Result<()> {
+        self.bind()?;
+        unsafe {
+            drv(result::memcpy_htod_async(dst, data, self.stream.cu_stream()), "memcpy htod")?;
+        }
+        self.sync()
+    }
+
+    /// Copy device → host (synchronizes the stream first).
+    pub fn read<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>> {
+        self.sync()?;
+        let mut out = vec![T::default(); n];
+        unsafe { drv(result::memcpy_dtoh_sync(&mut out, src), "memcpy dtoh")? };
+        Ok(out)
+    }
+
+    /// Fill `bytes` at `dst` with `byte` (stream-ordered).
+    pub fn memset(&self, dst: u64, byte: u8, bytes: usize) -> Result<()> {
+        self.bind()?;
+        drv(unsafe { result::memset_d8_async(dst, byte, bytes, self.stream.cu_stream()) }, "memset")
+    }
+
+    /// Device-to-device copy on the stream.
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.bind()?;
+        drv(unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }, "memcpy dtod")
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.bind()?;
+        drv(self.stream.synchronize(), "stream synchronize")
+    }
+
+    /// Compile (or fetch from the disk cache) and load a catalog module.
+    pub fn load_module(&self, module: &str) -> Result<()> {
+        if self.modules.lock().unwrap().contains_key(module) {
+            return Ok(());
+        }
+        let spec = catalog::module_spec(module)
+            .ok_or_else(|| CudaError::Invalid(format!("no kernel module named {module}")))?;
+        let t = std::time::Instant::now();
+        let (cubin, cached) = nvrtc::cached_cubin(&spec.name, &spec.source, &self.arch)?;
+        self.compile_log.lock().unwrap().push((module.to_string(), t.elapsed().as_secs_f64(), cached));
+        self.bind()?;
+        let m = drv(unsafe { result::module::load_data(cubin.as_ptr() as *const c_void) }, "cuModuleLoadData")?;
+        let mut funcs = self.funcs.lock().unwrap();
+        for f in &spec.functions {
+            let cname = CString::new(f.as_str()).unwrap();
+            let h = drv(unsafe { result::module::get_function(m, cname) }, f)?;
+            funcs.insert(f.clone(), h);
+        }
+        self.modules.lock().unwrap().insert(module.to_string(), m);
+        Ok(())
+    }
+
+    /// Kernel handle by name (loads its module on first use).
+    pub fn function(&self, name: &str) -> Result<sys::CUfunction> {
+        if let Some(f) = self.funcs.lock().unwrap().get(name) {
+            return Ok(*f);
+        }
+        self.load_module(&catalog::module_of(name))?;
+        self.funcs
+            .lock()
+            .unwrap()
+            .get(name)
+            .copied()
+            .ok_or_else(|| CudaError::Invalid(format!("no kernel named {name}")))
+    }
+
+    /// Launch kernel `name` on the stream.
+    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<()> {
+        let f = self.function(name)?;
+        self.bind()?;
+        // Each parameter lives in an 8-byte slot; CUDA reads the parameter's size from it.
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Ptr(p) => p,
+                Arg::I32(v) => v as u32 as u64,
+                Arg::F32(v) => v.to_bits() as u64,
+            })
+            .collect();
+        let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        drv(
+            unsafe { result::launch_kernel(f, grid, block, smem, self.stream.cu_stream(), &mut ptrs) },
+            name,
+        )
+    }
+
+    /// Capture every launch/copy issued by `body` on the stream into a graph (nothing runs
+    /// during capture). Pointers are baked in; values the graph should see change per
+    /// replay must be read by the kernels from device memory.
+    pub fn capture(&self, body: impl FnOnce(&Self) -> Result<()>) -> Result<CudaGraph> {
+        self.bind()?;
+        let s = self.stream.cu_stream();
+        drv(
+            unsafe { result::stream::begin_capture(s, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) },
+            "begin capture",
+        )?;
+        let body_res = body(self);
+        let graph = drv(unsafe { result::stream::end_capture(s) }, "end capture");
+        body_res?;
+        let graph = graph?;
+        let exec = drv(unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }, "instantiate")?;
+        Ok(CudaGraph { graph, exec, stream: s, ctx: self.ctx.clone() })
+    }
+
+    pub fn timer(&self) -> Result<EventTimer> {
+        self.bind()?;
+        let f = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        Ok(EventTimer { start: drv(result::event::create(f), "event")?, end: drv(result::event::create(f), "event")? })
+    }
+
+    pub fn record_start(&self, t: &EventTimer) -> Result<()> {
+        drv(unsafe { result::event::record(t.start, self.stream.cu_stream()) }, "event record")
+    }
+    /// Record the end event, wait for it, and return the elapsed milliseconds.
+    pub fn record_end_ms(&self, t: &EventTimer) -> Result<f32> {
+        drv(unsafe { result::event::record(t.end, self.stream.cu_stream()) }, "event record")?;
+        drv(unsafe { result::event::synchronize(t.end) }, "event sync")?;
+        drv(unsafe { result::event::elapsed(t.start, t.end) }, "event elapsed")
+    }
+
+    /// Modules loaded so far: (name, seconds to obtain the cubin, came from the disk cache).
+    pub fn compile_log(&self) -> Vec<(String, f64, bool)> {
+        self.compile_log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for EventTimer {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = result::event::destroy(self.start);
+            let _ = result::event::destroy(self.end);
+        }
+    }
+}

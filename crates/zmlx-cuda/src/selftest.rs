@@ -1,0 +1,3 @@
+//! todo
+pub struct TestRow;
+pub fn run_self_tests(_d: &crate::CudaDevice) -> Vec<TestRow> { vec![] }
