@@ -85,10 +85,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let mut obj = serde_json::json!({
             "tokens": tokens,
             "prompt_tokens": stats.prompt_tokens,
+            "prompt_ids": prompt,
             "prompt_tps": stats.prompt_tps,
             "generation_tokens": stats.generation_tokens,
             "generation_tps": stats.generation_tps,
             "peak_memory_bytes": stats.peak_memory_bytes,
+            "finish_reason": stats.finish_reason,
             "device": "cpu",
         });
         if let Some(text) = text {

@@ -68,11 +68,16 @@ impl ModelConfig {
 
     /// `eos_token_id` as a list (it may be an int or a list).
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        match self.raw.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
-            _ => vec![],
-        }
+        token_id_list(self.raw.get("eos_token_id"))
+    }
+}
+
+/// A token id field that may be an int or a list of ints.
+pub fn token_id_list(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
+        _ => vec![],
     }
 }
 

@@ -44,6 +44,8 @@ pub struct GenerationStats {
     pub generation_tokens: usize,
     pub generation_tps: f64,
     pub peak_memory_bytes: u64,
+    /// "stop" (an EOS id came) or "length" (max_tokens reached), as mlx-lm reports.
+    pub finish_reason: &'static str,
 }
 
 /// mlx-lm's `logits - logsumexp(logits)`, rounded in the model dtype.
@@ -122,6 +124,7 @@ pub fn generate(
     let mut tokens = Vec::new();
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     if max_tokens == 0 {
+        stats.finish_reason = "length";
         return Ok((tokens, stats));
     }
     let start = Instant::now();
@@ -132,11 +135,13 @@ pub fn generate(
     let decode_start = Instant::now();
     loop {
         if eos.contains(&next) {
+            stats.finish_reason = "stop";
             break;
         }
         tokens.push(next);
         on_token(next);
         if tokens.len() >= max_tokens {
+            stats.finish_reason = "length";
             break;
         }
         let logits = decoder.forward(&[next])?;

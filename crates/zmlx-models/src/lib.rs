@@ -12,7 +12,7 @@ pub mod models {
     pub mod qwen3_moe;
 }
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
@@ -55,24 +55,21 @@ impl LoadedModel {
         Ok(LoadedModel { path, config, arch, tokenizer })
     }
 
-    /// EOS ids as mlx-lm picks them: generation_config.json, else config.json, else the tokenizer's.
+    /// EOS ids as mlx-lm 0.32 picks them: `eos_token_id` of generation_config.json
+    /// (else config.json), plus the tokenizer's `eos_token`.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        let gen = self.path.join("generation_config.json");
-        if let Ok(text) = std::fs::read_to_string(gen) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                if let Ok(c) = ModelConfig::parse(Path::new(""), &format!("{{\"model_type\":\"x\",\"eos_token_id\":{}}}", v.get("eos_token_id").cloned().unwrap_or(serde_json::Value::Null))) {
-                    let ids = c.eos_token_ids();
-                    if !ids.is_empty() {
-                        return ids;
-                    }
-                }
+        let from_generation_config = std::fs::read_to_string(self.path.join("generation_config.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .map(|v| config::token_id_list(v.get("eos_token_id")))
+            .filter(|ids| !ids.is_empty());
+        let mut ids = from_generation_config.unwrap_or_else(|| self.config.eos_token_ids());
+        if let Some(id) = self.tokenizer.as_ref().and_then(|t| t.eos_token_id()) {
+            if !ids.contains(&id) {
+                ids.push(id);
             }
         }
-        let ids = self.config.eos_token_ids();
-        if !ids.is_empty() {
-            return ids;
-        }
-        self.tokenizer.as_ref().and_then(|t| t.eos_token_id()).into_iter().collect()
+        ids
     }
 
     /// A fresh CPU decoding session (its own KV cache) over these weights.
