@@ -13,6 +13,12 @@ pub trait Decoder {
     /// Run `tokens` through the model after what is cached; logits `[vocab]` of the last one.
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
     /// Forget the cache.
+    /// The greedy next token after `tokens`: `argmax(logprobs)` as mlx-lm computes it.
+    /// A GPU backend overrides this to keep the logits on the device.
+    fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32> {
+        let logits = self.forward(tokens)?;
+        Ok(ops::argmax(&logprobs(&logits, self.dtype())) as u32)
+    }
     fn reset(&mut self);
     fn vocab_size(&self) -> usize;
     fn dtype(&self) -> DType;
@@ -120,16 +126,23 @@ pub fn generate(
         return Err(ModelError::invalid(format!("prompt token id {bad} is out of range (vocab size {vocab})")));
     }
     let dtype = decoder.dtype();
-    let mut sampler = Sampler::new(sampling);
+    let mut sampler = Sampler::new(sampling.clone());
     let mut tokens = Vec::new();
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     if max_tokens == 0 {
         stats.finish_reason = "length";
         return Ok((tokens, stats));
     }
+    let greedy = sampling.temp <= 0.0;
+    let step = |decoder: &mut dyn Decoder, sampler: &mut Sampler, input: &[u32]| -> Result<u32> {
+        if greedy {
+            decoder.forward_greedy(input)
+        } else {
+            Ok(sampler.sample(&logprobs(&decoder.forward(input)?, dtype)))
+        }
+    };
     let start = Instant::now();
-    let logits = decoder.forward(prompt)?;
-    let mut next = sampler.sample(&logprobs(&logits, dtype));
+    let mut next = step(decoder, &mut sampler, prompt)?;
     let prompt_secs = start.elapsed().as_secs_f64();
     stats.prompt_tps = prompt.len() as f64 / prompt_secs;
     let decode_start = Instant::now();
@@ -144,8 +157,7 @@ pub fn generate(
             stats.finish_reason = "length";
             break;
         }
-        let logits = decoder.forward(&[next])?;
-        next = sampler.sample(&logprobs(&logits, dtype));
+        next = step(decoder, &mut sampler, &[next])?;
     }
     let decode_secs = decode_start.elapsed().as_secs_f64();
     stats.generation_tokens = tokens.len();
