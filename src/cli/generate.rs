@@ -4,15 +4,15 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use zmlx_models::{generate, LoadedModel, SamplingOptions};
+use zmlx_models::{generate, ModelFolder, SamplingOptions};
 
-use super::{parse_token_list, require_cpu, Device};
+use super::engine::{self, EngineArgs};
+use super::parse_token_list;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder or Hugging Face repo id (from the local cache).
-    #[arg(long)]
-    pub model: String,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Prompt text (the chat template is applied, as mlx_lm.generate does).
     #[arg(long, conflicts_with = "prompt_tokens")]
     pub prompt: Option<String>,
@@ -33,22 +33,19 @@ pub struct Args {
     /// Use the raw prompt, without the chat template.
     #[arg(long)]
     pub ignore_chat_template: bool,
-    #[arg(long, default_value = "cpu")]
-    pub device: Device,
     /// Print one JSON object as the last line of stdout (tokens, text, stats).
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    require_cpu(args.device)?;
     if !(args.temp >= 0.0 && args.temp.is_finite()) {
         bail!("--temp must be a finite number >= 0, got {}", args.temp);
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
-    let model = LoadedModel::load(&args.model)?;
+    let mut model = ModelFolder::open(&args.engine.model)?;
     let prompt = match (&args.prompt, &args.prompt_tokens) {
         (_, Some(ids)) => parse_token_list(ids)?,
         (Some(text), None) => {
@@ -59,16 +56,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let eos = model.eos_token_ids();
     let sampling = SamplingOptions { temp: args.temp, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
-    let mut session = model.cpu_session();
-
-    let tokenizer = model.tokenizer.as_ref();
+    let tokenizer = model.tokenizer.take();
+    let mut engine = engine::open(model, &args.engine, prompt.len() + args.max_tokens)?;
+    let tokenizer = tokenizer.as_ref();
     let mut generated = Vec::new();
     let mut printed = String::new();
     let stream = !args.json && tokenizer.is_some();
     if stream {
         println!("==========");
     }
-    let (tokens, stats) = generate(&mut session, &prompt, args.max_tokens, sampling, &eos, |t| {
+    let (tokens, stats) = generate(engine.decoder.as_mut(), &prompt, args.max_tokens, sampling, &eos, |t| {
         if let (true, Some(tok)) = (stream, tokenizer) {
             generated.push(t);
             // Print the new suffix once it no longer ends in a partial UTF-8 sequence.
@@ -91,7 +88,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "generation_tps": stats.generation_tps,
             "peak_memory_bytes": stats.peak_memory_bytes,
             "finish_reason": stats.finish_reason,
-            "device": "cpu",
+            "device": engine.device_name,
         });
         if let Some(text) = text {
             obj["text"] = text.into();

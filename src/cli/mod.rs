@@ -1,10 +1,12 @@
 //! Subcommands. Each returns an exit code or an error that `main` prints as one line.
 
+mod bench;
+mod engine;
 mod generate;
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -18,12 +20,15 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt (like mlx_lm.generate).
     Generate(generate::Args),
+    /// Benchmark decode: prompt lengths × generation lengths × runs → a capsule JSON.
+    Bench(bench::Args),
 }
 
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
@@ -57,11 +62,3 @@ pub fn parse_token_list(s: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
-pub fn require_cpu(device: Device) -> Result<()> {
-    if let Device::Cuda(_) = device {
-        if !cfg!(feature = "cuda") {
-            bail!("this zmlx was built without CUDA: rebuild with `cargo build --release --features cuda`");
-        }
-    }
-    Ok(())
-}

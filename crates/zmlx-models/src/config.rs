@@ -27,6 +27,23 @@ impl Quantization {
             None => self.default,
         }
     }
+
+    /// What `mlx_lm.convert -q --q-bits BITS --q-group-size GROUP` writes for this model:
+    /// the default plus the family's `quant_predicate` overrides (mlx-lm 0.32). Used to build
+    /// `--dummy-weights` models from the original Hugging Face config.json.
+    pub fn mlx_lm_convert(config: &ModelConfig, bits: u32, group_size: usize) -> Result<Self> {
+        let spec = QuantSpec::new(bits, group_size).map_err(|e| ModelError::invalid(format!("--bits/--group-size: {e}")))?;
+        let mut q = Quantization { default: Some(spec), overrides: HashMap::new() };
+        let layers = config.raw.get("num_hidden_layers").and_then(Value::as_u64).unwrap_or(0);
+        let router_8bit = QuantSpec::new(8, 64).ok();
+        if config.model_type == "qwen3_moe" {
+            // qwen3_moe.quant_predicate: the router `mlp.gate` stays at 8 bits, group 64.
+            for i in 0..layers {
+                q.overrides.insert(format!("model.layers.{i}.mlp.gate"), router_8bit);
+            }
+        }
+        Ok(q)
+    }
 }
 
 /// A parsed config.json: the raw JSON (each architecture reads its own typed

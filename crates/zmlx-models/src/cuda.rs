@@ -5,13 +5,15 @@
 
 use std::sync::Arc;
 
-use zmlx_core::{DType, QuantizedMatrix};
+use zmlx_core::DType;
 use zmlx_cuda::{ops, Arena, AttnShape, CudaDevice, CudaGraph, DevBuf, QuantWeight};
 
 use crate::error::{ModelError, Result};
 use crate::generate::Decoder;
-use crate::models::qwen3_moe::{FeedForward, Model};
-use crate::nn::{Embedding, Linear, Mlp};
+use crate::checkpoint::{Checkpoint, TensorRef};
+use crate::config::Quantization;
+use crate::models::qwen3_moe::ModelArgs;
+use crate::nn::quantized_tensors;
 
 fn cuda_err(e: zmlx_cuda::CudaError) -> ModelError {
     ModelError::invalid(format!("CUDA: {e}"))
@@ -31,19 +33,35 @@ pub fn from_device_bytes(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     zmlx_core::dtype::floats_from_le_bytes(dtype, bytes).unwrap_or_default()
 }
 
-/// Weights uploaded once; the buffers own the memory, `QuantWeight` holds their addresses.
-struct Uploaded {
-    _bufs: Vec<DevBuf>,
+/// Where the engine's weights come from: a checkpoint on disk, or random values drawn on
+/// the device in the checkpoint's format (`--dummy-weights`).
+pub trait WeightSource {
+    /// A quantized linear, or experts stacked `[E, N, K]`: `rows_shape` is `[N]` or `[E, N]`.
+    fn quantized(&mut self, module: &str, rows_shape: &[usize], cols: usize) -> Result<QuantWeight>;
+    /// A float vector (norm weight) in the compute dtype.
+    fn vector(&mut self, module: &str, len: usize) -> Result<u64>;
+    fn dtype(&self) -> DType;
+    /// Bytes uploaded so far.
+    fn bytes(&self) -> usize;
+    /// The device buffers, kept alive by the engine.
+    fn into_buffers(self: Box<Self>) -> Vec<DevBuf>;
 }
 
-struct Uploader<'a> {
+/// Uploads tensors straight from the memory-mapped safetensors.
+pub struct CheckpointSource<'a> {
     dev: &'a CudaDevice,
+    ckpt: &'a Checkpoint,
+    quant: &'a Quantization,
     dtype: DType,
     bufs: Vec<DevBuf>,
     bytes: usize,
 }
 
-impl Uploader<'_> {
+impl<'a> CheckpointSource<'a> {
+    pub fn new(dev: &'a CudaDevice, ckpt: &'a Checkpoint, quant: &'a Quantization, dtype: DType) -> Self {
+        CheckpointSource { dev, ckpt, quant, dtype, bufs: Vec::new(), bytes: 0 }
+    }
+
     fn upload(&mut self, bytes: &[u8]) -> Result<u64> {
         let b = self.dev.upload(bytes).map_err(cuda_err)?;
         let p = b.ptr();
@@ -52,43 +70,135 @@ impl Uploader<'_> {
         Ok(p)
     }
 
-    fn floats(&mut self, xs: &[f32]) -> Result<u64> {
-        let bytes = to_device_bytes(self.dtype, xs);
+    /// A float tensor in the compute dtype (converted if the checkpoint stores another).
+    fn floats(&mut self, t: &TensorRef) -> Result<u64> {
+        if t.dtype == self.dtype {
+            return self.upload(t.bytes);
+        }
+        let bytes = to_device_bytes(self.dtype, &t.to_f32()?.iter().map(|&x| self.dtype.round(x)).collect::<Vec<_>>());
         self.upload(&bytes)
     }
+}
 
-    /// Experts stacked `[E, N, K]` (one matrix: E = 1).
-    fn quantized(&mut self, mats: &[&QuantizedMatrix]) -> Result<QuantWeight> {
-        let q0 = mats[0];
-        if mats.iter().any(|q| q.spec != q0.spec || q.rows != q0.rows || q.cols != q0.cols) {
-            return Err(ModelError::invalid("experts of one projection must share shape and quantization"));
-        }
-        let words: Vec<u8> = mats.iter().flat_map(|q| q.words.iter().flat_map(|w| w.to_le_bytes())).collect();
-        let scales: Vec<f32> = mats.iter().flat_map(|q| q.scales.iter().copied()).collect();
-        let biases: Vec<f32> = mats.iter().flat_map(|q| q.biases.iter().copied()).collect();
+impl WeightSource for CheckpointSource<'_> {
+    fn quantized(&mut self, module: &str, rows_shape: &[usize], cols: usize) -> Result<QuantWeight> {
+        let Some(t) = quantized_tensors(self.ckpt, self.quant, module, rows_shape, cols)? else {
+            return Err(ModelError::invalid(format!("`{module}` is unquantized: the CUDA backend runs MLX affine-quantized linears only for now")));
+        };
+        let w = self.upload(t.weight.bytes)?;
         Ok(QuantWeight {
-            w: self.upload(&words)?,
-            scales: self.floats(&scales)?,
-            biases: self.floats(&biases)?,
-            n: q0.rows,
-            k: q0.cols,
-            bits: q0.spec.bits,
-            group_size: q0.spec.group_size as u32,
-            n_experts: mats.len(),
+            w,
+            scales: self.floats(&t.scales)?,
+            biases: self.floats(&t.biases)?,
+            n: *rows_shape.last().unwrap(),
+            k: cols,
+            bits: t.spec.bits,
+            group_size: t.spec.group_size as u32,
+            n_experts: rows_shape[..rows_shape.len() - 1].iter().product(),
         })
     }
 
-    fn linears(&mut self, what: &str, ls: &[&Linear]) -> Result<QuantWeight> {
-        let mats: Vec<&QuantizedMatrix> = ls
-            .iter()
-            .map(|l| match l {
-                Linear::Quantized(q) => Ok(q),
-                Linear::Dense { .. } => Err(ModelError::invalid(format!(
-                    "`{what}` is unquantized: the CUDA backend runs MLX affine-quantized linears only for now"
-                ))),
-            })
-            .collect::<Result<_>>()?;
-        self.quantized(&mats)
+    fn vector(&mut self, module: &str, len: usize) -> Result<u64> {
+        let t = self.ckpt.get(&format!("{module}.weight"))?;
+        t.expect_shape(&[len])?;
+        self.floats(&t)
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn into_buffers(self: Box<Self>) -> Vec<DevBuf> {
+        self.bufs
+    }
+}
+
+/// Random weights drawn on the device, in the format a real mlx-lm conversion has
+/// (same shapes, bits, groups, dtypes), scaled so activations stay O(1).
+pub struct DummySource<'a> {
+    dev: &'a CudaDevice,
+    quant: Quantization,
+    dtype: DType,
+    seed: u64,
+    bufs: Vec<DevBuf>,
+    bytes: usize,
+}
+
+impl<'a> DummySource<'a> {
+    pub fn new(dev: &'a CudaDevice, quant: Quantization, dtype: DType, seed: u64) -> Self {
+        DummySource { dev, quant, dtype, seed, bufs: Vec::new(), bytes: 0 }
+    }
+
+    fn alloc(&mut self, bytes: usize) -> Result<u64> {
+        let b = self.dev.alloc(bytes).map_err(cuda_err)?;
+        let p = b.ptr();
+        self.bytes += bytes;
+        self.bufs.push(b);
+        Ok(p)
+    }
+
+    fn next_seed(&mut self) -> u64 {
+        self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.seed
+    }
+}
+
+impl WeightSource for DummySource<'_> {
+    fn quantized(&mut self, module: &str, rows_shape: &[usize], cols: usize) -> Result<QuantWeight> {
+        let spec = self
+            .quant
+            .spec_for(module)
+            .ok_or_else(|| ModelError::invalid(format!("`{module}` would stay unquantized; the CUDA backend needs quantized linears")))?;
+        if cols % spec.group_size != 0 {
+            return Err(ModelError::invalid(format!("`{module}`: input dims {cols} not a multiple of group size {}", spec.group_size)));
+        }
+        let rows: usize = rows_shape.iter().product();
+        let words = rows * spec.packed_cols(cols);
+        let groups = rows * cols / spec.group_size;
+        let es = self.dtype.size_bytes();
+        let (w, scales, biases) = (self.alloc(words * 4)?, self.alloc(groups * es)?, self.alloc(groups * es)?);
+        // Uniform codes q in [0, 2^bits); w = s*q + b with b = -s*(2^bits-1)/2 is zero-mean with
+        // std ≈ s*2^bits/sqrt(12); pick s so that std ≈ 1/sqrt(cols) (unit-variance outputs).
+        let levels = (1u64 << spec.bits) as f32;
+        let s0 = (12.0f32).sqrt() / levels / (cols as f32).sqrt();
+        let (seed_w, seed_s) = (self.next_seed(), self.next_seed());
+        let dev = self.dev;
+        ops::fill_random_u32(dev, w, words, seed_w).map_err(cuda_err)?;
+        ops::fill_random_uniform(dev, self.dtype, scales, groups, seed_s, 0.5 * s0, 1.5 * s0).map_err(cuda_err)?;
+        ops::affine(dev, self.dtype, scales, biases, groups, -(levels - 1.0) / 2.0, 0.0).map_err(cuda_err)?;
+        Ok(QuantWeight {
+            w,
+            scales,
+            biases,
+            n: *rows_shape.last().unwrap(),
+            k: cols,
+            bits: spec.bits,
+            group_size: spec.group_size as u32,
+            n_experts: rows_shape[..rows_shape.len() - 1].iter().product(),
+        })
+    }
+
+    fn vector(&mut self, _module: &str, len: usize) -> Result<u64> {
+        let p = self.alloc(len * self.dtype.size_bytes())?;
+        let seed = self.next_seed();
+        ops::fill_random_uniform(self.dev, self.dtype, p, len, seed, 0.8, 1.2).map_err(cuda_err)?;
+        Ok(p)
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn into_buffers(self: Box<Self>) -> Vec<DevBuf> {
+        self.bufs
     }
 }
 
@@ -155,7 +265,7 @@ pub struct CudaQwen3Moe {
     final_norm: u64,
     layers: Vec<DevLayer>,
     s: Scratch,
-    _weights: Uploaded,
+    _buffers: Vec<DevBuf>,
     _arena: Arena,
     graph: Option<CudaGraph>,
     use_graph: bool,
@@ -167,55 +277,51 @@ pub struct CudaQwen3Moe {
 }
 
 impl CudaQwen3Moe {
-    /// Upload a loaded model; `max_len` is the KV-cache capacity in tokens.
-    pub fn new(dev: Arc<CudaDevice>, model: &Model, max_len: usize, use_graph: bool) -> Result<Self> {
-        let a = &model.args;
-        let dtype = model.dtype;
-        let mut up = Uploader { dev: &dev, dtype, bufs: Vec::new(), bytes: 0 };
-        let embed = match &model.embed_tokens {
-            Embedding::Quantized(q) => up.quantized(&[q])?,
-            Embedding::Dense { .. } => return Err(ModelError::invalid("unquantized embeddings are not supported on CUDA yet")),
-        };
-        let lm_head = match &model.lm_head {
-            Some(head) => up.linears("lm_head", &[head])?,
-            None => embed,
-        };
-        let hd = a.head_dim();
+    /// Build the engine from `config.json`'s arguments and a weight source; `max_len` is the
+    /// KV-cache capacity in tokens.
+    pub fn new(dev: Arc<CudaDevice>, args: &ModelArgs, mut src: Box<dyn WeightSource + '_>, max_len: usize, use_graph: bool) -> Result<Self> {
+        let a = args;
+        let dtype = src.dtype();
+        let (d, hd) = (a.hidden_size, a.head_dim());
+        let embed = src.quantized("model.embed_tokens", &[a.vocab_size], d)?;
+        let lm_head = if a.tie_word_embeddings { embed } else { src.quantized("lm_head", &[a.vocab_size], d)? };
         let max_len = max_len.clamp(1, a.max_position_embeddings);
         let attn = AttnShape { n_heads: a.num_attention_heads, n_kv_heads: a.num_key_value_heads, head_dim: hd, max_len };
         let cache_bytes = a.num_key_value_heads * max_len * hd * dtype.size_bytes();
         let mut layers = Vec::new();
         let mut caches = Vec::new();
-        for (i, l) in model.layers.iter().enumerate() {
-            let sa = &l.self_attn;
-            let mlp_of = |up: &mut Uploader, name: &str, ms: &[&Mlp]| -> Result<DevMlp> {
+        for i in 0..a.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut mlp = |src: &mut Box<dyn WeightSource + '_>, m: &str, rows: &[usize], inter: usize| -> Result<DevMlp> {
+                let with = |n: usize| [&rows[..], &[n]].concat();
                 Ok(DevMlp {
-                    gate: up.linears(&format!("{name}.gate_proj"), &ms.iter().map(|m| &m.gate_proj).collect::<Vec<_>>())?,
-                    up: up.linears(&format!("{name}.up_proj"), &ms.iter().map(|m| &m.up_proj).collect::<Vec<_>>())?,
-                    down: up.linears(&format!("{name}.down_proj"), &ms.iter().map(|m| &m.down_proj).collect::<Vec<_>>())?,
+                    gate: src.quantized(&format!("{m}.gate_proj"), &with(inter), d)?,
+                    up: src.quantized(&format!("{m}.up_proj"), &with(inter), d)?,
+                    down: src.quantized(&format!("{m}.down_proj"), &with(d), inter)?,
                 })
             };
-            let ff = match &l.mlp {
-                FeedForward::Sparse(moe) => DevFeedForward::Sparse {
-                    router: up.linears(&format!("model.layers.{i}.mlp.gate"), &[&moe.gate])?,
-                    experts: mlp_of(&mut up, &format!("model.layers.{i}.mlp.switch_mlp"), &moe.switch_mlp.experts.iter().collect::<Vec<_>>())?,
-                    top_k: moe.top_k,
-                    renorm: moe.norm_topk_prob,
-                },
-                FeedForward::Dense(m) => DevFeedForward::Dense(mlp_of(&mut up, &format!("model.layers.{i}.mlp"), &[m])?),
+            let ff = if a.is_sparse_layer(i) {
+                DevFeedForward::Sparse {
+                    router: src.quantized(&format!("{p}.mlp.gate"), &[a.num_experts], d)?,
+                    experts: mlp(&mut src, &format!("{p}.mlp.switch_mlp"), &[a.num_experts], a.moe_intermediate_size)?,
+                    top_k: a.num_experts_per_tok,
+                    renorm: a.norm_topk_prob,
+                }
+            } else {
+                DevFeedForward::Dense(mlp(&mut src, &format!("{p}.mlp"), &[], a.intermediate_size)?)
             };
-            let p = format!("model.layers.{i}.self_attn");
+            let sa = format!("{p}.self_attn");
             let k_cache = dev.alloc(cache_bytes).map_err(cuda_err)?;
             let v_cache = dev.alloc(cache_bytes).map_err(cuda_err)?;
             layers.push(DevLayer {
-                q: up.linears(&format!("{p}.q_proj"), &[&sa.q_proj])?,
-                k: up.linears(&format!("{p}.k_proj"), &[&sa.k_proj])?,
-                v: up.linears(&format!("{p}.v_proj"), &[&sa.v_proj])?,
-                o: up.linears(&format!("{p}.o_proj"), &[&sa.o_proj])?,
-                q_norm: up.floats(&sa.q_norm.weight)?,
-                k_norm: up.floats(&sa.k_norm.weight)?,
-                in_norm: up.floats(&l.input_layernorm.weight)?,
-                post_norm: up.floats(&l.post_attention_layernorm.weight)?,
+                q: src.quantized(&format!("{sa}.q_proj"), &[a.num_attention_heads * hd], d)?,
+                k: src.quantized(&format!("{sa}.k_proj"), &[a.num_key_value_heads * hd], d)?,
+                v: src.quantized(&format!("{sa}.v_proj"), &[a.num_key_value_heads * hd], d)?,
+                o: src.quantized(&format!("{sa}.o_proj"), &[d], a.num_attention_heads * hd)?,
+                q_norm: src.vector(&format!("{sa}.q_norm"), hd)?,
+                k_norm: src.vector(&format!("{sa}.k_norm"), hd)?,
+                in_norm: src.vector(&format!("{p}.input_layernorm"), d)?,
+                post_norm: src.vector(&format!("{p}.post_attention_layernorm"), d)?,
                 ff,
                 k_cache: k_cache.ptr(),
                 v_cache: v_cache.ptr(),
@@ -223,13 +329,12 @@ impl CudaQwen3Moe {
             caches.push(k_cache);
             caches.push(v_cache);
         }
-        let final_norm = up.floats(&model.norm.weight)?;
-        let weight_bytes = up.bytes;
-        let mut bufs = up.bufs;
+        let final_norm = src.vector("model.norm", d)?;
+        let weight_bytes = src.bytes();
+        let mut bufs = src.into_buffers();
         bufs.extend(caches);
 
         let es = dtype.size_bytes();
-        let d = a.hidden_size;
         let k = a.num_experts_per_tok.max(1);
         let inter = a.moe_intermediate_size.max(a.intermediate_size);
         let qd = a.num_attention_heads * hd;
@@ -258,7 +363,7 @@ impl CudaQwen3Moe {
             logits: next(17)?,
             att_ws: next(18)?,
         };
-        let device_bytes = weight_bytes + 2 * cache_bytes * model.layers.len() + arena.capacity();
+        let device_bytes = weight_bytes + 2 * cache_bytes * a.num_hidden_layers + arena.capacity();
         Ok(CudaQwen3Moe {
             dev,
             dtype,
@@ -274,7 +379,7 @@ impl CudaQwen3Moe {
             final_norm,
             layers,
             s,
-            _weights: Uploaded { _bufs: bufs },
+            _buffers: bufs,
             _arena: arena,
             graph: None,
             use_graph,

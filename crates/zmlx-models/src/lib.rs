@@ -15,6 +15,7 @@ pub mod models {
 }
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
@@ -29,17 +30,17 @@ pub enum Architecture {
 
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen3_moe"];
 
-/// A model folder loaded for the CPU: config, weights, tokenizer.
-pub struct LoadedModel {
+/// A model folder without its weights: config, tokenizer, EOS ids. (A folder holding only a
+/// config.json is enough for `--dummy-weights`.)
+pub struct ModelFolder {
     pub path: PathBuf,
     pub config: ModelConfig,
-    pub arch: Architecture,
     pub tokenizer: Option<Tokenizer>,
 }
 
-impl LoadedModel {
+impl ModelFolder {
     /// `model` is a folder or a Hugging Face repo id in the local cache.
-    pub fn load(model: &str) -> Result<Self> {
+    pub fn open(model: &str) -> Result<Self> {
         let path = hub::resolve_model_path(model)?;
         let config = ModelConfig::load(&path)?;
         if !SUPPORTED_MODEL_TYPES.contains(&config.model_type.as_str()) {
@@ -48,13 +49,8 @@ impl LoadedModel {
                 format!("model_type `{}` is not supported (supported: {})", config.model_type, SUPPORTED_MODEL_TYPES.join(", ")),
             ));
         }
-        let ckpt = checkpoint::Checkpoint::open(&path)?;
-        let arch = match config.model_type.as_str() {
-            "qwen3_moe" => Architecture::Qwen3Moe(models::qwen3_moe::Model::load(&config, &ckpt)?),
-            _ => unreachable!("checked against SUPPORTED_MODEL_TYPES"),
-        };
         let tokenizer = Tokenizer::load(&path)?;
-        Ok(LoadedModel { path, config, arch, tokenizer })
+        Ok(ModelFolder { path, config, tokenizer })
     }
 
     /// EOS ids as mlx-lm 0.32 picks them: `eos_token_id` of generation_config.json
@@ -74,43 +70,83 @@ impl LoadedModel {
         ids
     }
 
+    /// Load the weights for the CPU reference.
+    pub fn load_weights(self) -> Result<LoadedModel> {
+        let ckpt = checkpoint::Checkpoint::open(&self.path)?;
+        let arch = match self.config.model_type.as_str() {
+            "qwen3_moe" => Architecture::Qwen3Moe(models::qwen3_moe::Model::load(&self.config, &ckpt)?),
+            _ => unreachable!("checked against SUPPORTED_MODEL_TYPES"),
+        };
+        Ok(LoadedModel { folder: self, arch: Arc::new(arch) })
+    }
+}
+
+/// A model folder with its weights loaded for the CPU.
+pub struct LoadedModel {
+    pub folder: ModelFolder,
+    pub arch: Arc<Architecture>,
+}
+
+impl std::ops::Deref for LoadedModel {
+    type Target = ModelFolder;
+    fn deref(&self) -> &ModelFolder {
+        &self.folder
+    }
+}
+
+impl LoadedModel {
+    pub fn load(model: &str) -> Result<Self> {
+        ModelFolder::open(model)?.load_weights()
+    }
+
     /// A fresh CPU decoding session (its own KV cache) over these weights.
-    pub fn cpu_session(&self) -> CpuSession<'_> {
-        match &self.arch {
-            Architecture::Qwen3Moe(m) => CpuSession { model: m, cache: m.new_cache() },
-        }
+    pub fn cpu_session(&self) -> CpuSession {
+        let cache = match self.arch.as_ref() {
+            Architecture::Qwen3Moe(m) => m.new_cache(),
+        };
+        CpuSession { arch: self.arch.clone(), cache }
     }
 }
 
 /// The CPU reference decoder.
-pub struct CpuSession<'a> {
-    model: &'a models::qwen3_moe::Model,
+pub struct CpuSession {
+    arch: Arc<Architecture>,
     cache: Vec<nn::KvCache>,
 }
 
-impl Decoder for CpuSession<'_> {
+impl CpuSession {
+    fn model(&self) -> &models::qwen3_moe::Model {
+        match self.arch.as_ref() {
+            Architecture::Qwen3Moe(m) => m,
+        }
+    }
+}
+
+impl Decoder for CpuSession {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let vocab = self.vocab_size();
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(ModelError::invalid(format!("token id {bad} is out of range (vocab size {vocab})")));
         }
-        let max = self.model.args.max_position_embeddings;
+        let max = self.model().args.max_position_embeddings;
         let len = self.cache.first().map_or(0, |c| c.len) + tokens.len();
         if len > max {
             return Err(ModelError::invalid(format!("sequence of {len} tokens exceeds max_position_embeddings ({max})")));
         }
-        Ok(self.model.forward(tokens, &mut self.cache))
+        let arch = self.arch.clone();
+        let Architecture::Qwen3Moe(m) = arch.as_ref();
+        Ok(m.forward(tokens, &mut self.cache))
     }
 
     fn reset(&mut self) {
-        self.cache = self.model.new_cache();
+        self.cache = self.model().new_cache();
     }
 
     fn vocab_size(&self) -> usize {
-        self.model.embed_tokens.vocab()
+        self.model().embed_tokens.vocab()
     }
 
     fn dtype(&self) -> DType {
-        self.model.dtype
+        self.model().dtype
     }
 }

@@ -3,7 +3,7 @@
 
 use zmlx_core::{mlx_math, ops, DType, QuantSpec, QuantizedMatrix};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TensorRef};
 use crate::config::Quantization;
 use crate::error::{ModelError, Result};
 
@@ -201,6 +201,40 @@ impl SwitchGlu {
     }
 }
 
+/// The three tensors of an MLX-quantized module, shapes checked against the config.
+pub struct QuantizedTensors<'a> {
+    pub spec: QuantSpec,
+    pub weight: TensorRef<'a>,
+    pub scales: TensorRef<'a>,
+    pub biases: TensorRef<'a>,
+}
+
+/// `module`'s quantized tensors, or `None` when it was saved unquantized (mlx-lm's rule:
+/// quantized iff `.scales` exists). `rows_shape` is `[out]` or `[experts, out]`, `cols` the input dims.
+pub fn quantized_tensors<'a>(ckpt: &'a Checkpoint, quant: &Quantization, module: &str, rows_shape: &[usize], cols: usize) -> Result<Option<QuantizedTensors<'a>>> {
+    let scales_name = format!("{module}.scales");
+    if !ckpt.contains(&scales_name) {
+        return Ok(None);
+    }
+    let spec = quant
+        .spec_for(module)
+        .ok_or_else(|| ModelError::invalid(format!("`{module}` has quantized weights but config.json has no quantization for it")))?;
+    let weight = ckpt.get(&format!("{module}.weight"))?;
+    let scales = ckpt.get(&scales_name)?;
+    let biases = ckpt.get(&format!("{module}.biases"))?;
+    if cols % spec.group_size != 0 {
+        return Err(ModelError::file(weight.path, format!("`{module}`: input dims {cols} not a multiple of group size {}", spec.group_size)));
+    }
+    let mut wshape = rows_shape.to_vec();
+    wshape.push(spec.packed_cols(cols));
+    weight.expect_shape(&wshape)?;
+    let mut sshape = rows_shape.to_vec();
+    sshape.push(cols / spec.group_size);
+    scales.expect_shape(&sshape)?;
+    biases.expect_shape(&sshape)?;
+    Ok(Some(QuantizedTensors { spec, weight, scales, biases }))
+}
+
 /// Reads modules from a checkpoint by their mlx-lm names, checking shapes against the config.
 pub struct Loader<'a> {
     pub ckpt: &'a Checkpoint,
@@ -210,26 +244,9 @@ pub struct Loader<'a> {
 
 impl<'a> Loader<'a> {
     fn quantized(&self, module: &str, rows_shape: &[usize], cols: usize) -> Result<Option<Vec<QuantizedMatrix>>> {
-        let scales_name = format!("{module}.scales");
-        if !self.ckpt.contains(&scales_name) {
+        let Some(QuantizedTensors { spec, weight: w, scales: s, biases: b }) = quantized_tensors(self.ckpt, self.quant, module, rows_shape, cols)? else {
             return Ok(None);
-        }
-        let spec = self.quant.spec_for(module).ok_or_else(|| {
-            ModelError::invalid(format!("`{module}` has quantized weights but config.json has no quantization for it"))
-        })?;
-        let w = self.ckpt.get(&format!("{module}.weight"))?;
-        let s = self.ckpt.get(&scales_name)?;
-        let b = self.ckpt.get(&format!("{module}.biases"))?;
-        if cols % spec.group_size != 0 {
-            return Err(ModelError::file(w.path, format!("`{module}`: input dims {cols} not a multiple of group size {}", spec.group_size)));
-        }
-        let mut wshape = rows_shape.to_vec();
-        wshape.push(spec.packed_cols(cols));
-        w.expect_shape(&wshape)?;
-        let mut sshape = rows_shape.to_vec();
-        sshape.push(cols / spec.group_size);
-        s.expect_shape(&sshape)?;
-        b.expect_shape(&sshape)?;
+        };
         let words = w.to_u32()?;
         let scales = s.to_f32()?;
         let biases = b.to_f32()?;

@@ -36,7 +36,12 @@ impl ModelArgs {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    fn validate(&self, config: &ModelConfig) -> Result<()> {
+    /// mlx-lm's rule for which layers get the sparse MoE block.
+    pub fn is_sparse_layer(&self, i: usize) -> bool {
+        !self.mlp_only_layers.contains(&i) && self.num_experts > 0 && (i + 1) % self.decoder_sparse_step == 0
+    }
+
+    pub fn validate(&self, config: &ModelConfig) -> Result<()> {
         let bad = |msg: String| Err(ModelError::file(&config.path, msg));
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
             return bad(format!("num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})", self.num_attention_heads, self.num_key_value_heads));
@@ -183,8 +188,7 @@ impl Model {
                 head_dim: hd,
                 scale: (hd as f32).powf(-0.5),
             };
-            let sparse = !args.mlp_only_layers.contains(&i) && args.num_experts > 0 && (i + 1) % args.decoder_sparse_step == 0;
-            let mlp = if sparse {
+            let mlp = if args.is_sparse_layer(i) {
                 FeedForward::Sparse(SparseMoeBlock {
                     gate: ld.linear(&format!("{p}.mlp.gate"), args.num_experts, dims)?,
                     switch_mlp: ld.switch_glu(&format!("{p}.mlp.switch_mlp"), args.num_experts, args.moe_intermediate_size, dims)?,

@@ -1,0 +1,106 @@
+//! Opening a decoder for a command: CPU reference or CUDA, real or dummy weights.
+
+use anyhow::{bail, Result};
+use zmlx_models::{Decoder, ModelFolder};
+
+use super::Device;
+
+/// Options shared by every command that runs a model.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// Model folder or Hugging Face repo id (from the local cache).
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Random weights drawn on the device in the checkpoint's format, from config.json alone
+    /// (CUDA). A config without a `quantization` block is quantized as mlx_lm.convert would.
+    #[arg(long)]
+    pub dummy_weights: bool,
+    /// Bits for --dummy-weights when config.json has no quantization block.
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+    /// Group size for --dummy-weights when config.json has no quantization block.
+    #[arg(long, default_value_t = 64)]
+    pub group_size: usize,
+    /// Seed of the dummy weights.
+    #[arg(long, default_value_t = 0)]
+    pub weights_seed: u64,
+    /// CUDA: launch every kernel eagerly instead of replaying a captured graph.
+    #[arg(long)]
+    pub no_graph: bool,
+}
+
+pub struct Engine {
+    pub decoder: Box<dyn Decoder>,
+    pub device_name: String,
+    /// Kernel launches per decode step (CUDA), for the reports.
+    pub launches_per_token: Option<usize>,
+    pub weight_bytes: Option<usize>,
+}
+
+/// Open `folder` on the requested device with room for `max_len` tokens.
+pub fn open(folder: ModelFolder, args: &EngineArgs, max_len: usize) -> Result<Engine> {
+    match args.device {
+        Device::Cpu => {
+            if args.dummy_weights {
+                bail!("--dummy-weights runs on CUDA only (full-size models do not fit the CPU reference)");
+            }
+            let model = folder.load_weights()?;
+            Ok(Engine { decoder: Box::new(model.cpu_session()), device_name: "cpu".into(), launches_per_token: None, weight_bytes: None })
+        }
+        Device::Cuda(ordinal) => open_cuda(folder, args, ordinal, max_len),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_folder: ModelFolder, _args: &EngineArgs, _ordinal: usize, _max_len: usize) -> Result<Engine> {
+    bail!("this zmlx was built without CUDA: rebuild with `cargo build --release --features cuda`")
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(folder: ModelFolder, args: &EngineArgs, ordinal: usize, max_len: usize) -> Result<Engine> {
+    use zmlx_models::checkpoint::Checkpoint;
+    use zmlx_models::config::Quantization;
+    use zmlx_models::cuda::{CheckpointSource, CudaQwen3Moe, DummySource, WeightSource};
+    use zmlx_models::models::qwen3_moe::ModelArgs;
+
+    let dev = zmlx_cuda::CudaDevice::new(ordinal).map_err(|e| anyhow::anyhow!("CUDA device {ordinal}: {e}"))?;
+    let model_args: ModelArgs = folder.config.args()?;
+    model_args.validate(&folder.config)?;
+    let ckpt;
+    let quant;
+    let source: Box<dyn WeightSource> = if args.dummy_weights {
+        quant = if folder.config.quantization.default.is_some() {
+            folder.config.quantization.clone()
+        } else {
+            Quantization::mlx_lm_convert(&folder.config, args.bits, args.group_size)?
+        };
+        let dtype = dtype_of_config(&folder)?;
+        Box::new(DummySource::new(&dev, quant.clone(), dtype, args.weights_seed))
+    } else {
+        ckpt = Checkpoint::open(&folder.path)?;
+        let dtype = zmlx_models::nn::Loader::infer_dtype(&ckpt, "model.embed_tokens")?;
+        Box::new(CheckpointSource::new(&dev, &ckpt, &folder.config.quantization, dtype))
+    };
+    let engine = CudaQwen3Moe::new(dev.clone(), &model_args, source, max_len, !args.no_graph)?;
+    Ok(Engine {
+        device_name: format!("cuda:{ordinal} ({})", dev.name()),
+        launches_per_token: Some(engine.launches_per_token()),
+        weight_bytes: Some(engine.weight_bytes),
+        decoder: Box::new(engine),
+    })
+}
+
+/// The compute dtype a config implies (`torch_dtype`, as mlx-lm's conversion keeps it).
+#[cfg(feature = "cuda")]
+fn dtype_of_config(folder: &ModelFolder) -> Result<zmlx_core::DType> {
+    use zmlx_core::DType;
+    let name = folder.config.raw.get("torch_dtype").or_else(|| folder.config.raw.get("dtype")).and_then(|v| v.as_str()).unwrap_or("bfloat16");
+    Ok(match name {
+        "bfloat16" => DType::BF16,
+        "float16" => DType::F16,
+        "float32" => DType::F32,
+        other => bail!("{}: torch_dtype `{other}` is not supported", folder.config.path.display()),
+    })
+}
