@@ -77,11 +77,12 @@ pub fn module_spec(name: &str) -> Option<ModuleSpec> {
         "ops" => {
             let functions = [
                 "rms_norm", "rope", "kv_append", "attn_split", "attn_combine", "softmax_topk", "moe_combine",
-                "swiglu", "add", "embed", "argmax",
+                "swiglu", "add", "embed", "argmax", "copy_u4",
             ]
             .iter()
             .flat_map(|k| match *k {
                 "attn_split" | "attn_combine" => vec![format!("{k}_{tag}_d64"), format!("{k}_{tag}_d128")],
+                "copy_u4" => vec![k.to_string()],
                 _ => vec![format!("{k}_{tag}")],
             })
             .collect();

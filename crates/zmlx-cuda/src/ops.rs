@@ -103,7 +103,8 @@ pub fn gather_qmv(dev: &CudaDevice, dt: DType, wq: &QuantWeight, ids: u64, k: us
 pub fn rms_norm(dev: &CudaDevice, dt: DType, x: u64, w: u64, y: u64, rows: usize, n: usize, eps: f32) -> Result<()> {
     let tag = dtype_tag(dt)?;
     let inv_n = (1.0f64 / n as f64) as f32;
-    let threads = if n >= 1024 { 256 } else { 128 };
+    // ≤ 8 values per thread (kept in registers) up to n = 8192; one warp minimum.
+    let threads = (n.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32;
     dev.launch(
         &format!("rms_norm_{tag}"),
         (rows as u32, 1, 1),
@@ -158,7 +159,7 @@ pub struct AttnShape {
 }
 
 /// Positions per split of the flash-decoding pass (fixed in the kernel).
-pub const ATT_CHUNK: usize = 256;
+pub const ATT_CHUNK: usize = 128;
 
 impl AttnShape {
     fn splits(&self) -> usize {
@@ -219,7 +220,7 @@ pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, q: u64, k_ca
     dev.launch(
         &format!("attn_split_{tag}_d{}", s.head_dim),
         (s.n_kv_heads as u32, sp, 1),
-        (128, 1, 1),
+        (256, 1, 1),
         0,
         &[
             Arg::Ptr(q),
@@ -262,7 +263,7 @@ pub fn softmax_topk(dev: &CudaDevice, dt: DType, logits: u64, rows: usize, e: us
     dev.launch(
         &format!("softmax_topk_{tag}"),
         (rows as u32, 1, 1),
-        (128, 1, 1),
+        (32, 1, 1),
         (e * 4) as u32,
         &[
             Arg::Ptr(logits),
@@ -319,8 +320,26 @@ pub fn embed(dev: &CudaDevice, dt: DType, table: &QuantWeight, id_ptr: u64, out:
     )
 }
 
-/// Index of the first maximum of x[n] → u32 at `out`.
-pub fn argmax(dev: &CudaDevice, dt: DType, x: u64, n: usize, out: u64) -> Result<()> {
+/// Bytes of the argmax workspace: zero it once after allocating; the kernel leaves it
+/// zeroed after every call (so graph replays need no memset).
+pub const ARGMAX_WORKSPACE_BYTES: usize = 16;
+
+/// Index of the first maximum of x[n] (NaN ignored) → u32 at `out`.
+pub fn argmax(dev: &CudaDevice, dt: DType, x: u64, n: usize, workspace: u64, out: u64) -> Result<()> {
+    aligned(workspace, 8, "argmax workspace")?;
     let tag = dtype_tag(dt)?;
-    dev.launch(&format!("argmax_{tag}"), (1, 1, 1), (1024, 1, 1), 0, &[Arg::Ptr(x), Arg::Ptr(out), Arg::I32(n as i32)])
+    let blocks = (n as u32).div_ceil(256 * 8).clamp(1, 2 * dev.sm_count());
+    dev.launch(&format!("argmax_{tag}"), (blocks, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(x), Arg::Ptr(out), Arg::Ptr(workspace), Arg::I32(n as i32)])
+}
+
+/// Device copy with a vectorized kernel (16-byte accesses); `bytes` multiple of 16.
+pub fn copy_kernel(dev: &CudaDevice, src: u64, dst: u64, bytes: usize) -> Result<()> {
+    if bytes % 16 != 0 {
+        return Err(inv("copy_kernel: bytes must be a multiple of 16".into()));
+    }
+    aligned(src, 16, "src")?;
+    aligned(dst, 16, "dst")?;
+    let n16 = (bytes / 16) as u64;
+    let blocks = (n16.div_ceil(256) as u32).min(dev.sm_count() * 8);
+    dev.launch("copy_u4", (blocks, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(src), Arg::Ptr(dst), Arg::Ptr(n16)])
 }

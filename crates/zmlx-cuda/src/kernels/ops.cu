@@ -9,11 +9,32 @@ __device__ __forceinline__ void rms_norm_impl(const typename D::T* __restrict__ 
   __shared__ float red[32];
   x += (long long)blockIdx.x * n;
   y += (long long)blockIdx.x * n;
+  const int nt = blockDim.x;
+  if (n <= 8 * nt) {  // all loads in flight at once, values stay in registers
+    float v[8], wv[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const int i = threadIdx.x + j * nt;
+      v[j] = i < n ? D::ld(x[i]) : 0.0f;
+      wv[j] = i < n ? D::ld(w[i]) : 0.0f;
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) ss = fmaf(v[j], v[j], ss);
+    ss = block_sum(ss, red);
+    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const int i = threadIdx.x + j * nt;
+      if (i < n) y[i] = D::st(__fmul_rn(D::rnd(__fmul_rn(v[j], r)), wv[j]));
+    }
+    return;
+  }
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) { float v = D::ld(x[i]); ss = fmaf(v, v, ss); }
+  for (int i = threadIdx.x; i < n; i += nt) { float v = D::ld(x[i]); ss = fmaf(v, v, ss); }
   ss = block_sum(ss, red);
   const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+  for (int i = threadIdx.x; i < n; i += nt) {
     float v = D::rnd(__fmul_rn(D::ld(x[i]), r));
     y[i] = D::st(__fmul_rn(v, D::ld(w[i])));
   }
@@ -67,9 +88,22 @@ __device__ __forceinline__ void kv_append_impl(const typename D::T* __restrict__
 // [s*CHUNK, min((s+1)*CHUNK, len)) for the G query heads of h (GQA: q head i uses kv head
 // i / G). q is first scaled MLX-style: r(q * r(scale)). Scores and softmax in f32 (MLX exp),
 // partial output o = sum_t p_t v_t in f32. Writes [G][HD + 2] floats: o, max, sum.
-#define ATT_CHUNK 256
+// All of a thread's K (and then V) loads are issued before their first use, so a block
+// waits on memory about twice, not once per row.
+#define ATT_CHUNK 128
 #define ATT_GMAX 16
-#define ATT_THREADS 128
+#define ATT_THREADS 256
+template <class D> __device__ __forceinline__ void load2(const typename D::T* p, float& a, float& b);
+template <> __device__ __forceinline__ void load2<DtBF16>(const u16* p, float& a, float& b) {
+  u32 w = __ldg(reinterpret_cast<const u32*>(p)); a = __uint_as_float(w << 16); b = __uint_as_float(w & 0xffff0000u);
+}
+template <> __device__ __forceinline__ void load2<DtF16>(const u16* p, float& a, float& b) {
+  u32 w = __ldg(reinterpret_cast<const u32*>(p)); a = f16_to_f32((u16)(w & 0xffffu)); b = f16_to_f32((u16)(w >> 16));
+}
+template <> __device__ __forceinline__ void load2<DtF32>(const float* p, float& a, float& b) {
+  float2 w = __ldg(reinterpret_cast<const float2*>(p)); a = w.x; b = w.y;
+}
+
 template <class D, int HD>
 __device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
                                                 const typename D::T* __restrict__ vc, float* __restrict__ part,
@@ -83,30 +117,36 @@ __device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict_
   if (t0 >= len) return;  // the combine pass never reads this split
   const int n = min(ATT_CHUNK, len - t0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int NW = ATT_THREADS / 32;
   const float scale_r = D::rnd(scale);
   for (int i = tid; i < G * HD; i += ATT_THREADS)
     qs[i] = D::rnd(__fmul_rn(D::ld(q[(long long)h * G * HD + i]), scale_r));
-  __syncthreads();
   const typename D::T* kbase = kc + ((long long)h * max_len + t0) * HD;
   const typename D::T* vbase = vc + ((long long)h * max_len + t0) * HD;
-  // Scores: LPR lanes per key row, 8 features per lane (one 16-byte load for 16-bit dtypes).
+  // Scores: LPR lanes per key row, 8 features per lane; IT row-iterations per warp.
   {
-    const int LPR = HD / 8, RPW = 32 / LPR;
+    const int LPR = HD / 8, RPW = 32 / LPR, IT = ATT_CHUNK / (NW * RPW);
     const int sub = lane / LPR, e0 = (lane % LPR) * 8;
-    for (int base = warp * RPW; base < n; base += (ATT_THREADS / 32) * RPW) {
-      const int t = base + sub;
-      float kv[8];
-      if (t < n) load8<D>(kbase + (long long)t * HD + e0, kv);
+    float kv[IT][8];
+#pragma unroll
+    for (int it = 0; it < IT; it++) {
+      const int t = (it * NW + warp) * RPW + sub;
+      if (t < n) load8<D>(kbase + (long long)t * HD + e0, kv[it]);
       else {
 #pragma unroll
-        for (int j = 0; j < 8; j++) kv[j] = 0.0f;
+        for (int j = 0; j < 8; j++) kv[it][j] = 0.0f;
       }
+    }
+    __syncthreads();  // qs ready
+#pragma unroll
+    for (int it = 0; it < IT; it++) {
+      const int t = (it * NW + warp) * RPW + sub;
 #pragma unroll
       for (int g = 0; g < ATT_GMAX; g++) {
         if (g < G) {
           float p = 0.0f;
 #pragma unroll
-          for (int j = 0; j < 8; j++) p = fmaf(qs[g * HD + e0 + j], kv[j], p);
+          for (int j = 0; j < 8; j++) p = fmaf(qs[g * HD + e0 + j], kv[it][j], p);
 #pragma unroll
           for (int o = LPR / 2; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
           if ((lane % LPR) == 0 && t < n) sc[g * ATT_CHUNK + t] = p;
@@ -114,16 +154,25 @@ __device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict_
       }
     }
   }
+  // Issue this thread's V loads now; they land while the softmax runs.
+  const int TPR = HD / 2, NG = ATT_THREADS / TPR, RPG = ATT_CHUNK / NG;
+  const int grp = tid / TPR, d0 = (tid % TPR) * 2;
+  float v0[RPG], v1[RPG];
+#pragma unroll
+  for (int i = 0; i < RPG; i++) {
+    const int t = grp + NG * i;
+    if (t < n) load2<D>(vbase + (long long)t * HD + d0, v0[i], v1[i]);
+    else { v0[i] = 0.0f; v1[i] = 0.0f; }
+  }
   __syncthreads();
   float* out = part + (((long long)h * S + s) * G) * (HD + 2);
-  // Softmax pieces per head: one warp per head.
-  for (int g = warp; g < G; g += ATT_THREADS / 32) {
+  for (int g = warp; g < G; g += NW) {
     float m = -ZMLX_INF;
     for (int t = lane; t < n; t += 32) m = fmaxf(m, sc[g * ATT_CHUNK + t]);
     m = warp_max(m);
     float l = 0.0f;
-    for (int t = lane; t < n; t += 32) {
-      float p = mlx_exp(__fsub_rn(sc[g * ATT_CHUNK + t], m));
+    for (int t = lane; t < ATT_CHUNK; t += 32) {
+      float p = t < n ? mlx_exp(__fsub_rn(sc[g * ATT_CHUNK + t], m)) : 0.0f;
       sc[g * ATT_CHUNK + t] = p;
       l += p;
     }
@@ -131,40 +180,40 @@ __device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict_
     if (lane == 0) { out[g * (HD + 2) + HD] = m; out[g * (HD + 2) + HD + 1] = l; }
   }
   __syncthreads();
-  // P.V: thread owns 2 features of one row group; NG row groups split the positions.
-  {
-    const int TPR = HD / 2, NG = ATT_THREADS / TPR;
-    const int grp = tid / TPR, d0 = (tid % TPR) * 2;
-    float acc0[ATT_GMAX], acc1[ATT_GMAX];
+  float acc0[ATT_GMAX], acc1[ATT_GMAX];
 #pragma unroll
-    for (int g = 0; g < ATT_GMAX; g++) { acc0[g] = 0.0f; acc1[g] = 0.0f; }
-    for (int t = grp; t < n; t += NG) {
-      const typename D::T* vr = vbase + (long long)t * HD + d0;
-      const float v0 = D::ld(vr[0]), v1 = D::ld(vr[1]);
+  for (int g = 0; g < ATT_GMAX; g++) { acc0[g] = 0.0f; acc1[g] = 0.0f; }
 #pragma unroll
-      for (int g = 0; g < ATT_GMAX; g++) {
-        if (g < G) {
-          const float p = sc[g * ATT_CHUNK + t];
-          acc0[g] = fmaf(p, v0, acc0[g]);
-          acc1[g] = fmaf(p, v1, acc1[g]);
-        }
-      }
-    }
-    __syncthreads();  // scores are dead: reuse sc for the cross-group reduction
+  for (int i = 0; i < RPG; i++) {
+    const int t = grp + NG * i;
 #pragma unroll
     for (int g = 0; g < ATT_GMAX; g++) {
       if (g < G) {
-        sc[(grp * ATT_GMAX + g) * HD + d0] = acc0[g];
-        sc[(grp * ATT_GMAX + g) * HD + d0 + 1] = acc1[g];
+        const float p = sc[g * ATT_CHUNK + t];  // 0 past n
+        acc0[g] = fmaf(p, v0[i], acc0[g]);
+        acc1[g] = fmaf(p, v1[i], acc1[g]);
       }
     }
+  }
+  // Deterministic cross-group sum: groups add into group 0's registers one at a time.
+  for (int r = 1; r < NG; r++) {
     __syncthreads();
-    for (int i = tid; i < G * HD; i += ATT_THREADS) {
-      const int g = i / HD, d = i - g * HD;
-      float o = 0.0f;
-      for (int r = 0; r < NG; r++) o += sc[(r * ATT_GMAX + g) * HD + d];
-      out[g * (HD + 2) + d] = o;
+    if (grp == r) {
+#pragma unroll
+      for (int g = 0; g < ATT_GMAX; g++)
+        if (g < G) { sc[g * HD + d0] = acc0[g]; sc[g * HD + d0 + 1] = acc1[g]; }
     }
+    __syncthreads();
+    if (grp == 0) {
+#pragma unroll
+      for (int g = 0; g < ATT_GMAX; g++)
+        if (g < G) { acc0[g] += sc[g * HD + d0]; acc1[g] += sc[g * HD + d0 + 1]; }
+    }
+  }
+  if (grp == 0) {
+#pragma unroll
+    for (int g = 0; g < ATT_GMAX; g++)
+      if (g < G) { out[g * (HD + 2) + d0] = acc0[g]; out[g * (HD + 2) + d0 + 1] = acc1[g]; }
   }
 }
 
@@ -199,32 +248,30 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
 template <class D>
 __device__ __forceinline__ void softmax_topk_impl(const typename D::T* __restrict__ logits, u32* __restrict__ ids,
                                                   float* __restrict__ wout, int E, int k, int round_probs, int renorm) {
-  extern __shared__ float pr[];  // E floats
-  __shared__ float red[32];
-  __shared__ int redi[32];
+  extern __shared__ float pr[];  // E floats; one warp per row (blockDim.x == 32)
   __shared__ float topw[64];
+  const int lane = threadIdx.x;
   logits += (long long)blockIdx.x * E;
   ids += (long long)blockIdx.x * k;
   wout += (long long)blockIdx.x * k;
   float m = -ZMLX_INF;
-  for (int i = threadIdx.x; i < E; i += blockDim.x) { float v = D::ld(logits[i]); pr[i] = v; m = fmaxf(m, v); }
-  m = block_max(m, red);
+  for (int i = lane; i < E; i += 32) { float v = D::ld(logits[i]); pr[i] = v; m = fmaxf(m, v); }
+  m = warp_max(m);
   float sum = 0.0f;
-  for (int i = threadIdx.x; i < E; i += blockDim.x) { float e = mlx_exp(__fsub_rn(pr[i], m)); pr[i] = e; sum += e; }
-  sum = block_sum(sum, red);
+  for (int i = lane; i < E; i += 32) { float e = mlx_exp(__fsub_rn(pr[i], m)); pr[i] = e; sum += e; }
+  sum = warp_sum(sum);
   const float inv = __fdiv_rn(1.0f, sum);
-  for (int i = threadIdx.x; i < E; i += blockDim.x) {
+  for (int i = lane; i < E; i += 32) {
     float p = __fmul_rn(pr[i], inv);
     pr[i] = round_probs ? D::rnd(p) : p;
   }
-  __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  __syncwarp();
   for (int j = 0; j < k; j++) {
     float bv = -ZMLX_INF;
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < E; i += blockDim.x) {
+    for (int i = lane; i < E; i += 32) {
       float v = pr[i];
-      if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+      if (v > bv) { bv = v; bi = i; }  // ascending i: first max kept
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -232,20 +279,10 @@ __device__ __forceinline__ void softmax_topk_impl(const typename D::T* __restric
       int oi = __shfl_xor_sync(0xffffffffu, bi, o);
       if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
     }
-    if (lane == 0) { red[warp] = bv; redi[warp] = bi; }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float v = red[0];
-      int ix = redi[0];
-      for (int w = 1; w < nw; w++)
-        if (red[w] > v || (red[w] == v && redi[w] < ix)) { v = red[w]; ix = redi[w]; }
-      ids[j] = (u32)ix;
-      topw[j] = v;
-      pr[ix] = -ZMLX_INF;  // taken
-    }
-    __syncthreads();
+    if (lane == 0) { ids[j] = (u32)bi; topw[j] = bv; pr[bi] = -ZMLX_INF; }
+    __syncwarp();
   }
-  if (threadIdx.x == 0) {
+  if (lane == 0) {
     if (renorm) {
       float s = 0.0f;
       for (int j = 0; j < k; j++) s = round_probs ? D::rnd(__fadd_rn(s, topw[j])) : __fadd_rn(s, topw[j]);
@@ -309,31 +346,56 @@ __device__ __forceinline__ void embed_impl(const u32* __restrict__ w, const type
   out[d] = D::st(__fadd_rn(sq, D::ld(biases[gi])));
 }
 
-// argmax over n values (single block); first index of the maximum; NaN never wins.
+// argmax over n values; first index of the maximum; NaN never wins. Many blocks: each
+// folds its best into ws[0] with a 64-bit atomicMax on (order-preserving value bits << 32 |
+// ~index); the last block to finish (ws[1] counter) writes the index and resets ws to 0,
+// so the same workspace serves the next call (and graph replays). ws must start zeroed.
+__device__ __forceinline__ u32 ordered_bits(float v) {
+  u32 u = __float_as_uint(v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
 template <class D>
-__device__ __forceinline__ void argmax_impl(const typename D::T* __restrict__ x, u32* __restrict__ out, int n) {
-  __shared__ float rv[32];
-  __shared__ int ri[32];
-  float bv = -ZMLX_INF;
-  int bi = 0x7fffffff;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+__device__ __forceinline__ void argmax_impl(const typename D::T* __restrict__ x, u32* __restrict__ out,
+                                            u64* __restrict__ ws, int n) {
+  __shared__ u64 rk[32];
+  __shared__ bool last;
+  u64 best = 0;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     float v = D::ld(x[i]);
-    if (v > bv || (bi == 0x7fffffff && v == bv)) { bv = v; bi = i; }
+    if (v == v) {
+      u64 key = ((u64)ordered_bits(v) << 32) | (u64)(~(u32)i);
+      best = key > best ? key : best;
+    }
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    u64 ob = __shfl_xor_sync(0xffffffffu, best, o);
+    best = ob > best ? ob : best;
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  if (lane == 0) { rv[warp] = bv; ri[warp] = bi; }
+  if (lane == 0) rk[warp] = best;
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int w = 1; w < nw; w++)
-      if (rv[w] > bv || (rv[w] == bv && ri[w] < bi)) { bv = rv[w]; bi = ri[w]; }
-    *out = (u32)(bi == 0x7fffffff ? 0 : bi);
+    for (int w = 1; w < nw; w++) best = rk[w] > best ? rk[w] : best;
+    atomicMax(ws, best);
+    __threadfence();
+    const u64 done = atomicAdd(ws + 1, 1ull);
+    last = (done == gridDim.x - 1);
   }
+  __syncthreads();
+  if (last && threadIdx.x == 0) {
+    __threadfence();
+    const u64 k = atomicAdd(ws, 0ull);
+    *out = k == 0 ? 0u : ~(u32)(k & 0xffffffffull);
+    ws[0] = 0;
+    ws[1] = 0;
+  }
+}
+
+// Vectorized device copy (16 bytes per thread per step), for the bandwidth baseline.
+extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restrict__ dst, long long n16) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n16; i += (long long)gridDim.x * blockDim.x)
+    dst[i] = __ldg(src + i);
 }
 
 #define ZMLX_OPS(DT, DN)                                                                                       \
@@ -378,4 +440,4 @@ __device__ __forceinline__ void argmax_impl(const typename D::T* __restrict__ x,
                                         DT::T* out, int dim, int bits, int gs) {                               \
     embed_impl<DT>(w, s, b, id, out, dim, bits, gs);                                                           \
   }                                                                                                            \
-  extern "C" __global__ void argmax_##DN(const DT::T* x, u32* out, int n) { argmax_impl<DT>(x, out, n); }
+  extern "C" __global__ void argmax_##DN(const DT::T* x, u32* out, u64* ws, int n) { argmax_impl<DT>(x, out, ws, n); }

@@ -30,25 +30,37 @@ template <int BITS> __device__ __forceinline__ void load_words(const u32* __rest
   }
 }
 
-// Code j (0..31, compile-time after unrolling) of a 32-code chunk, as an exact float.
+// Code j (0..31, compile-time after unrolling) of a 32-code chunk, as an exact float,
+// in 2 instructions (LOP3 + FADD) where the code does not straddle a word: the masked
+// field is ORed under an exponent chosen so that the mantissa LSB of the field is 1.0,
+// i.e. float(e<<23 | q<<off) = 2^(23-off) + q; subtracting 2^(23-off) leaves q exactly.
 template <int BITS, int J> __device__ __forceinline__ float code_at(const u32* q) {
   const int bp = J * BITS, wi = bp >> 5, off = bp & 31;
-  u32 v = q[wi] >> off;
-  if (off + BITS > 32) v |= q[wi + 1] << (32 - off);
-  v &= (1u << BITS) - 1u;
-  // 2^23 + v as a float, minus 2^23: exact, and cheaper than an int->float convert.
-  return __fsub_rn(__uint_as_float(v | 0x4b000000u), 8388608.0f);
+  const u32 mask = (1u << BITS) - 1u;
+  u32 v;
+  int sh;
+  if (off + BITS <= 23) {
+    v = q[wi] & (mask << off);
+    sh = off;
+  } else if (off + BITS <= 32) {
+    v = (q[wi] >> 16) & (mask << (off - 16));
+    sh = off - 16;
+  } else {
+    v = __funnelshift_r(q[wi], q[wi + 1], off) & mask;
+    sh = 0;
+  }
+  const u32 e = (u32)(150 - sh) << 23;
+  return __fsub_rn(__uint_as_float(v | e), __uint_as_float(e));
 }
 
-template <int BITS, int J> struct ChunkDot {
-  static __device__ __forceinline__ float run(const u32* q, const float* xv, float acc) {
-    acc = fmaf(code_at<BITS, J>(q), xv[J], acc);
-    return ChunkDot<BITS, J + 1>::run(q, xv, acc);
-  }
-};
-template <int BITS> struct ChunkDot<BITS, 32> {
-  static __device__ __forceinline__ float run(const u32*, const float*, float acc) { return acc; }
-};
+// sum_j q_j * x_j over the 32 codes, two interleaved FMA chains.
+template <int BITS> __device__ __forceinline__ float chunk_dot(const u32* q, const float* xv) {
+  float a0 = 0.0f, a1 = 0.0f;
+#define ZQ(J) a0 = fmaf(code_at<BITS, J>(q), xv[J], a0); a1 = fmaf(code_at<BITS, J + 1>(q), xv[J + 1], a1);
+  ZQ(0) ZQ(2) ZQ(4) ZQ(6) ZQ(8) ZQ(10) ZQ(12) ZQ(14) ZQ(16) ZQ(18) ZQ(20) ZQ(22) ZQ(24) ZQ(26) ZQ(28) ZQ(30)
+#undef ZQ
+  return a0 + a1;
+}
 
 template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typename D::T* __restrict__ scales,
@@ -82,24 +94,51 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
     sr[r] = scales + (long long)row * groups;
     br[r] = biases + (long long)row * groups;
   }
-  for (int c = lane; c < chunks; c += 32) {
-    u32 q[R][BITS];
+  // Software pipeline: the next chunk's words, scales and biases are in flight while
+  // the current chunk is computed.
+  u32 q[R][BITS];
+  typename D::T s16[R], b16[R];
+  int c = lane;
+  if (c < chunks) {
 #pragma unroll
-    for (int r = 0; r < R; r++) load_words<BITS>(wr[r] + (long long)c * BITS, q[r]);
-    const int g = (c * 32) / GS;
-    float s[R], b[R];
+    for (int r = 0; r < R; r++) {
+      load_words<BITS>(wr[r] + (long long)c * BITS, q[r]);
+      s16[r] = sr[r][(c * 32) / GS];
+      b16[r] = br[r][(c * 32) / GS];
+    }
+  }
+  for (; c < chunks; c += 32) {
+    const int cn = c + 32;
+    u32 qn[R][BITS];
+    typename D::T sn[R], bn[R];
+    if (cn < chunks) {
 #pragma unroll
-    for (int r = 0; r < R; r++) { s[r] = D::ld(sr[r][g]); b[r] = D::ld(br[r][g]); }
+      for (int r = 0; r < R; r++) {
+        load_words<BITS>(wr[r] + (long long)cn * BITS, qn[r]);
+        sn[r] = sr[r][(cn * 32) / GS];
+        bn[r] = br[r][(cn * 32) / GS];
+      }
+    }
     float xv[32];
 #pragma unroll
     for (int i = 0; i < 4; i++) load8<D>(x + c * 32 + 8 * i, xv + 8 * i);
-    float xs = 0.0f;
+    float xs0 = 0.0f, xs1 = 0.0f;
 #pragma unroll
-    for (int j = 0; j < 32; j++) xs += xv[j];
+    for (int j = 0; j < 32; j += 2) { xs0 += xv[j]; xs1 += xv[j + 1]; }
+    const float xs = xs0 + xs1;
 #pragma unroll
     for (int r = 0; r < R; r++) {
-      float qx = ChunkDot<BITS, 0>::run(q[r], xv, 0.0f);
-      acc[r] = fmaf(s[r], qx, fmaf(b[r], xs, acc[r]));
+      const float qx = chunk_dot<BITS>(q[r], xv);
+      acc[r] = fmaf(D::ld(s16[r]), qx, fmaf(D::ld(b16[r]), xs, acc[r]));
+    }
+    if (cn < chunks) {
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int i = 0; i < BITS; i++) q[r][i] = qn[r][i];
+        s16[r] = sn[r];
+        b16[r] = bn[r];
+      }
     }
   }
 #pragma unroll
