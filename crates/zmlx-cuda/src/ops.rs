@@ -79,6 +79,7 @@ fn qmv_launch(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64, ids
             Arg::I32(wq.n as i32),
             Arg::I32(wq.k as i32),
             Arg::I32(x_stride as i32),
+            Arg::I32(((1u32 << wq.bits) - 1) as i32), // qmask: must be 2^bits - 1
         ],
     )
 }
@@ -177,6 +178,9 @@ impl AttnShape {
         if g > 16 {
             return Err(inv(format!("GQA group {g} > 16 not supported")));
         }
+        if self.splits() > 2048 {
+            return Err(inv(format!("max_len {} > {} not supported", self.max_len, 2048 * ATT_CHUNK)));
+        }
         if self.head_dim != 64 && self.head_dim != 128 {
             return Err(inv(format!("head_dim {} not supported (64, 128)", self.head_dim)));
         }
@@ -237,7 +241,7 @@ pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, q: u64, k_ca
     dev.launch(
         &format!("attn_combine_{tag}_d{}", s.head_dim),
         (s.n_heads as u32, 1, 1),
-        (s.head_dim as u32, 1, 1),
+        (256, 1, 1),
         0,
         &[
             Arg::Ptr(workspace),

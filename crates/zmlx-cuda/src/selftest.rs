@@ -272,10 +272,12 @@ fn test_rope(dev: &CudaDevice, rng: &mut Rng, dt: DType, rows: usize, hd: usize,
                 let i = j % half;
                 let th = pos as f64 * (base as f64).powf(-(i as f64) / half as f64);
                 let (x1, x2) = (x[r * hd + i] as f64, x[r * hd + i + half] as f64);
+                // scale |x1| + |x2|: an angle error moves the result by up to that much
+                let sc = x1.abs() + x2.abs();
                 if j < half {
-                    RefVal { v: x1 * th.cos() - x2 * th.sin(), scale: (x1 * th.cos()).abs() + (x2 * th.sin()).abs() }
+                    RefVal { v: x1 * th.cos() - x2 * th.sin(), scale: sc }
                 } else {
-                    RefVal { v: x1 * th.sin() + x2 * th.cos(), scale: (x1 * th.sin()).abs() + (x2 * th.cos()).abs() }
+                    RefVal { v: x1 * th.sin() + x2 * th.cos(), scale: sc }
                 }
             } else {
                 RefVal { v: x[r * hd + j] as f64, scale: x[r * hd + j].abs() as f64 }

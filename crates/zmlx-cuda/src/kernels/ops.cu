@@ -138,15 +138,23 @@ __device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict_
       }
     }
     __syncthreads();  // qs ready
+    // g outer, rows inner: each q slice is read from shared memory once (2 x 16 B).
 #pragma unroll
-    for (int it = 0; it < IT; it++) {
-      const int t = (it * NW + warp) * RPW + sub;
+    for (int g = 0; g < ATT_GMAX; g++) {
+      if (g < G) {
+        const float4 qa = *reinterpret_cast<const float4*>(&qs[g * HD + e0]);
+        const float4 qb = *reinterpret_cast<const float4*>(&qs[g * HD + e0 + 4]);
 #pragma unroll
-      for (int g = 0; g < ATT_GMAX; g++) {
-        if (g < G) {
-          float p = 0.0f;
-#pragma unroll
-          for (int j = 0; j < 8; j++) p = fmaf(qs[g * HD + e0 + j], kv[it][j], p);
+        for (int it = 0; it < IT; it++) {
+          const int t = (it * NW + warp) * RPW + sub;
+          float p = qa.x * kv[it][0];
+          p = fmaf(qa.y, kv[it][1], p);
+          p = fmaf(qa.z, kv[it][2], p);
+          p = fmaf(qa.w, kv[it][3], p);
+          p = fmaf(qb.x, kv[it][4], p);
+          p = fmaf(qb.y, kv[it][5], p);
+          p = fmaf(qb.z, kv[it][6], p);
+          p = fmaf(qb.w, kv[it][7], p);
 #pragma unroll
           for (int o = LPR / 2; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
           if ((lane % LPR) == 0 && t < n) sc[g * ATT_CHUNK + t] = p;
@@ -218,24 +226,48 @@ __device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict_
 }
 
 // Pass 2: merge the splits of each query head; out = r(sum_s w_s o_s / sum_s w_s l_s),
-// w_s = exp(m_s - max_s m_s).
+// w_s = exp(m_s - max_s m_s). One block (256 threads) per q head: split weights computed
+// in parallel into shared memory, then NSUB thread groups sum disjoint split subsets
+// (independent loads in flight) and are added in a fixed order (deterministic).
+#define ATT_MAX_SPLITS 2048
 template <class D, int HD>
 __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part, typename D::T* __restrict__ y,
                                                   const int* __restrict__ len_ptr, int len_add, int G, int S, int max_len) {
+  __shared__ float wsm[ATT_MAX_SPLITS];
+  __shared__ float red[32];
+  __shared__ float acc_s[256];
   const int hq = blockIdx.x, h = hq / G, g = hq - h * G;
   const int len = min(*len_ptr + len_add, max_len);
-  const int used = (len + ATT_CHUNK - 1) / ATT_CHUNK;
+  const int used = min((len + ATT_CHUNK - 1) / ATT_CHUNK, ATT_MAX_SPLITS);
   const float* p = part + ((long long)h * S * G + g) * (HD + 2);
   const long long st = (long long)G * (HD + 2);
   float m = -ZMLX_INF;
-  for (int s = 0; s < used; s++) m = fmaxf(m, p[s * st + HD]);
-  for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-    float num = 0.0f, den = 0.0f;
-    for (int s = 0; s < used; s++) {
-      const float w = mlx_exp(__fsub_rn(p[s * st + HD], m));
-      num = fmaf(w, p[s * st + d], num);
-      den = fmaf(w, p[s * st + HD + 1], den);
+  for (int s = threadIdx.x; s < used; s += blockDim.x) m = fmaxf(m, p[s * st + HD]);
+  m = block_max(m, red);
+  float den = 0.0f;
+  for (int s = threadIdx.x; s < used; s += blockDim.x) {
+    const float w = mlx_exp(__fsub_rn(p[s * st + HD], m));
+    wsm[s] = w;
+    den = fmaf(w, p[s * st + HD + 1], den);
+  }
+  den = block_sum(den, red);  // ends with barriers: wsm visible
+  const int NSUB = 256 / HD, d = threadIdx.x % HD, sub = threadIdx.x / HD;
+  float num = 0.0f;
+  if (sub < NSUB) {
+    int s = sub;
+    for (; s + 3 * NSUB < used; s += 4 * NSUB) {
+      const float a0 = p[s * st + d], a1 = p[(s + NSUB) * st + d], a2 = p[(s + 2 * NSUB) * st + d], a3 = p[(s + 3 * NSUB) * st + d];
+      num = fmaf(wsm[s], a0, num);
+      num = fmaf(wsm[s + NSUB], a1, num);
+      num = fmaf(wsm[s + 2 * NSUB], a2, num);
+      num = fmaf(wsm[s + 3 * NSUB], a3, num);
     }
+    for (; s < used; s += NSUB) num = fmaf(wsm[s], p[s * st + d], num);
+    acc_s[threadIdx.x] = num;
+  }
+  __syncthreads();
+  if (sub == 0) {
+    for (int r = 1; r < NSUB; r++) num += acc_s[r * HD + d];
     y[(long long)hq * HD + d] = D::st(__fdiv_rn(num, den));
   }
 }

@@ -34,9 +34,13 @@ template <int BITS> __device__ __forceinline__ void load_words(const u32* __rest
 // in 2 instructions (LOP3 + FADD) where the code does not straddle a word: the masked
 // field is ORed under an exponent chosen so that the mantissa LSB of the field is 1.0,
 // i.e. float(e<<23 | q<<off) = 2^(23-off) + q; subtracting 2^(23-off) leaves q exactly.
-template <int BITS, int J> __device__ __forceinline__ float code_at(const u32* q) {
+// `mask` = 2^BITS - 1 arrives as a kernel parameter on purpose: with the shifted masks in
+// registers, AND-with-mask then OR-with-exponent is one LOP3 (it takes one immediate only).
+// (Measured on H100: register masks help 4/6/8-bit, but slow 3-bit by 30%, so 3/5-bit keep
+// immediate masks.)
+template <int BITS, int J> __device__ __forceinline__ float code_at(const u32* q, u32 mask_param) {
   const int bp = J * BITS, wi = bp >> 5, off = bp & 31;
-  const u32 mask = (1u << BITS) - 1u;
+  const u32 mask = (BITS == 3 || BITS == 5) ? ((1u << BITS) - 1u) : mask_param;
   u32 v;
   int sh;
   if (off + BITS <= 23) {
@@ -54,9 +58,9 @@ template <int BITS, int J> __device__ __forceinline__ float code_at(const u32* q
 }
 
 // sum_j q_j * x_j over the 32 codes, two interleaved FMA chains.
-template <int BITS> __device__ __forceinline__ float chunk_dot(const u32* q, const float* xv) {
+template <int BITS> __device__ __forceinline__ float chunk_dot(const u32* q, const float* xv, u32 mask) {
   float a0 = 0.0f, a1 = 0.0f;
-#define ZQ(J) a0 = fmaf(code_at<BITS, J>(q), xv[J], a0); a1 = fmaf(code_at<BITS, J + 1>(q), xv[J + 1], a1);
+#define ZQ(J) a0 = fmaf(code_at<BITS, J>(q, mask), xv[J], a0); a1 = fmaf(code_at<BITS, J + 1>(q, mask), xv[J + 1], a1);
   ZQ(0) ZQ(2) ZQ(4) ZQ(6) ZQ(8) ZQ(10) ZQ(12) ZQ(14) ZQ(16) ZQ(18) ZQ(20) ZQ(22) ZQ(24) ZQ(26) ZQ(28) ZQ(30)
 #undef ZQ
   return a0 + a1;
@@ -66,7 +70,7 @@ template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typename D::T* __restrict__ scales,
                                          const typename D::T* __restrict__ biases, const typename D::T* __restrict__ x,
                                          typename D::T* __restrict__ y, const u32* __restrict__ ids, int N, int K,
-                                         int x_stride) {
+                                         int x_stride, u32 qmask) {
   const int slot = blockIdx.y;
   const long long words_per_row = (long long)K * BITS / 32;
   const int groups = K / GS;
@@ -128,7 +132,7 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
     const float xs = xs0 + xs1;
 #pragma unroll
     for (int r = 0; r < R; r++) {
-      const float qx = chunk_dot<BITS>(q[r], xv);
+      const float qx = chunk_dot<BITS>(q[r], xv, qmask);
       acc[r] = fmaf(D::ld(s16[r]), qx, fmaf(D::ld(b16[r]), xs, acc[r]));
     }
     if (cn < chunks) {
@@ -151,8 +155,8 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
 #define ZMLX_QMV(DT, DN, BITS, GS, R)                                                                      \
   extern "C" __global__ void __launch_bounds__(256) qmv_##DN##_b##BITS##_g##GS##_r##R(                     \
       const u32* w, const DT::T* scales, const DT::T* biases, const DT::T* x, DT::T* y, const u32* ids,    \
-      int N, int K, int x_stride) {                                                                        \
-    qmv_impl<DT, BITS, GS, R>(w, scales, biases, x, y, ids, N, K, x_stride);                               \
+      int N, int K, int x_stride, u32 qmask) {                                                             \
+    qmv_impl<DT, BITS, GS, R>(w, scales, biases, x, y, ids, N, K, x_stride, qmask);                        \
   }
 #define ZMLX_QMV_R(DT, DN, BITS, GS) ZMLX_QMV(DT, DN, BITS, GS, 1) ZMLX_QMV(DT, DN, BITS, GS, 4)
 #define ZMLX_QMV_G(DT, DN, BITS) ZMLX_QMV_R(DT, DN, BITS, 32) ZMLX_QMV_R(DT, DN, BITS, 64) ZMLX_QMV_R(DT, DN, BITS, 128)
