@@ -96,6 +96,7 @@ fn run_bench(args: RunArgs) -> Result<ExitCode> {
     let mut fidelity_total = 0;
     let mut device_name = String::new();
     let mut launches = None;
+    let mut weight_bytes = None;
     let mut reference_tokens: std::collections::HashMap<(usize, usize), Vec<u32>> = Default::default();
     for &graph in &modes {
         let mut e = eargs.clone();
@@ -106,6 +107,7 @@ fn run_bench(args: RunArgs) -> Result<ExitCode> {
         let load_s = t0.elapsed().as_secs_f64();
         device_name = engine.device_name.clone();
         launches = engine.launches_per_token;
+        weight_bytes = engine.weight_bytes;
         eprintln!("loaded on {} in {load_s:.1}s (graph: {graph})", engine.device_name);
         for &pl in &args.prompt_lens {
             // A fixed pseudo-random prompt: the same ids for every run and mode.
@@ -157,7 +159,7 @@ fn run_bench(args: RunArgs) -> Result<ExitCode> {
         "model": {"path": eargs.model, "model_type": folder.config.model_type, "dummy_weights": eargs.dummy_weights,
                   "bits": eargs.bits, "group_size": eargs.group_size, "config": folder.config.raw},
         "settings": {"prompt_lens": args.prompt_lens, "gen_lens": args.gen_lens, "runs": args.runs, "warmup_runs": 1,
-                     "graph_modes": modes, "sampling": "greedy", "launches_per_token": launches},
+                     "graph_modes": modes, "sampling": "greedy", "launches_per_token": launches, "weight_bytes_on_device": weight_bytes},
         "fidelity": {"identical": fidelity_identical, "total": fidelity_total,
                      "what": "greedy tokens of every run equal the first run of the same (prompt, gen) config, across graph modes"},
         "summary": summary,

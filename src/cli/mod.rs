@@ -3,6 +3,7 @@
 mod bench;
 mod engine;
 mod generate;
+mod kernels;
 
 use std::process::ExitCode;
 
@@ -22,6 +23,8 @@ enum Command {
     Generate(generate::Args),
     /// Benchmark decode: prompt lengths × generation lengths × runs → a capsule JSON.
     Bench(bench::Args),
+    /// The CUDA kernel catalog: check (NVRTC compile, no GPU), test, bench.
+    Kernels(kernels::Args),
 }
 
 pub fn run() -> Result<ExitCode> {
@@ -29,6 +32,7 @@ pub fn run() -> Result<ExitCode> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Kernels(args) => kernels::run(args),
     }
 }
 
