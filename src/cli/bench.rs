@@ -106,7 +106,7 @@ fn run_bench(args: RunArgs) -> Result<ExitCode> {
         let mut engine = engine::open(folder, &e, max_len)?;
         let load_s = t0.elapsed().as_secs_f64();
         device_name = engine.device_name.clone();
-        launches = engine.launches_per_token;
+        launches = engine.decoder.launches_per_token();
         weight_bytes = engine.weight_bytes;
         eprintln!("loaded on {} in {load_s:.1}s (graph: {graph})", engine.device_name);
         for &pl in &args.prompt_lens {

@@ -1,6 +1,7 @@
 //! Opening a decoder for a command: CPU reference or CUDA, real or dummy weights.
 
 use anyhow::{bail, Result};
+use zmlx_models::patch::{self, PatchOptions, PatchReport};
 use zmlx_models::{Decoder, ModelFolder};
 
 use super::Device;
@@ -31,11 +32,38 @@ pub struct EngineArgs {
     pub no_graph: bool,
 }
 
+/// `--patterns`, `--exclude`, `--no-patch`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct PatchArgs {
+    /// Patterns to apply instead of the family preset (comma-separated; see `zmlx patch list`).
+    #[arg(long)]
+    pub patterns: Option<String>,
+    /// Patterns to leave out.
+    #[arg(long)]
+    pub exclude: Option<String>,
+    /// Run mlx-lm's op sequence, unpatched.
+    #[arg(long)]
+    pub no_patch: bool,
+}
+
+impl PatchArgs {
+    pub fn options(&self) -> Result<PatchOptions> {
+        PatchOptions::parse(self.patterns.as_deref(), self.exclude.as_deref(), self.no_patch).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+/// Apply the patch plan for this model and options; returns the report.
+pub fn apply_patches(engine: &mut Engine, opts: &PatchOptions) -> Result<PatchReport> {
+    let backend = engine.decoder.backend();
+    let patterns = patch::plan(&engine.model_type, backend, opts);
+    Ok(engine.decoder.patch(&patterns)?)
+}
+
 pub struct Engine {
+    pub model_type: String,
     pub decoder: Box<dyn Decoder>,
     pub device_name: String,
     /// Kernel launches per decode step (CUDA), for the reports.
-    pub launches_per_token: Option<usize>,
     pub weight_bytes: Option<usize>,
 }
 
@@ -47,7 +75,12 @@ pub fn open(folder: ModelFolder, args: &EngineArgs, max_len: usize) -> Result<En
                 bail!("--dummy-weights runs on CUDA only (full-size models do not fit the CPU reference)");
             }
             let model = folder.load_weights()?;
-            Ok(Engine { decoder: Box::new(model.cpu_session()), device_name: "cpu".into(), launches_per_token: None, weight_bytes: None })
+            Ok(Engine {
+                model_type: model.config.model_type.clone(),
+                decoder: Box::new(model.cpu_session()),
+                device_name: "cpu".into(),
+                weight_bytes: None,
+            })
         }
         Device::Cuda(ordinal) => open_cuda(folder, args, ordinal, max_len),
     }
@@ -85,8 +118,8 @@ fn open_cuda(folder: ModelFolder, args: &EngineArgs, ordinal: usize, max_len: us
     };
     let engine = CudaQwen3Moe::new(dev.clone(), &model_args, source, max_len, !args.no_graph)?;
     Ok(Engine {
+        model_type: folder.config.model_type.clone(),
         device_name: format!("cuda:{ordinal} ({})", dev.name()),
-        launches_per_token: Some(engine.launches_per_token()),
         weight_bytes: Some(engine.weight_bytes),
         decoder: Box::new(engine),
     })

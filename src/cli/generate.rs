@@ -6,13 +6,15 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use zmlx_models::{generate, ModelFolder, SamplingOptions};
 
-use super::engine::{self, EngineArgs};
+use super::engine::{self, EngineArgs, PatchArgs};
 use super::parse_token_list;
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub patch: PatchArgs,
     /// Prompt text (the chat template is applied, as mlx_lm.generate does).
     #[arg(long, conflicts_with = "prompt_tokens")]
     pub prompt: Option<String>,
@@ -58,6 +60,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let sampling = SamplingOptions { temp: args.temp, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
     let tokenizer = model.tokenizer.take();
     let mut engine = engine::open(model, &args.engine, prompt.len() + args.max_tokens)?;
+    let report = engine::apply_patches(&mut engine, &args.patch.options()?)?;
+    eprintln!("{report}");
     let tokenizer = tokenizer.as_ref();
     let mut generated = Vec::new();
     let mut printed = String::new();
@@ -89,6 +93,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "peak_memory_bytes": stats.peak_memory_bytes,
             "finish_reason": stats.finish_reason,
             "device": engine.device_name,
+            "patch": report.to_string(),
         });
         if let Some(text) = text {
             obj["text"] = text.into();

@@ -4,6 +4,8 @@ mod bench;
 mod engine;
 mod generate;
 mod kernels;
+mod patch_cmd;
+mod validate;
 
 use std::process::ExitCode;
 
@@ -25,6 +27,10 @@ enum Command {
     Bench(bench::Args),
     /// The CUDA kernel catalog: check (NVRTC compile, no GPU), test, bench.
     Kernels(kernels::Args),
+    /// Patched vs unpatched greedy decode: identical tokens, tok/s, speedup.
+    Validate(validate::Args),
+    /// The fusion patterns: `zmlx patch list [--model M]`.
+    Patch(patch_cmd::Args),
 }
 
 pub fn run() -> Result<ExitCode> {
@@ -33,6 +39,8 @@ pub fn run() -> Result<ExitCode> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Kernels(args) => kernels::run(args),
+        Command::Validate(args) => validate::run(args),
+        Command::Patch(args) => patch_cmd::run(args),
     }
 }
 

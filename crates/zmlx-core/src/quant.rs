@@ -229,6 +229,13 @@ impl QuantizedMatrix {
         }
     }
 
+    /// Output `row` of `quantized_matmul(x, w, transpose=True)` for one input vector `x`
+    /// (`buf`: `cols` scratch values): the same value `matmul_t` computes for that row.
+    pub fn dot_row(&self, row: usize, x: &[f32], buf: &mut [f32]) -> f32 {
+        self.dequantize_row_into(row, buf);
+        dot_rounded(x, buf, self.dtype)
+    }
+
     /// One row dequantized (quantized embedding lookup).
     pub fn dequantize_row(&self, row: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.cols];

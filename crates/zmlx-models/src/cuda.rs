@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use zmlx_core::DType;
-use zmlx_cuda::{ops, Arena, AttnShape, CudaDevice, CudaGraph, DevBuf, QuantWeight};
+use zmlx_cuda::{fused, ops, Arena, AttnShape, CudaDevice, CudaGraph, DevBuf, QuantWeight};
 
 use crate::error::{ModelError, Result};
 use crate::generate::Decoder;
@@ -14,6 +14,7 @@ use crate::checkpoint::{Checkpoint, TensorRef};
 use crate::config::Quantization;
 use crate::models::qwen3_moe::ModelArgs;
 use crate::nn::quantized_tensors;
+use crate::patch::{Backend, MoeVariant, PatchReport, Pattern};
 
 fn cuda_err(e: zmlx_cuda::CudaError) -> ModelError {
     ModelError::invalid(format!("CUDA: {e}"))
@@ -214,6 +215,10 @@ enum DevFeedForward {
 }
 
 struct DevLayer {
+    /// Fused variants chosen by `patch`.
+    moe: MoeVariant,
+    fused_swiglu_mlp: bool,
+    fused_add_norm: bool,
     q: QuantWeight,
     k: QuantWeight,
     v: QuantWeight,
@@ -229,6 +234,10 @@ struct DevLayer {
 
 /// Activations and scratch, all carved from one arena at load.
 struct Scratch {
+    /// A u32 0: the expert id of a dense MLP run through the gathered kernels.
+    zero_id: u64,
+    /// logprobs_argmax workspace (zeroed once; the kernel leaves it zeroed).
+    argmax_ws: u64,
     token: u64,
     pos: u64,
     x: u64,
@@ -260,6 +269,7 @@ pub struct CudaQwen3Moe {
     head_dim: usize,
     attn: AttnShape,
     scale: f32,
+    top_k: usize,
     embed: QuantWeight,
     lm_head: QuantWeight,
     final_norm: u64,
@@ -314,6 +324,9 @@ impl CudaQwen3Moe {
             let k_cache = dev.alloc(cache_bytes).map_err(cuda_err)?;
             let v_cache = dev.alloc(cache_bytes).map_err(cuda_err)?;
             layers.push(DevLayer {
+                moe: MoeVariant::default(),
+                fused_swiglu_mlp: false,
+                fused_add_norm: false,
                 q: src.quantized(&format!("{sa}.q_proj"), &[a.num_attention_heads * hd], d)?,
                 k: src.quantized(&format!("{sa}.k_proj"), &[a.num_key_value_heads * hd], d)?,
                 v: src.quantized(&format!("{sa}.v_proj"), &[a.num_key_value_heads * hd], d)?,
@@ -339,10 +352,13 @@ impl CudaQwen3Moe {
         let inter = a.moe_intermediate_size.max(a.intermediate_size);
         let qd = a.num_attention_heads * hd;
         let kvd = a.num_key_value_heads * hd;
-        let sizes = [4, 4, d * es, d * es, qd * es, kvd * es, kvd * es, qd * es, d * es, a.num_experts.max(1) * es, k * 4, k * 4, k * inter * es, k * inter * es, k * inter * es, k * d * es, d * es, a.vocab_size * es, attn.workspace_bytes()];
+        let n_layers = a.num_hidden_layers;
+        let sizes = [4, 4, d * es, d * es, qd * es, kvd * es, kvd * es, qd * es, d * es, a.num_experts.max(1) * es, n_layers * k * 4, n_layers * k * 4, k * inter * es, k * inter * es, k * inter * es, k * d * es, d * es, a.vocab_size * es, attn.workspace_bytes(), 4, 64];
         let mut arena = dev.arena(sizes.iter().map(|s| s.div_ceil(256) * 256 + 256).sum()).map_err(cuda_err)?;
         let mut next = |i: usize| arena.alloc(sizes[i]).map_err(cuda_err);
         let s = Scratch {
+            zero_id: next(19)?,
+            argmax_ws: next(20)?,
             token: next(0)?,
             pos: next(1)?,
             x: next(2)?,
@@ -363,6 +379,8 @@ impl CudaQwen3Moe {
             logits: next(17)?,
             att_ws: next(18)?,
         };
+        dev.memset(s.zero_id, 0, 4).map_err(cuda_err)?;
+        dev.memset(s.argmax_ws, 0, 64).map_err(cuda_err)?;
         let device_bytes = weight_bytes + 2 * cache_bytes * a.num_hidden_layers + arena.capacity();
         Ok(CudaQwen3Moe {
             dev,
@@ -374,6 +392,7 @@ impl CudaQwen3Moe {
             head_dim: hd,
             attn,
             scale: (hd as f32).powf(-0.5),
+            top_k: k,
             embed,
             lm_head,
             final_norm,
@@ -390,48 +409,148 @@ impl CudaQwen3Moe {
     }
 
     /// Enqueue one decode step: token at `s.token`, position at `s.pos`; leaves logits in
-    /// `s.logits` and the greedy token in `s.token`.
+    /// `s.logits` and the greedy token in `s.token`. Each block runs the variant `patch` chose.
     fn enqueue_step(&self, dev: &CudaDevice) -> zmlx_cuda::Result<()> {
-        let (dt, s, d, hd) = (self.dtype, &self.s, self.hidden, self.head_dim);
+        let (dt, s, d, hd, eps) = (self.dtype, &self.s, self.hidden, self.head_dim, self.eps);
         let (hq, hkv) = (self.attn.n_heads, self.attn.n_kv_heads);
         ops::embed(dev, dt, &self.embed, s.token, s.x)?;
-        for l in &self.layers {
-            ops::rms_norm(dev, dt, s.x, l.in_norm, s.xn, 1, d, self.eps)?;
+        ops::rms_norm(dev, dt, s.x, self.layers[0].in_norm, s.xn, 1, d, eps)?;
+        for (i, l) in self.layers.iter().enumerate() {
             ops::qmv(dev, dt, &l.q, s.xn, s.q)?;
             ops::qmv(dev, dt, &l.k, s.xn, s.k)?;
             ops::qmv(dev, dt, &l.v, s.xn, s.v)?;
-            ops::rms_norm(dev, dt, s.q, l.q_norm, s.q, hq, hd, self.eps)?;
-            ops::rms_norm(dev, dt, s.k, l.k_norm, s.k, hkv, hd, self.eps)?;
+            ops::rms_norm(dev, dt, s.q, l.q_norm, s.q, hq, hd, eps)?;
+            ops::rms_norm(dev, dt, s.k, l.k_norm, s.k, hkv, hd, eps)?;
             ops::rope(dev, dt, s.q, s.q, s.pos, 0, hq, hd, hd, self.rope_base, 1.0)?;
             ops::rope(dev, dt, s.k, s.k, s.pos, 0, hkv, hd, hd, self.rope_base, 1.0)?;
             ops::kv_append(dev, dt, &self.attn, s.k, s.v, l.k_cache, l.v_cache, s.pos, 0)?;
             ops::attention_decode(dev, dt, &self.attn, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
             ops::qmv(dev, dt, &l.o, s.attn, s.o)?;
-            ops::add(dev, dt, s.x, s.o, s.x, d)?;
-            ops::rms_norm(dev, dt, s.x, l.post_norm, s.xn, 1, d, self.eps)?;
+            // h = x + attn; xn = post_attention_layernorm(h)
+            if l.fused_add_norm {
+                fused::add_rms_norm(dev, dt, s.x, s.o, l.post_norm, s.x, s.xn, d, eps)?;
+            } else {
+                ops::add(dev, dt, s.x, s.o, s.x, d)?;
+                ops::rms_norm(dev, dt, s.x, l.post_norm, s.xn, 1, d, eps)?;
+            }
+            // The feed-forward block leaves its output in ff_out, or adds it into x itself.
+            let mut added = false;
             match &l.ff {
                 DevFeedForward::Sparse { router, experts, top_k, renorm } => {
-                    let inter = experts.gate.n;
-                    ops::qmv(dev, dt, router, s.xn, s.router)?;
-                    ops::softmax_topk(dev, dt, s.router, 1, router.n, *top_k, true, *renorm, s.ids, s.weights)?;
-                    ops::gather_qmv(dev, dt, &experts.gate, s.ids, *top_k, s.xn, false, s.g)?;
-                    ops::gather_qmv(dev, dt, &experts.up, s.ids, *top_k, s.xn, false, s.u)?;
-                    ops::swiglu(dev, dt, s.g, s.u, s.act, top_k * inter)?;
-                    ops::gather_qmv(dev, dt, &experts.down, s.ids, *top_k, s.act, true, s.y)?;
-                    ops::moe_combine(dev, dt, s.y, s.weights, s.ff_out, *top_k, d)?;
+                    let k = *top_k;
+                    let (ids, weights) = (s.ids + (i * k * 4) as u64, s.weights + (i * k * 4) as u64);
+                    if l.moe.fused_gating {
+                        fused::moe_gating(dev, dt, router, s.xn, router.n, k, *renorm, ids, weights)?;
+                    } else {
+                        ops::qmv(dev, dt, router, s.xn, s.router)?;
+                        ops::softmax_topk(dev, dt, s.router, 1, router.n, k, true, *renorm, ids, weights)?;
+                    }
+                    if l.moe.fused_swiglu {
+                        fused::gather_qmm_swiglu(dev, dt, &experts.gate, &experts.up, ids, k, s.xn, s.act)?;
+                    } else {
+                        ops::gather_qmv(dev, dt, &experts.gate, ids, k, s.xn, false, s.g)?;
+                        ops::gather_qmv(dev, dt, &experts.up, ids, k, s.xn, false, s.u)?;
+                        ops::swiglu(dev, dt, s.g, s.u, s.act, k * experts.gate.n)?;
+                    }
+                    if l.moe.fused_combine {
+                        fused::gather_qmm_combine(dev, dt, &experts.down, ids, weights, k, s.act, s.x, s.x)?;
+                        added = true;
+                    } else {
+                        ops::gather_qmv(dev, dt, &experts.down, ids, k, s.act, true, s.y)?;
+                        ops::moe_combine(dev, dt, s.y, weights, s.ff_out, k, d)?;
+                    }
                 }
                 DevFeedForward::Dense(m) => {
-                    ops::qmv(dev, dt, &m.gate, s.xn, s.g)?;
-                    ops::qmv(dev, dt, &m.up, s.xn, s.u)?;
-                    ops::swiglu(dev, dt, s.g, s.u, s.act, m.gate.n)?;
+                    if l.fused_swiglu_mlp {
+                        fused::gather_qmm_swiglu(dev, dt, &m.gate, &m.up, s.zero_id, 1, s.xn, s.act)?;
+                    } else {
+                        ops::qmv(dev, dt, &m.gate, s.xn, s.g)?;
+                        ops::qmv(dev, dt, &m.up, s.xn, s.u)?;
+                        ops::swiglu(dev, dt, s.g, s.u, s.act, m.gate.n)?;
+                    }
                     ops::qmv(dev, dt, &m.down, s.act, s.ff_out)?;
                 }
             }
-            ops::add(dev, dt, s.x, s.ff_out, s.x, d)?;
+            // x += ff; xn = next layer's input_layernorm(x) (or the final norm).
+            let next_norm = self.layers.get(i + 1).map_or(self.final_norm, |n| n.in_norm);
+            if added {
+                ops::rms_norm(dev, dt, s.x, next_norm, s.xn, 1, d, eps)?;
+            } else if l.fused_add_norm {
+                fused::add_rms_norm(dev, dt, s.x, s.ff_out, next_norm, s.x, s.xn, d, eps)?;
+            } else {
+                ops::add(dev, dt, s.x, s.ff_out, s.x, d)?;
+                ops::rms_norm(dev, dt, s.x, next_norm, s.xn, 1, d, eps)?;
+            }
         }
-        ops::rms_norm(dev, dt, s.x, self.final_norm, s.xn, 1, d, self.eps)?;
         ops::qmv(dev, dt, &self.lm_head, s.xn, s.logits)?;
-        ops::argmax(dev, dt, s.logits, self.vocab, s.token)
+        ops::logprobs_argmax(dev, dt, s.logits, self.vocab, s.argmax_ws, s.token)
+    }
+
+    /// Switch layers to the fused variants of `patterns`; the graph is re-captured.
+    pub fn patch(&mut self, patterns: &[Pattern]) -> PatchReport {
+        let on = |p: Pattern| patterns.contains(&p);
+        let mut report = PatchReport::default();
+        for l in &mut self.layers {
+            match l.ff {
+                DevFeedForward::Sparse { .. } => {
+                    l.moe = MoeVariant { fused_gating: on(Pattern::MoeGating), fused_swiglu: on(Pattern::GatherQmmSwiglu), fused_combine: on(Pattern::GatherQmmCombine) };
+                    l.moe.report(&mut report);
+                }
+                DevFeedForward::Dense(_) => {
+                    l.fused_swiglu_mlp = on(Pattern::SwigluMlp);
+                    if l.fused_swiglu_mlp {
+                        report.add("swiglu_mlp");
+                    }
+                }
+            }
+            l.fused_add_norm = on(Pattern::AddRmsNorm);
+            if l.fused_add_norm {
+                report.add("add_rms_norm");
+            }
+        }
+        self.graph = None;
+        self.len = 0;
+        report
+    }
+
+    /// Expert ids and weights of the last step, per layer (`--routing-stats`); empty rows
+    /// for dense layers.
+    pub fn last_routing(&self) -> Result<Vec<(Vec<u32>, Vec<f32>)>> {
+        let k = self.top_k;
+        let n = self.layers.len() * k;
+        let ids: Vec<u32> = self.dev.read(self.s.ids, n).map_err(cuda_err)?;
+        let w: Vec<f32> = self.dev.read(self.s.weights, n).map_err(cuda_err)?;
+        Ok(self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| match l.ff {
+                DevFeedForward::Sparse { .. } => (ids[i * k..(i + 1) * k].to_vec(), w[i * k..(i + 1) * k].to_vec()),
+                DevFeedForward::Dense(_) => (vec![], vec![]),
+            })
+            .collect())
+    }
+
+    /// Kernel launches in one decode step, counted from the variants in place.
+    pub fn launches_per_token(&self) -> usize {
+        let per_layer: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let attn = 11;
+                let post_attn = if l.fused_add_norm { 1 } else { 2 };
+                let (ff, added) = match l.ff {
+                    DevFeedForward::Sparse { .. } => {
+                        let m = l.moe;
+                        ((if m.fused_gating { 1 } else { 2 }) + (if m.fused_swiglu { 1 } else { 3 }) + (if m.fused_combine { 1 } else { 2 }), m.fused_combine)
+                    }
+                    DevFeedForward::Dense(_) => ((if l.fused_swiglu_mlp { 1 } else { 3 }) + 1, false),
+                };
+                let tail = if added || l.fused_add_norm { 1 } else { 2 };
+                attn + post_attn + ff + tail
+            })
+            .sum();
+        2 + per_layer + 2
     }
 
     /// Run one step for `token` at the current position.
@@ -464,11 +583,6 @@ impl CudaQwen3Moe {
         Ok(())
     }
 
-    /// Kernel launches in one decode step (counted from the step's structure).
-    pub fn launches_per_token(&self) -> usize {
-        let per_layer: usize = self.layers.iter().map(|l| 14 + match l.ff { DevFeedForward::Sparse { .. } => 7, DevFeedForward::Dense(_) => 4 } + 1).sum();
-        1 + per_layer + 3
-    }
 }
 
 impl Decoder for CudaQwen3Moe {
@@ -486,6 +600,18 @@ impl Decoder for CudaQwen3Moe {
 
     fn reset(&mut self) {
         self.len = 0;
+    }
+
+    fn patch(&mut self, patterns: &[Pattern]) -> Result<PatchReport> {
+        Ok(CudaQwen3Moe::patch(self, patterns))
+    }
+
+    fn backend(&self) -> Backend {
+        Backend::Cuda
+    }
+
+    fn launches_per_token(&self) -> Option<usize> {
+        Some(CudaQwen3Moe::launches_per_token(self))
     }
 
     fn vocab_size(&self) -> usize {

@@ -7,6 +7,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use zmlx_core::{ops, DType};
 
 use crate::error::{ModelError, Result};
+use crate::patch::{Backend, PatchReport, Pattern};
 
 /// Turns tokens into next-token logits, keeping its own KV cache (a CPU model, a CUDA engine…).
 pub trait Decoder {
@@ -20,6 +21,14 @@ pub trait Decoder {
         Ok(ops::argmax(&logprobs(&logits, self.dtype())) as u32)
     }
     fn reset(&mut self);
+    /// Switch blocks to the fused variants of these elementary patterns (an empty list
+    /// restores the reference path); the cache is reset.
+    fn patch(&mut self, patterns: &[Pattern]) -> Result<PatchReport>;
+    fn backend(&self) -> Backend;
+    /// Kernel launches per decode step, where the backend launches kernels.
+    fn launches_per_token(&self) -> Option<usize> {
+        None
+    }
     fn vocab_size(&self) -> usize;
     fn dtype(&self) -> DType;
     /// Bytes of memory at the peak (device memory on a GPU, resident set on the CPU).

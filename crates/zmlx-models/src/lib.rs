@@ -9,6 +9,7 @@ pub mod error;
 pub mod generate;
 pub mod hub;
 pub mod nn;
+pub mod patch;
 pub mod tokenizer;
 pub mod models {
     pub mod qwen3_moe;
@@ -140,6 +141,18 @@ impl Decoder for CpuSession {
 
     fn reset(&mut self) {
         self.cache = self.model().new_cache();
+    }
+
+    fn patch(&mut self, patterns: &[patch::Pattern]) -> Result<patch::PatchReport> {
+        let arch = Arc::get_mut(&mut self.arch).ok_or_else(|| ModelError::invalid("cannot patch a model shared by several sessions"))?;
+        let Architecture::Qwen3Moe(m) = arch;
+        let report = m.patch(patterns);
+        self.reset();
+        Ok(report)
+    }
+
+    fn backend(&self) -> patch::Backend {
+        patch::Backend::Cpu
     }
 
     fn vocab_size(&self) -> usize {

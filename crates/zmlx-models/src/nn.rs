@@ -37,6 +37,21 @@ impl Linear {
         }
     }
 
+    /// Output `row` for one input vector: the value `forward` computes for it
+    /// (`buf`: `in_dims` scratch).
+    pub fn dot_row(&self, row: usize, x: &[f32], buf: &mut [f32], dtype: DType) -> f32 {
+        match self {
+            Linear::Dense { weight, in_dims, .. } => {
+                let mut acc = 0.0f32;
+                for (a, b) in x.iter().zip(&weight[row * in_dims..(row + 1) * in_dims]) {
+                    acc += a * b;
+                }
+                dtype.round(acc)
+            }
+            Linear::Quantized(q) => q.dot_row(row, x, buf),
+        }
+    }
+
     pub fn quant_spec(&self) -> Option<QuantSpec> {
         match self {
             Linear::Dense { .. } => None,
@@ -91,6 +106,19 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn forward(&self, x: &[f32], dtype: DType) -> Vec<f32> {
         ops::rms_norm(x, &self.weight, self.eps, dtype)
+    }
+
+    /// `add_rms_norm` patch: `h = x + delta` and `norm(h)` in one pass per row.
+    pub fn add_forward(&self, x: &[f32], delta: &[f32], dtype: DType) -> (Vec<f32>, Vec<f32>) {
+        let d = self.weight.len();
+        let mut h = Vec::with_capacity(x.len());
+        let mut normed = Vec::with_capacity(x.len());
+        for (xr, dr) in x.chunks_exact(d).zip(delta.chunks_exact(d)) {
+            let hr: Vec<f32> = xr.iter().zip(dr).map(|(a, b)| dtype.round(a + b)).collect();
+            normed.extend(ops::rms_norm(&hr, &self.weight, self.eps, dtype));
+            h.extend(hr);
+        }
+        (h, normed)
     }
 }
 
@@ -176,13 +204,33 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// `swiglu_mlp` patch: gate, up and swiglu in one pass over the rows.
+    pub fused: bool,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &[f32], dtype: DType) -> Vec<f32> {
-        let g = self.gate_proj.forward(x, dtype);
-        let u = self.up_proj.forward(x, dtype);
-        self.down_proj.forward(&swiglu(&g, &u, dtype), dtype)
+        let act = if self.fused {
+            let d = self.gate_proj.in_dims();
+            x.chunks_exact(d).flat_map(|row| self.gate_up_swiglu(row, dtype)).collect()
+        } else {
+            let g = self.gate_proj.forward(x, dtype);
+            let u = self.up_proj.forward(x, dtype);
+            swiglu(&g, &u, dtype)
+        };
+        self.down_proj.forward(&act, dtype)
+    }
+
+    /// `swiglu(gate(x), up(x))` for one row, each output from one pass over both weight rows.
+    pub fn gate_up_swiglu(&self, x: &[f32], dtype: DType) -> Vec<f32> {
+        let mut buf = vec![0.0; x.len()];
+        (0..self.gate_proj.out_dims())
+            .map(|n| {
+                let g = self.gate_proj.dot_row(n, x, &mut buf, dtype);
+                let u = self.up_proj.dot_row(n, x, &mut buf, dtype);
+                mlx_math::swiglu(dtype, g, u)
+            })
+            .collect()
     }
 }
 
@@ -303,7 +351,7 @@ impl<'a> Loader<'a> {
             .into_iter()
             .zip(up)
             .zip(down)
-            .map(|((gate_proj, up_proj), down_proj)| Mlp { gate_proj, up_proj, down_proj })
+            .map(|((gate_proj, up_proj), down_proj)| Mlp { gate_proj, up_proj, down_proj, fused: false })
             .collect();
         Ok(SwitchGlu { experts })
     }
@@ -313,6 +361,7 @@ impl<'a> Loader<'a> {
             gate_proj: self.linear(&format!("{module}.gate_proj"), hidden, dims)?,
             up_proj: self.linear(&format!("{module}.up_proj"), hidden, dims)?,
             down_proj: self.linear(&format!("{module}.down_proj"), dims, hidden)?,
+            fused: false,
         })
     }
 

@@ -7,6 +7,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::nn::{self, Embedding, KvCache, Linear, Loader, Mlp, RmsNorm, Rope, SwitchGlu};
+use crate::patch::{MoeVariant, PatchReport, Pattern};
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct ModelArgs {
@@ -98,6 +99,8 @@ pub struct SparseMoeBlock {
     pub switch_mlp: SwitchGlu,
     pub top_k: usize,
     pub norm_topk_prob: bool,
+    /// The fused variants `patch` chose (all off: mlx-lm's op sequence).
+    pub variant: MoeVariant,
 }
 
 impl SparseMoeBlock {
@@ -121,11 +124,31 @@ impl SparseMoeBlock {
         let mut out = Vec::with_capacity(x.len());
         for row in x.chunks_exact(dims) {
             let (inds, scores) = self.route(row, dtype);
-            let ys = self.switch_mlp.forward(row, &inds, dtype);
-            // (y * scores[..., None]).sum(axis=-2): products, then an in-order sum in the dtype.
-            out.extend((0..dims).map(|c| ops::sum_in_dtype(ys.iter().zip(&scores).map(|(y, &s)| dtype.round(y[c] * s)), dtype)));
+            let experts: Vec<&Mlp> = inds.iter().map(|&e| &self.switch_mlp.experts[e as usize]).collect();
+            if self.variant.fused_combine {
+                // gather_qmm_combine: each output row's k down-projections and their weighted sum together.
+                let acts: Vec<Vec<f32>> = experts.iter().map(|m| self.expert_act(m, row, dtype)).collect();
+                let mut buf = vec![0.0; acts[0].len()];
+                out.extend((0..dims).map(|c| {
+                    let terms = experts.iter().zip(&acts).zip(&scores).map(|((m, a), &s)| dtype.round(m.down_proj.dot_row(c, a, &mut buf, dtype) * s));
+                    ops::sum_in_dtype(terms.collect::<Vec<_>>(), dtype)
+                }));
+            } else {
+                let ys: Vec<Vec<f32>> = experts.iter().map(|m| m.down_proj.forward(&self.expert_act(m, row, dtype), dtype)).collect();
+                // (y * scores[..., None]).sum(axis=-2): products rounded, then the dtype sum.
+                out.extend((0..dims).map(|c| ops::sum_in_dtype(ys.iter().zip(&scores).map(|(y, &s)| dtype.round(y[c] * s)), dtype)));
+            }
         }
         out
+    }
+
+    /// `swiglu(gate(x), up(x))` of one expert (`gather_qmm_swiglu` when patched).
+    fn expert_act(&self, m: &Mlp, x: &[f32], dtype: DType) -> Vec<f32> {
+        if self.variant.fused_swiglu {
+            m.gate_up_swiglu(x, dtype)
+        } else {
+            nn::swiglu(&m.gate_proj.forward(x, dtype), &m.up_proj.forward(x, dtype), dtype)
+        }
     }
 }
 
@@ -139,13 +162,20 @@ pub struct DecoderLayer {
     pub mlp: FeedForward,
     pub input_layernorm: RmsNorm,
     pub post_attention_layernorm: RmsNorm,
+    /// `add_rms_norm` patch: the residual add and post-attention norm in one pass.
+    pub fused_add_norm: bool,
 }
 
 impl DecoderLayer {
     pub fn forward(&self, x: &[f32], l: usize, cache: &mut KvCache, dtype: DType) -> Vec<f32> {
         let r = self.self_attn.forward(&self.input_layernorm.forward(x, dtype), l, cache, dtype);
-        let h = nn::add(x, &r, dtype);
-        let normed = self.post_attention_layernorm.forward(&h, dtype);
+        let (h, normed) = if self.fused_add_norm {
+            self.post_attention_layernorm.add_forward(x, &r, dtype)
+        } else {
+            let h = nn::add(x, &r, dtype);
+            let normed = self.post_attention_layernorm.forward(&h, dtype);
+            (h, normed)
+        };
         let r = match &self.mlp {
             FeedForward::Sparse(moe) => moe.forward(&normed, dtype),
             FeedForward::Dense(mlp) => mlp.forward(&normed, dtype),
@@ -194,6 +224,7 @@ impl Model {
                     switch_mlp: ld.switch_glu(&format!("{p}.mlp.switch_mlp"), args.num_experts, args.moe_intermediate_size, dims)?,
                     top_k: args.num_experts_per_tok,
                     norm_topk_prob: args.norm_topk_prob,
+                    variant: MoeVariant::default(),
                 })
             } else {
                 FeedForward::Dense(ld.mlp(&format!("{p}.mlp"), args.intermediate_size, dims)?)
@@ -203,6 +234,7 @@ impl Model {
                 mlp,
                 input_layernorm: ld.rms_norm(&format!("{p}.input_layernorm"), dims, eps)?,
                 post_attention_layernorm: ld.rms_norm(&format!("{p}.post_attention_layernorm"), dims, eps)?,
+                fused_add_norm: false,
             });
         }
         let lm_head = if args.tie_word_embeddings { None } else { Some(ld.linear("lm_head", args.vocab_size, dims)?) };
@@ -214,6 +246,32 @@ impl Model {
             dtype,
             args,
         })
+    }
+
+    /// Switch blocks to the fused variants of `patterns` (elementary patterns, see
+    /// `patch::plan`). Every CPU variant computes the same op sequence in fewer passes.
+    pub fn patch(&mut self, patterns: &[Pattern]) -> PatchReport {
+        let mut report = PatchReport::default();
+        let on = |p: Pattern| patterns.contains(&p);
+        for layer in &mut self.layers {
+            match &mut layer.mlp {
+                FeedForward::Sparse(moe) => {
+                    moe.variant = MoeVariant { fused_gating: false, fused_swiglu: on(Pattern::GatherQmmSwiglu), fused_combine: on(Pattern::GatherQmmCombine) };
+                    moe.variant.report(&mut report);
+                }
+                FeedForward::Dense(mlp) => {
+                    mlp.fused = on(Pattern::SwigluMlp);
+                    if mlp.fused {
+                        report.add("swiglu_mlp");
+                    }
+                }
+            }
+            layer.fused_add_norm = on(Pattern::AddRmsNorm);
+            if layer.fused_add_norm {
+                report.add("add_rms_norm");
+            }
+        }
+        report
     }
 
     pub fn new_cache(&self) -> Vec<KvCache> {

@@ -1,0 +1,170 @@
+//! `zmlx validate`: greedy decode unpatched vs patched on the same backend (or against the
+//! CPU reference with `--reference cpu`): identical tokens x/N, median tok/s, speedup.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use zmlx_models::{generate, patch, Decoder, ModelFolder, SamplingOptions};
+
+use super::engine::{self, EngineArgs, PatchArgs};
+use super::{parse_token_list, Device};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub patch: PatchArgs,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Timed runs of each side (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Prompt text (chat template applied); default: a fixed prompt, or random ids without a tokenizer.
+    #[arg(long, conflicts_with = "prompt_tokens")]
+    pub prompt: Option<String>,
+    #[arg(long)]
+    pub prompt_tokens: Option<String>,
+    /// Compare against the unpatched CPU reference instead of unpatched on the same device.
+    #[arg(long, value_parser = ["cpu"])]
+    pub reference: Option<String>,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub const DEFAULT_PROMPT: &str = "Explain how a mixture-of-experts language model decodes one token, step by step.";
+
+/// The prompt ids for a model: given ids, given text, the default text, or fixed random ids.
+pub fn prompt_ids(folder: &ModelFolder, text: Option<&str>, ids: Option<&str>, random_len: usize) -> Result<Vec<u32>> {
+    if let Some(ids) = ids {
+        return parse_token_list(ids);
+    }
+    match (&folder.tokenizer, text) {
+        (Some(tok), t) => Ok(tok.encode_prompt(t.unwrap_or(DEFAULT_PROMPT), true)?),
+        (None, Some(_)) => bail!("{}: no tokenizer.json, so --prompt cannot be used; give --prompt-tokens", folder.path.display()),
+        (None, None) => {
+            let vocab = folder.config.raw.get("vocab_size").and_then(|v| v.as_u64()).context("config.json: missing vocab_size")?;
+            let mut s = 0x2545_F491_4F6C_DD1Du64;
+            Ok((0..random_len)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s % vocab) as u32
+                })
+                .collect())
+        }
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    if xs.is_empty() { 0.0 } else { xs[xs.len() / 2] }
+}
+
+/// Greedy decode `runs` times; returns the tokens of the first run and the tok/s of each.
+fn decode(d: &mut dyn Decoder, prompt: &[u32], max_tokens: usize, runs: usize, eos: &[u32]) -> Result<(Vec<u32>, Vec<f64>, bool)> {
+    let mut first = None;
+    let mut tps = Vec::new();
+    let mut stable = true;
+    // One warm-up run (kernel loading, graph capture).
+    d.reset();
+    generate(d, prompt, max_tokens.min(4), SamplingOptions::default(), eos, |_| {})?;
+    for _ in 0..runs.max(1) {
+        d.reset();
+        let (tokens, stats) = generate(d, prompt, max_tokens, SamplingOptions::default(), eos, |_| {})?;
+        tps.push(stats.generation_tps);
+        match &first {
+            None => first = Some(tokens),
+            Some(f) => stable &= *f == tokens,
+        }
+    }
+    Ok((first.unwrap_or_default(), tps, stable))
+}
+
+fn logits_rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum();
+    let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let opts = args.patch.options()?;
+    let mut folder = ModelFolder::open(&args.engine.model)?;
+    let prompt = prompt_ids(&folder, args.prompt.as_deref(), args.prompt_tokens.as_deref(), 16)?;
+    let eos = folder.eos_token_ids();
+    let tokenizer = folder.tokenizer.take();
+    let max_len = prompt.len() + args.max_tokens + 8;
+    let mut eng = engine::open(folder, &args.engine, max_len)?;
+
+    // Baseline: the unpatched path on this device, or the CPU reference.
+    let (base_tokens, base_tps, base_logits, base_launches, base_name) = if args.reference.is_some() {
+        let mut cpu_args = args.engine.clone();
+        cpu_args.device = Device::Cpu;
+        let mut cpu = engine::open(ModelFolder::open(&args.engine.model)?, &cpu_args, max_len)?;
+        cpu.decoder.patch(&[])?;
+        let (t, tps, _) = decode(cpu.decoder.as_mut(), &prompt, args.max_tokens, args.runs, &eos)?;
+        cpu.decoder.reset();
+        let logits = cpu.decoder.forward(&prompt)?;
+        (t, tps, Some(logits), None, "cpu reference".to_string())
+    } else {
+        eng.decoder.patch(&[])?;
+        let (t, tps, _) = decode(eng.decoder.as_mut(), &prompt, args.max_tokens, args.runs, &eos)?;
+        (t, tps, None, eng.decoder.launches_per_token(), format!("unpatched {}", eng.device_name))
+    };
+
+    let report = if args.reference.is_some() && opts.no_patch {
+        eng.decoder.patch(&[])?
+    } else {
+        engine::apply_patches(&mut eng, &opts)?
+    };
+    let (tokens, tps, stable) = decode(eng.decoder.as_mut(), &prompt, args.max_tokens, args.runs, &eos)?;
+    let logits_err = match &base_logits {
+        Some(b) => {
+            eng.decoder.reset();
+            Some(logits_rel_err(b, &eng.decoder.forward(&prompt)?))
+        }
+        None => None,
+    };
+    let identical = base_tokens.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+    let total = base_tokens.len().max(tokens.len());
+    let (b, p) = (median(base_tps), median(tps));
+    let speedup = if b > 0.0 { p / b } else { 0.0 };
+    let ok = identical == total && stable;
+    let patterns = report.patterns();
+
+    println!("{report}");
+    println!("model: {} · device: {} · baseline: {base_name}", args.engine.model, eng.device_name);
+    println!("prompt: {} tokens · decode: {} tokens × {} runs", prompt.len(), args.max_tokens, args.runs);
+    println!("fidelity: {identical}/{total} identical tokens{}", if stable { "" } else { " (patched runs disagree with each other!)" });
+    if let Some(e) = logits_err {
+        println!("logits vs cpu: relative error {e:.2e}");
+    }
+    if let Some(t) = &tokenizer {
+        if identical < total {
+            println!("baseline: {:?}\npatched:  {:?}", t.decode(&base_tokens), t.decode(&tokens));
+        }
+    }
+    println!("baseline {b:.1} tok/s · patched {p:.1} tok/s · speedup {speedup:.2}x");
+    if let (Some(lb), Some(lp)) = (base_launches, eng.decoder.launches_per_token()) {
+        println!("launches per token: {lb} → {lp}");
+    }
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "fidelity": {"identical": identical, "total": total, "stable": stable},
+                "baseline_tps": b, "patched_tps": p, "speedup": speedup,
+                "patched_modules": report.total(), "patterns": patterns, "report": report.to_string(),
+                "device": eng.device_name, "baseline": base_name,
+                "launches_per_token": {"baseline": base_launches, "patched": eng.decoder.launches_per_token()},
+                "logits_rel_err": logits_err,
+                "baseline_tokens": base_tokens, "patched_tokens": tokens,
+            })
+        );
+    }
+    let _ = patch::ALL_PATTERNS;
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
