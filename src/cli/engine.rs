@@ -1,8 +1,8 @@
 //! Opening a decoder for a command: CPU reference or CUDA, real or dummy weights.
 
 use anyhow::{bail, Result};
-use zmlx_models::patch::{self, PatchOptions, PatchReport};
-use zmlx_models::{Decoder, ModelFolder};
+use zmlx_models::patch::{self, PatchOptions, PatchReport, Pattern};
+use zmlx_models::{generate, Decoder, ModelFolder, SamplingOptions};
 
 use super::Device;
 
@@ -44,6 +44,10 @@ pub struct PatchArgs {
     /// Run mlx-lm's op sequence, unpatched.
     #[arg(long)]
     pub no_patch: bool,
+    /// smart_patch: time each candidate pattern on a sample decode and keep only those that
+    /// are faster (by more than 2%) and token-identical.
+    #[arg(long)]
+    pub smart: bool,
 }
 
 impl PatchArgs {
@@ -57,6 +61,55 @@ pub fn apply_patches(engine: &mut Engine, opts: &PatchOptions) -> Result<PatchRe
     let backend = engine.decoder.backend();
     let patterns = patch::plan(&engine.model_type, backend, opts);
     Ok(engine.decoder.patch(&patterns)?)
+}
+
+/// One row of the `--smart` table.
+pub struct SmartRow {
+    pub pattern: Pattern,
+    pub tps: f64,
+    pub speedup: f64,
+    pub identical: bool,
+    pub kept: bool,
+}
+
+/// `smart_patch`: time the unpatched path and each candidate pattern alone on a sample
+/// decode; keep the patterns that are faster by more than `min_gain` and token-identical.
+/// Leaves the engine patched with the kept set.
+pub fn smart_patch(engine: &mut Engine, opts: &PatchOptions, prompt: &[u32], tokens: usize, runs: usize, min_gain: f64) -> Result<(Vec<Pattern>, Vec<SmartRow>, f64)> {
+    let candidates = patch::plan(&engine.model_type, engine.decoder.backend(), opts);
+    let sample = |d: &mut dyn Decoder, patterns: &[Pattern]| -> Result<(Vec<u32>, f64)> {
+        d.patch(patterns)?;
+        generate(d, prompt, 4.min(tokens), SamplingOptions::default(), &[], |_| {})?; // warm-up, capture
+        let mut tps = Vec::new();
+        let mut first = None;
+        for _ in 0..runs.max(1) {
+            d.reset();
+            let (t, st) = generate(d, prompt, tokens, SamplingOptions::default(), &[], |_| {})?;
+            tps.push(st.generation_tps);
+            first.get_or_insert(t);
+        }
+        tps.sort_by(f64::total_cmp);
+        Ok((first.unwrap_or_default(), tps[tps.len() / 2]))
+    };
+    let (base_tokens, base_tps) = sample(engine.decoder.as_mut(), &[])?;
+    let mut rows = Vec::new();
+    for p in candidates {
+        let (t, tps) = sample(engine.decoder.as_mut(), &[p])?;
+        let speedup = tps / base_tps.max(1e-9);
+        let identical = t == base_tokens;
+        rows.push(SmartRow { pattern: p, tps, speedup, identical, kept: identical && speedup > 1.0 + min_gain });
+    }
+    let kept: Vec<Pattern> = rows.iter().filter(|r| r.kept).map(|r| r.pattern).collect();
+    engine.decoder.patch(&kept)?;
+    Ok((kept, rows, base_tps))
+}
+
+pub fn print_smart_table(rows: &[SmartRow], base_tps: f64) {
+    eprintln!("smart_patch: baseline {base_tps:.1} tok/s");
+    eprintln!("{:<20} {:>10} {:>8} {:>10} {:>5}", "pattern", "tok/s", "speedup", "identical", "kept");
+    for r in rows {
+        eprintln!("{:<20} {:>10.1} {:>7.3}x {:>10} {:>5}", r.pattern.name(), r.tps, r.speedup, r.identical, if r.kept { "yes" } else { "no" });
+    }
 }
 
 pub struct Engine {

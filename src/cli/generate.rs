@@ -60,7 +60,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let sampling = SamplingOptions { temp: args.temp, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
     let tokenizer = model.tokenizer.take();
     let mut engine = engine::open(model, &args.engine, prompt.len() + args.max_tokens)?;
-    let report = engine::apply_patches(&mut engine, &args.patch.options()?)?;
+    let opts = args.patch.options()?;
+    let report = if args.patch.smart {
+        let (kept, rows, base) = engine::smart_patch(&mut engine, &opts, &prompt, 32, 3, 0.02)?;
+        engine::print_smart_table(&rows, base);
+        engine.decoder.patch(&kept)?
+    } else {
+        engine::apply_patches(&mut engine, &opts)?
+    };
     eprintln!("{report}");
     let tokenizer = tokenizer.as_ref();
     let mut generated = Vec::new();

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use zmlx_models::{generate, patch, Decoder, ModelFolder, SamplingOptions};
+use zmlx_models::{generate, Decoder, ModelFolder, SamplingOptions};
 
 use super::engine::{self, EngineArgs, PatchArgs};
 use super::{parse_token_list, Device};
@@ -117,6 +117,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
     let report = if args.reference.is_some() && opts.no_patch {
         eng.decoder.patch(&[])?
+    } else if args.patch.smart {
+        let (kept, rows, base) = engine::smart_patch(&mut eng, &opts, &prompt, 32.min(args.max_tokens), 3, 0.02)?;
+        engine::print_smart_table(&rows, base);
+        eng.decoder.patch(&kept)?
     } else {
         engine::apply_patches(&mut eng, &opts)?
     };
@@ -165,6 +169,5 @@ pub fn run(args: Args) -> Result<ExitCode> {
             })
         );
     }
-    let _ = patch::ALL_PATTERNS;
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

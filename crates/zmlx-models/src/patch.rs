@@ -147,11 +147,13 @@ pub fn plan(model_type: &str, backend: Backend, opts: &PatchOptions) -> Vec<Patt
     if opts.no_patch {
         return vec![];
     }
-    let chosen: Vec<Pattern> = match &opts.patterns {
-        Some(list) => list.clone(),
-        None => preset(model_type, backend).into_iter().filter(|e| e.on).map(|e| e.pattern).collect(),
+    let entries = preset(model_type, backend);
+    let (chosen, mut excluded): (Vec<Pattern>, Vec<Pattern>) = match &opts.patterns {
+        Some(list) => (list.clone(), vec![]),
+        // A composite in the preset does not switch on its parts that the preset keeps off.
+        None => (entries.iter().filter(|e| e.on).map(|e| e.pattern).collect(), entries.iter().filter(|e| !e.on).map(|e| e.pattern).collect()),
     };
-    let excluded: Vec<Pattern> = opts.exclude.iter().flat_map(|p| p.expand()).collect();
+    excluded.extend(opts.exclude.iter().flat_map(|p| p.expand()));
     let mut out: Vec<Pattern> = chosen.into_iter().flat_map(|p| p.expand()).filter(|p| !excluded.contains(p)).collect();
     out.sort();
     out.dedup();
