@@ -614,6 +614,10 @@ impl Decoder for CudaQwen3Moe {
         Some(CudaQwen3Moe::launches_per_token(self))
     }
 
+    fn last_routing(&self) -> Result<Option<Vec<(Vec<u32>, Vec<f32>)>>> {
+        CudaQwen3Moe::last_routing(self).map(Some)
+    }
+
     fn vocab_size(&self) -> usize {
         self.vocab
     }

@@ -25,6 +25,11 @@ pub trait Decoder {
     /// restores the reference path); the cache is reset.
     fn patch(&mut self, patterns: &[Pattern]) -> Result<PatchReport>;
     fn backend(&self) -> Backend;
+    /// Each layer's routing in the last step (expert ids, weights; empty for dense layers),
+    /// where the backend records it.
+    fn last_routing(&self) -> Result<Option<Vec<(Vec<u32>, Vec<f32>)>>> {
+        Ok(None)
+    }
     /// Kernel launches per decode step, where the backend launches kernels.
     fn launches_per_token(&self) -> Option<usize> {
         None
