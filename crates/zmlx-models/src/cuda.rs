@@ -34,11 +34,59 @@ pub fn from_device_bytes(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     zmlx_core::dtype::floats_from_le_bytes(dtype, bytes).unwrap_or_default()
 }
 
+/// A linear layer (or stacked experts) on the device: MLX-quantized or plain float.
+#[derive(Clone, Copy, Debug)]
+pub enum DevLinear {
+    Quant(QuantWeight),
+    Dense { w: u64, n: usize, k: usize, n_experts: usize },
+}
+
+impl DevLinear {
+    pub fn n(&self) -> usize {
+        match self {
+            DevLinear::Quant(q) => q.n,
+            DevLinear::Dense { n, .. } => *n,
+        }
+    }
+
+    fn quant(&self) -> Option<&QuantWeight> {
+        match self {
+            DevLinear::Quant(q) => Some(q),
+            DevLinear::Dense { .. } => None,
+        }
+    }
+
+    /// y = W·x.
+    fn mv(&self, dev: &CudaDevice, dt: DType, x: u64, y: u64) -> zmlx_cuda::Result<()> {
+        match self {
+            DevLinear::Quant(q) => ops::qmv(dev, dt, q, x, y),
+            DevLinear::Dense { w, n, k, .. } => ops::mv_dense(dev, dt, *w, *n, *k, x, y),
+        }
+    }
+
+    /// y[i] = W[ids[i]]·x_i for the k selected experts.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_mv(&self, dev: &CudaDevice, dt: DType, ids: u64, k: usize, x: u64, x_per_slot: bool, y: u64) -> zmlx_cuda::Result<()> {
+        match self {
+            DevLinear::Quant(q) => ops::gather_qmv(dev, dt, q, ids, k, x, x_per_slot, y),
+            DevLinear::Dense { w, n, k: cols, .. } => ops::gather_mv_dense(dev, dt, *w, *n, *cols, ids, k, x, x_per_slot, y),
+        }
+    }
+
+    /// Row `*id_ptr` of an embedding table.
+    fn embed(&self, dev: &CudaDevice, dt: DType, id_ptr: u64, out: u64) -> zmlx_cuda::Result<()> {
+        match self {
+            DevLinear::Quant(q) => ops::embed(dev, dt, q, id_ptr, out),
+            DevLinear::Dense { w, k, .. } => ops::embed_dense(dev, dt, *w, *k, id_ptr, out),
+        }
+    }
+}
+
 /// Where the engine's weights come from: a checkpoint on disk, or random values drawn on
 /// the device in the checkpoint's format (`--dummy-weights`).
 pub trait WeightSource {
-    /// A quantized linear, or experts stacked `[E, N, K]`: `rows_shape` is `[N]` or `[E, N]`.
-    fn quantized(&mut self, module: &str, rows_shape: &[usize], cols: usize) -> Result<QuantWeight>;
+    /// A linear, or experts stacked `[E, N, K]`: `rows_shape` is `[N]` or `[E, N]`.
+    fn linear(&mut self, module: &str, rows_shape: &[usize], cols: usize) -> Result<DevLinear>;
     /// A float vector (norm weight) in the compute dtype.
     fn vector(&mut self, module: &str, len: usize) -> Result<u64>;
     fn dtype(&self) -> DType;
@@ -82,12 +130,19 @@ impl<'a> CheckpointSource<'a> {
 }
 
 impl WeightSource for CheckpointSource<'_> {
-    fn quantized(&mut self, module: &str, rows_shape: &[usize], cols: usize) -> Result<QuantWeight> {
+    fn linear(&mut self, module: &str, rows_shape: &[usize], cols: usize) -> Result<DevLinear> {
         let Some(t) = quantized_tensors(self.ckpt, self.quant, module, rows_shape, cols)? else {
-            return Err(ModelError::invalid(format!("`{module}` is unquantized: the CUDA backend runs MLX affine-quantized linears only for now")));
+            let w = self.ckpt.get(&format!("{module}.weight"))?;
+            w.expect_shape(&[rows_shape, &[cols]].concat())?;
+            return Ok(DevLinear::Dense {
+                w: self.floats(&w)?,
+                n: *rows_shape.last().unwrap(),
+                k: cols,
+                n_experts: rows_shape[..rows_shape.len() - 1].iter().product(),
+            });
         };
         let w = self.upload(t.weight.bytes)?;
-        Ok(QuantWeight {
+        Ok(DevLinear::Quant(QuantWeight {
             w,
             scales: self.floats(&t.scales)?,
             biases: self.floats(&t.biases)?,
@@ -96,7 +151,7 @@ impl WeightSource for CheckpointSource<'_> {
             bits: t.spec.bits,
             group_size: t.spec.group_size as u32,
             n_experts: rows_shape[..rows_shape.len() - 1].iter().product(),
-        })
+        }))
     }
 
     fn vector(&mut self, module: &str, len: usize) -> Result<u64> {
@@ -149,7 +204,7 @@ impl<'a> DummySource<'a> {
 }
 
 impl WeightSource for DummySource<'_> {
-    fn quantized(&mut self, module: &str, rows_shape: &[usize], cols: usize) -> Result<QuantWeight> {
+    fn linear(&mut self, module: &str, rows_shape: &[usize], cols: usize) -> Result<DevLinear> {
         let spec = self
             .quant
             .spec_for(module)
@@ -171,7 +226,7 @@ impl WeightSource for DummySource<'_> {
         ops::fill_random_u32(dev, w, words, seed_w).map_err(cuda_err)?;
         ops::fill_random_uniform(dev, self.dtype, scales, groups, seed_s, 0.5 * s0, 1.5 * s0).map_err(cuda_err)?;
         ops::affine(dev, self.dtype, scales, biases, groups, -(levels - 1.0) / 2.0, 0.0).map_err(cuda_err)?;
-        Ok(QuantWeight {
+        Ok(DevLinear::Quant(QuantWeight {
             w,
             scales,
             biases,
@@ -180,7 +235,7 @@ impl WeightSource for DummySource<'_> {
             bits: spec.bits,
             group_size: spec.group_size as u32,
             n_experts: rows_shape[..rows_shape.len() - 1].iter().product(),
-        })
+        }))
     }
 
     fn vector(&mut self, _module: &str, len: usize) -> Result<u64> {
@@ -204,13 +259,19 @@ impl WeightSource for DummySource<'_> {
 }
 
 struct DevMlp {
-    gate: QuantWeight,
-    up: QuantWeight,
-    down: QuantWeight,
+    gate: DevLinear,
+    up: DevLinear,
+    down: DevLinear,
+}
+
+impl DevMlp {
+    fn all_quantized(&self) -> bool {
+        self.gate.quant().is_some() && self.up.quant().is_some() && self.down.quant().is_some()
+    }
 }
 
 enum DevFeedForward {
-    Sparse { router: QuantWeight, experts: DevMlp, top_k: usize, renorm: bool },
+    Sparse { router: DevLinear, experts: DevMlp, top_k: usize, renorm: bool },
     Dense(DevMlp),
 }
 
@@ -219,10 +280,10 @@ struct DevLayer {
     moe: MoeVariant,
     fused_swiglu_mlp: bool,
     fused_add_norm: bool,
-    q: QuantWeight,
-    k: QuantWeight,
-    v: QuantWeight,
-    o: QuantWeight,
+    q: DevLinear,
+    k: DevLinear,
+    v: DevLinear,
+    o: DevLinear,
     q_norm: u64,
     k_norm: u64,
     in_norm: u64,
@@ -238,6 +299,8 @@ struct Scratch {
     zero_id: u64,
     /// logprobs_argmax workspace (zeroed once; the kernel leaves it zeroed).
     argmax_ws: u64,
+    /// moe_gating's workspace (its last-block counter is reset by the kernel).
+    gating_ws: u64,
     token: u64,
     pos: u64,
     x: u64,
@@ -270,8 +333,8 @@ pub struct CudaQwen3Moe {
     attn: AttnShape,
     scale: f32,
     top_k: usize,
-    embed: QuantWeight,
-    lm_head: QuantWeight,
+    embed: DevLinear,
+    lm_head: DevLinear,
     final_norm: u64,
     layers: Vec<DevLayer>,
     s: Scratch,
@@ -293,8 +356,8 @@ impl CudaQwen3Moe {
         let a = args;
         let dtype = src.dtype();
         let (d, hd) = (a.hidden_size, a.head_dim());
-        let embed = src.quantized("model.embed_tokens", &[a.vocab_size], d)?;
-        let lm_head = if a.tie_word_embeddings { embed } else { src.quantized("lm_head", &[a.vocab_size], d)? };
+        let embed = src.linear("model.embed_tokens", &[a.vocab_size], d)?;
+        let lm_head = if a.tie_word_embeddings { embed } else { src.linear("lm_head", &[a.vocab_size], d)? };
         let max_len = max_len.clamp(1, a.max_position_embeddings);
         let attn = AttnShape { n_heads: a.num_attention_heads, n_kv_heads: a.num_key_value_heads, head_dim: hd, max_len };
         let cache_bytes = a.num_key_value_heads * max_len * hd * dtype.size_bytes();
@@ -305,14 +368,14 @@ impl CudaQwen3Moe {
             let mut mlp = |src: &mut Box<dyn WeightSource + '_>, m: &str, rows: &[usize], inter: usize| -> Result<DevMlp> {
                 let with = |n: usize| [&rows[..], &[n]].concat();
                 Ok(DevMlp {
-                    gate: src.quantized(&format!("{m}.gate_proj"), &with(inter), d)?,
-                    up: src.quantized(&format!("{m}.up_proj"), &with(inter), d)?,
-                    down: src.quantized(&format!("{m}.down_proj"), &with(d), inter)?,
+                    gate: src.linear(&format!("{m}.gate_proj"), &with(inter), d)?,
+                    up: src.linear(&format!("{m}.up_proj"), &with(inter), d)?,
+                    down: src.linear(&format!("{m}.down_proj"), &with(d), inter)?,
                 })
             };
             let ff = if a.is_sparse_layer(i) {
                 DevFeedForward::Sparse {
-                    router: src.quantized(&format!("{p}.mlp.gate"), &[a.num_experts], d)?,
+                    router: src.linear(&format!("{p}.mlp.gate"), &[a.num_experts], d)?,
                     experts: mlp(&mut src, &format!("{p}.mlp.switch_mlp"), &[a.num_experts], a.moe_intermediate_size)?,
                     top_k: a.num_experts_per_tok,
                     renorm: a.norm_topk_prob,
@@ -327,10 +390,10 @@ impl CudaQwen3Moe {
                 moe: MoeVariant::default(),
                 fused_swiglu_mlp: false,
                 fused_add_norm: false,
-                q: src.quantized(&format!("{sa}.q_proj"), &[a.num_attention_heads * hd], d)?,
-                k: src.quantized(&format!("{sa}.k_proj"), &[a.num_key_value_heads * hd], d)?,
-                v: src.quantized(&format!("{sa}.v_proj"), &[a.num_key_value_heads * hd], d)?,
-                o: src.quantized(&format!("{sa}.o_proj"), &[d], a.num_attention_heads * hd)?,
+                q: src.linear(&format!("{sa}.q_proj"), &[a.num_attention_heads * hd], d)?,
+                k: src.linear(&format!("{sa}.k_proj"), &[a.num_key_value_heads * hd], d)?,
+                v: src.linear(&format!("{sa}.v_proj"), &[a.num_key_value_heads * hd], d)?,
+                o: src.linear(&format!("{sa}.o_proj"), &[d], a.num_attention_heads * hd)?,
                 q_norm: src.vector(&format!("{sa}.q_norm"), hd)?,
                 k_norm: src.vector(&format!("{sa}.k_norm"), hd)?,
                 in_norm: src.vector(&format!("{p}.input_layernorm"), d)?,
@@ -353,12 +416,13 @@ impl CudaQwen3Moe {
         let qd = a.num_attention_heads * hd;
         let kvd = a.num_key_value_heads * hd;
         let n_layers = a.num_hidden_layers;
-        let sizes = [4, 4, d * es, d * es, qd * es, kvd * es, kvd * es, qd * es, d * es, a.num_experts.max(1) * es, n_layers * k * 4, n_layers * k * 4, k * inter * es, k * inter * es, k * inter * es, k * d * es, d * es, a.vocab_size * es, attn.workspace_bytes(), 4, 64];
+        let sizes = [4, 4, d * es, d * es, qd * es, kvd * es, kvd * es, qd * es, d * es, a.num_experts.max(1) * es, n_layers * k * 4, n_layers * k * 4, k * inter * es, k * inter * es, k * inter * es, k * d * es, d * es, a.vocab_size * es, attn.workspace_bytes(), 4, 64, fused::moe_gating_workspace_bytes(a.num_experts.max(1))];
         let mut arena = dev.arena(sizes.iter().map(|s| s.div_ceil(256) * 256 + 256).sum()).map_err(cuda_err)?;
         let mut next = |i: usize| arena.alloc(sizes[i]).map_err(cuda_err);
         let s = Scratch {
             zero_id: next(19)?,
             argmax_ws: next(20)?,
+            gating_ws: next(21)?,
             token: next(0)?,
             pos: next(1)?,
             x: next(2)?,
@@ -381,6 +445,7 @@ impl CudaQwen3Moe {
         };
         dev.memset(s.zero_id, 0, 4).map_err(cuda_err)?;
         dev.memset(s.argmax_ws, 0, 64).map_err(cuda_err)?;
+        dev.memset(s.gating_ws, 0, fused::moe_gating_workspace_bytes(a.num_experts.max(1))).map_err(cuda_err)?;
         let device_bytes = weight_bytes + 2 * cache_bytes * a.num_hidden_layers + arena.capacity();
         Ok(CudaQwen3Moe {
             dev,
@@ -413,19 +478,19 @@ impl CudaQwen3Moe {
     fn enqueue_step(&self, dev: &CudaDevice) -> zmlx_cuda::Result<()> {
         let (dt, s, d, hd, eps) = (self.dtype, &self.s, self.hidden, self.head_dim, self.eps);
         let (hq, hkv) = (self.attn.n_heads, self.attn.n_kv_heads);
-        ops::embed(dev, dt, &self.embed, s.token, s.x)?;
+        self.embed.embed(dev, dt, s.token, s.x)?;
         ops::rms_norm(dev, dt, s.x, self.layers[0].in_norm, s.xn, 1, d, eps)?;
         for (i, l) in self.layers.iter().enumerate() {
-            ops::qmv(dev, dt, &l.q, s.xn, s.q)?;
-            ops::qmv(dev, dt, &l.k, s.xn, s.k)?;
-            ops::qmv(dev, dt, &l.v, s.xn, s.v)?;
+            l.q.mv(dev, dt, s.xn, s.q)?;
+            l.k.mv(dev, dt, s.xn, s.k)?;
+            l.v.mv(dev, dt, s.xn, s.v)?;
             ops::rms_norm(dev, dt, s.q, l.q_norm, s.q, hq, hd, eps)?;
             ops::rms_norm(dev, dt, s.k, l.k_norm, s.k, hkv, hd, eps)?;
             ops::rope(dev, dt, s.q, s.q, s.pos, 0, hq, hd, hd, self.rope_base, 1.0)?;
             ops::rope(dev, dt, s.k, s.k, s.pos, 0, hkv, hd, hd, self.rope_base, 1.0)?;
             ops::kv_append(dev, dt, &self.attn, s.k, s.v, l.k_cache, l.v_cache, s.pos, 0)?;
             ops::attention_decode(dev, dt, &self.attn, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
-            ops::qmv(dev, dt, &l.o, s.attn, s.o)?;
+            l.o.mv(dev, dt, s.attn, s.o)?;
             // h = x + attn; xn = post_attention_layernorm(h)
             if l.fused_add_norm {
                 fused::add_rms_norm(dev, dt, s.x, s.o, l.post_norm, s.x, s.xn, d, eps)?;
@@ -439,36 +504,43 @@ impl CudaQwen3Moe {
                 DevFeedForward::Sparse { router, experts, top_k, renorm } => {
                     let k = *top_k;
                     let (ids, weights) = (s.ids + (i * k * 4) as u64, s.weights + (i * k * 4) as u64);
-                    if l.moe.fused_gating {
-                        fused::moe_gating(dev, dt, router, s.xn, router.n, k, *renorm, ids, weights)?;
-                    } else {
-                        ops::qmv(dev, dt, router, s.xn, s.router)?;
-                        ops::softmax_topk(dev, dt, s.router, 1, router.n, k, true, *renorm, ids, weights)?;
+                    // `patch` sets a fused variant only where every weight it reads is quantized.
+                    match (l.moe.fused_gating, router.quant()) {
+                        (true, Some(r)) => fused::moe_gating(dev, dt, r, s.xn, k, true, *renorm, ids, weights, s.gating_ws)?,
+                        _ => {
+                            router.mv(dev, dt, s.xn, s.router)?;
+                            ops::softmax_topk(dev, dt, s.router, 1, router.n(), k, true, *renorm, ids, weights)?;
+                        }
                     }
-                    if l.moe.fused_swiglu {
-                        fused::gather_qmm_swiglu(dev, dt, &experts.gate, &experts.up, ids, k, s.xn, s.act)?;
-                    } else {
-                        ops::gather_qmv(dev, dt, &experts.gate, ids, k, s.xn, false, s.g)?;
-                        ops::gather_qmv(dev, dt, &experts.up, ids, k, s.xn, false, s.u)?;
-                        ops::swiglu(dev, dt, s.g, s.u, s.act, k * experts.gate.n)?;
+                    match (l.moe.fused_swiglu, experts.gate.quant(), experts.up.quant()) {
+                        (true, Some(g), Some(u)) => fused::gather_qmm_swiglu(dev, dt, g, u, ids, k, s.xn, s.act)?,
+                        _ => {
+                            experts.gate.gather_mv(dev, dt, ids, k, s.xn, false, s.g)?;
+                            experts.up.gather_mv(dev, dt, ids, k, s.xn, false, s.u)?;
+                            ops::swiglu(dev, dt, s.g, s.u, s.act, k * experts.gate.n())?;
+                        }
                     }
-                    if l.moe.fused_combine {
-                        fused::gather_qmm_combine(dev, dt, &experts.down, ids, weights, k, s.act, s.x, s.x)?;
-                        added = true;
-                    } else {
-                        ops::gather_qmv(dev, dt, &experts.down, ids, k, s.act, true, s.y)?;
-                        ops::moe_combine(dev, dt, s.y, weights, s.ff_out, k, d)?;
+                    match (l.moe.fused_combine, experts.down.quant()) {
+                        (true, Some(dn)) => {
+                            fused::gather_qmm_combine(dev, dt, dn, ids, weights, k, s.act, s.x, s.x)?;
+                            added = true;
+                        }
+                        _ => {
+                            experts.down.gather_mv(dev, dt, ids, k, s.act, true, s.y)?;
+                            ops::moe_combine(dev, dt, s.y, weights, s.ff_out, k, d)?;
+                        }
                     }
                 }
                 DevFeedForward::Dense(m) => {
-                    if l.fused_swiglu_mlp {
-                        fused::gather_qmm_swiglu(dev, dt, &m.gate, &m.up, s.zero_id, 1, s.xn, s.act)?;
-                    } else {
-                        ops::qmv(dev, dt, &m.gate, s.xn, s.g)?;
-                        ops::qmv(dev, dt, &m.up, s.xn, s.u)?;
-                        ops::swiglu(dev, dt, s.g, s.u, s.act, m.gate.n)?;
+                    match (l.fused_swiglu_mlp, m.gate.quant(), m.up.quant()) {
+                        (true, Some(g), Some(u)) => fused::gather_qmm_swiglu(dev, dt, g, u, s.zero_id, 1, s.xn, s.act)?,
+                        _ => {
+                            m.gate.mv(dev, dt, s.xn, s.g)?;
+                            m.up.mv(dev, dt, s.xn, s.u)?;
+                            ops::swiglu(dev, dt, s.g, s.u, s.act, m.gate.n())?;
+                        }
                     }
-                    ops::qmv(dev, dt, &m.down, s.act, s.ff_out)?;
+                    m.down.mv(dev, dt, s.act, s.ff_out)?;
                 }
             }
             // x += ff; xn = next layer's input_layernorm(x) (or the final norm).
@@ -482,7 +554,7 @@ impl CudaQwen3Moe {
                 ops::rms_norm(dev, dt, s.x, next_norm, s.xn, 1, d, eps)?;
             }
         }
-        ops::qmv(dev, dt, &self.lm_head, s.xn, s.logits)?;
+        self.lm_head.mv(dev, dt, s.xn, s.logits)?;
         ops::logprobs_argmax(dev, dt, s.logits, self.vocab, s.argmax_ws, s.token)
     }
 
@@ -491,13 +563,19 @@ impl CudaQwen3Moe {
         let on = |p: Pattern| patterns.contains(&p);
         let mut report = PatchReport::default();
         for l in &mut self.layers {
-            match l.ff {
-                DevFeedForward::Sparse { .. } => {
-                    l.moe = MoeVariant { fused_gating: on(Pattern::MoeGating), fused_swiglu: on(Pattern::GatherQmmSwiglu), fused_combine: on(Pattern::GatherQmmCombine) };
+            // Safety rule: the fused kernels read MLX-quantized weights only.
+            match &l.ff {
+                DevFeedForward::Sparse { router, experts, .. } => {
+                    let gating = on(Pattern::MoeGating) && router.quant().is_some();
+                    let q = experts.all_quantized();
+                    if !q && (on(Pattern::GatherQmmSwiglu) || on(Pattern::GatherQmmCombine)) {
+                        report.skip(Pattern::MoeMlp, "a layer with unquantized experts".into());
+                    }
+                    l.moe = MoeVariant { fused_gating: gating, fused_swiglu: q && on(Pattern::GatherQmmSwiglu), fused_combine: q && on(Pattern::GatherQmmCombine) };
                     l.moe.report(&mut report);
                 }
-                DevFeedForward::Dense(_) => {
-                    l.fused_swiglu_mlp = on(Pattern::SwigluMlp);
+                DevFeedForward::Dense(m) => {
+                    l.fused_swiglu_mlp = on(Pattern::SwigluMlp) && m.all_quantized();
                     if l.fused_swiglu_mlp {
                         report.add("swiglu_mlp");
                     }
@@ -516,7 +594,7 @@ impl CudaQwen3Moe {
     /// Expert ids and weights of the last step, per layer (`--routing-stats`); empty rows
     /// for dense layers.
     pub fn last_routing(&self) -> Result<Vec<(Vec<u32>, Vec<f32>)>> {
-        let k = self.top_k;
+        let k = self.top_k.max(1);
         let n = self.layers.len() * k;
         let ids: Vec<u32> = self.dev.read(self.s.ids, n).map_err(cuda_err)?;
         let w: Vec<f32> = self.dev.read(self.s.weights, n).map_err(cuda_err)?;
@@ -524,7 +602,7 @@ impl CudaQwen3Moe {
             .layers
             .iter()
             .enumerate()
-            .map(|(i, l)| match l.ff {
+            .map(|(i, l)| match &l.ff {
                 DevFeedForward::Sparse { .. } => (ids[i * k..(i + 1) * k].to_vec(), w[i * k..(i + 1) * k].to_vec()),
                 DevFeedForward::Dense(_) => (vec![], vec![]),
             })
@@ -539,7 +617,7 @@ impl CudaQwen3Moe {
             .map(|l| {
                 let attn = 11;
                 let post_attn = if l.fused_add_norm { 1 } else { 2 };
-                let (ff, added) = match l.ff {
+                let (ff, added) = match &l.ff {
                     DevFeedForward::Sparse { .. } => {
                         let m = l.moe;
                         ((if m.fused_gating { 1 } else { 2 }) + (if m.fused_swiglu { 1 } else { 3 }) + (if m.fused_combine { 1 } else { 2 }), m.fused_combine)
