@@ -19,7 +19,7 @@ fn main() {
     let nvrtc = zmlx_cuda::nvrtc::ensure_nvrtc().unwrap_or_else(|e| format!("(none: {e})"));
     println!("device: {} ({}, {} SMs); nvrtc: {nvrtc}; kernel cache: {}", dev.name(), dev.arch(), dev.sm_count(), zmlx_cuda::nvrtc::cache_dir().display());
     let t = std::time::Instant::now();
-    for m in ["qmv_bf16", "ops_bf16", "qmv_f16", "ops_f16", "qmv_f32", "ops_f32"] {
+    for m in ["qmv_bf16", "ops_bf16", "qmv_f16", "ops_f16", "qmv_f32", "ops_f32", "fused_bf16", "fused_f16", "fused_f32"] {
         if let Err(e) = dev.load_module(m) {
             eprintln!("load {m}: {e}");
             std::process::exit(1);

@@ -219,6 +219,7 @@ fn run_benchmarks_inner(dev: &CudaDevice) -> Result<Vec<BenchRow>> {
     let s = AttnShape { n_heads: 32, n_kv_heads: 4, head_dim: 128, max_len: 4096 };
     let us = time_graph(dev, 32, &|d, _| ops::kv_append(d, bf, &s, xs.ptr(), xs.ptr() + 4096, kc.ptr(), vc.ptr(), pos.ptr(), 0))?;
     rows.push(row("kv_append", "KV=4 D=128 bf16".into(), 4 * 4 * 128 * 2, us, copy));
+    rows.extend(fused_benches(dev, &mut rng, copy)?);
     Ok(rows)
 }
 
@@ -228,4 +229,124 @@ pub fn format_bench(rows: &[BenchRow]) -> String {
         s += &format!("{:<18} {:<44} {:>12} {:>10.2} {:>9.1} {:>6.1}%\n", r.kernel, r.shape, r.bytes, r.median_us, r.gbps, r.pct_copy);
     }
     s
+}
+
+/// Fused MoE kernels (crate::fused) vs the unfused chains they replace, Qwen3-30B-A3B
+/// shapes (hidden 2048, 128 experts, top-8, FFN 768, experts 4-bit g64, router 8-bit g64, bf16).
+fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<BenchRow>> {
+    use crate::fused;
+    let mut rows = Vec::new();
+    let bf = DType::BF16;
+    let (e, kk, d, f) = (128usize, 8usize, 2048usize, 768usize);
+    let gate = qweights(dev, rng, bf, e, f, d, 4, 64)?;
+    let upw = qweights(dev, rng, bf, e, f, d, 4, 64)?;
+    let downw = qweights(dev, rng, bf, e, d, f, 4, 64)?;
+    let router = qweights(dev, rng, bf, 1, e, d, 8, 64)?;
+    let nsets = 16;
+    let mut ids: Vec<u32> = Vec::new();
+    for _ in 0..nsets {
+        let mut s: Vec<u32> = Vec::new();
+        while s.len() < kk {
+            let c = rng.next_u32() % e as u32;
+            if !s.contains(&c) {
+                s.push(c);
+            }
+        }
+        ids.extend(s);
+    }
+    let idb = dev.upload(&ids)?;
+    let idp = |i: usize| idb.ptr() + ((i % nsets) * kk * 4) as u64;
+    let wts = dev.upload(&[0.2f32, 0.18, 0.15, 0.12, 0.11, 0.1, 0.08, 0.06])?;
+    let x = random_floats(dev, rng, bf, d, -1.0, 1.0)?;
+    let h = random_floats(dev, rng, bf, d, -1.0, 1.0)?;
+    let delta = random_floats(dev, rng, bf, d, -1.0, 1.0)?;
+    let nw = random_floats(dev, rng, bf, d, 0.5, 1.5)?;
+    let actk = random_floats(dev, rng, bf, kk * f, -1.0, 1.0)?;
+    let sz = 2usize;
+    let (g, u, act, y, ff, xn, logits) = (dev.alloc(kk * f * sz)?, dev.alloc(kk * f * sz)?, dev.alloc(kk * f * sz)?, dev.alloc(kk * d * sz)?, dev.alloc(d * sz)?, dev.alloc(d * sz)?, dev.alloc(e * sz)?);
+    let (gid, gwt) = (dev.alloc(64 * 4)?, dev.alloc(64 * 4)?);
+    let gws = dev.alloc(fused::moe_gating_workspace_bytes(e))?;
+    dev.memset(gws.ptr(), 0, fused::moe_gating_workspace_bytes(e))?;
+    let (ng, nu, nd, nr) = (gate.ws.len(), upw.ws.len(), downw.ws.len(), router.ws.len());
+    let pe_up = gate.ws[0].bytes_per_expert(bf);
+    let pe_down = downw.ws[0].bytes_per_expert(bf);
+    let pe_router = router.ws[0].bytes_per_expert(bf);
+
+    // gate + up + swiglu
+    let bytes = (2 * kk * pe_up + d * sz + kk * f * sz) as u64;
+    let us = time_graph(dev, 16, &|dv, i| {
+        ops::gather_qmv(dv, bf, &gate.ws[i % ng], idp(i), kk, x.ptr(), false, g.ptr())?;
+        ops::gather_qmv(dv, bf, &upw.ws[i % nu], idp(i), kk, x.ptr(), false, u.ptr())?;
+        ops::swiglu(dv, bf, g.ptr(), u.ptr(), act.ptr(), kk * f)
+    })?;
+    rows.push(row("unfused gate/up/swiglu", "gather+gather+swiglu (3 launches)".into(), bytes, us, copy));
+    for (r, t) in [(1u32, 128u32), (1, 64), (1, 256), (2, 128), (2, 64)] {
+        let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_swiglu_rows(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], idp(i), kk, x.ptr(), act.ptr(), r, t))?;
+        rows.push(row("gather_qmm_swiglu", format!("E=128 k=8 N=768 K=2048 b4 g64 r{r} t{t}"), bytes, us, copy));
+    }
+    // down + combine + residual add
+    let bytes = (kk * pe_down + kk * f * sz + 2 * d * sz) as u64;
+    let us = time_graph(dev, 16, &|dv, i| {
+        ops::gather_qmv(dv, bf, &downw.ws[i % nd], idp(i), kk, actk.ptr(), true, y.ptr())?;
+        ops::moe_combine(dv, bf, y.ptr(), wts.ptr(), ff.ptr(), kk, d)?;
+        ops::add(dv, bf, h.ptr(), ff.ptr(), xn.ptr(), d)
+    })?;
+    rows.push(row("unfused down/comb/add", "gather+moe_combine+add (3 launches)".into(), bytes, us, copy));
+    for r in [1u32, 2, 4] {
+        let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_combine_rows(dv, bf, &downw.ws[i % nd], idp(i), wts.ptr(), kk, actk.ptr(), h.ptr(), xn.ptr(), r))?;
+        rows.push(row("gather_qmm_combine", format!("E=128 k=8 N=2048 K=768 b4 g64 +res r{r}"), bytes, us, copy));
+    }
+    // router
+    let bytes = (pe_router + d * sz + kk * 8) as u64;
+    let us = time_graph(dev, 32, &|dv, i| {
+        ops::qmv(dv, bf, &router.ws[i % nr], x.ptr(), logits.ptr())?;
+        ops::softmax_topk(dv, bf, logits.ptr(), 1, e, kk, true, true, gid.ptr(), gwt.ptr())
+    })?;
+    rows.push(row("unfused router", "qmv+softmax_topk (2 launches)".into(), bytes, us, copy));
+    let us = time_graph(dev, 32, &|dv, i| fused::moe_gating(dv, bf, &router.ws[i % nr], x.ptr(), kk, true, true, gid.ptr(), gwt.ptr(), gws.ptr()))?;
+    rows.push(row("moe_gating", "E=128 k=8 K=2048 b8 g64".into(), bytes, us, copy));
+    // add + rms_norm
+    let bytes = (5 * d * sz) as u64;
+    let us = time_graph(dev, 32, &|dv, _| {
+        ops::add(dv, bf, h.ptr(), delta.ptr(), ff.ptr(), d)?;
+        ops::rms_norm(dv, bf, ff.ptr(), nw.ptr(), xn.ptr(), 1, d, 1e-6)
+    })?;
+    rows.push(row("unfused add+rms_norm", "D=2048 (2 launches)".into(), bytes, us, copy));
+    let us = time_graph(dev, 32, &|dv, _| fused::add_rms_norm(dv, bf, h.ptr(), delta.ptr(), nw.ptr(), ff.ptr(), xn.ptr(), d, 1e-6))?;
+    rows.push(row("add_rms_norm", "D=2048".into(), bytes, us, copy));
+
+    // One layer's MoE block, post-attention: add, rms_norm, router, top-k, experts, combine, add.
+    let hs = dev.alloc(d * sz)?;
+    dev.copy(hs.ptr(), h.ptr(), d * sz)?;
+    let bytes = (pe_router + 3 * kk * pe_up.max(pe_down) + 8 * d * sz) as u64;
+    let us = time_graph(dev, 16, &|dv, i| {
+        ops::add(dv, bf, hs.ptr(), delta.ptr(), hs.ptr(), d)?;
+        ops::rms_norm(dv, bf, hs.ptr(), nw.ptr(), xn.ptr(), 1, d, 1e-6)?;
+        ops::qmv(dv, bf, &router.ws[i % nr], xn.ptr(), logits.ptr())?;
+        ops::softmax_topk(dv, bf, logits.ptr(), 1, e, kk, true, true, gid.ptr(), gwt.ptr())?;
+        ops::gather_qmv(dv, bf, &gate.ws[i % ng], gid.ptr(), kk, xn.ptr(), false, g.ptr())?;
+        ops::gather_qmv(dv, bf, &upw.ws[i % nu], gid.ptr(), kk, xn.ptr(), false, u.ptr())?;
+        ops::swiglu(dv, bf, g.ptr(), u.ptr(), act.ptr(), kk * f)?;
+        ops::gather_qmv(dv, bf, &downw.ws[i % nd], gid.ptr(), kk, act.ptr(), true, y.ptr())?;
+        ops::moe_combine(dv, bf, y.ptr(), gwt.ptr(), ff.ptr(), kk, d)?;
+        ops::add(dv, bf, hs.ptr(), ff.ptr(), hs.ptr(), d)
+    })?;
+    rows.push(row("MoE block unfused", "add,norm,router,topk,gate,up,swiglu,down,comb,add".into(), bytes, us, copy));
+    let us = time_graph(dev, 16, &|dv, i| {
+        fused::add_rms_norm(dv, bf, hs.ptr(), delta.ptr(), nw.ptr(), hs.ptr(), xn.ptr(), d, 1e-6)?;
+        fused::moe_gating(dv, bf, &router.ws[i % nr], xn.ptr(), kk, true, true, gid.ptr(), gwt.ptr(), gws.ptr())?;
+        fused::gather_qmm_swiglu(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], gid.ptr(), kk, xn.ptr(), act.ptr())?;
+        fused::gather_qmm_combine(dv, bf, &downw.ws[i % nd], gid.ptr(), gwt.ptr(), kk, act.ptr(), hs.ptr(), hs.ptr())
+    })?;
+    rows.push(row("MoE block fused", "add_rms_norm,moe_gating,swiglu,combine (4)".into(), bytes, us, copy));
+    let us = time_graph(dev, 16, &|dv, i| {
+        ops::add(dv, bf, hs.ptr(), delta.ptr(), hs.ptr(), d)?;
+        ops::rms_norm(dv, bf, hs.ptr(), nw.ptr(), xn.ptr(), 1, d, 1e-6)?;
+        ops::qmv(dv, bf, &router.ws[i % nr], xn.ptr(), logits.ptr())?;
+        ops::softmax_topk(dv, bf, logits.ptr(), 1, e, kk, true, true, gid.ptr(), gwt.ptr())?;
+        fused::gather_qmm_swiglu(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], gid.ptr(), kk, xn.ptr(), act.ptr())?;
+        fused::gather_qmm_combine(dv, bf, &downw.ws[i % nd], gid.ptr(), gwt.ptr(), kk, act.ptr(), hs.ptr(), hs.ptr())
+    })?;
+    rows.push(row("MoE block fused-x", "add,norm,qmv,topk + swiglu,combine (6)".into(), bytes, us, copy));
+    Ok(rows)
 }

@@ -8,6 +8,7 @@ use crate::{nvrtc, Result};
 pub const COMMON: &str = include_str!("kernels/common.cuh");
 pub const QMV: &str = include_str!("kernels/qmv.cu");
 pub const OPS: &str = include_str!("kernels/ops.cu");
+pub const FUSED: &str = include_str!("kernels/fused.cu");
 
 pub const QMV_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 pub const QMV_GROUPS: [u32; 3] = [32, 64, 128];
@@ -47,6 +48,8 @@ pub fn module_of(function: &str) -> String {
     let tag = ["bf16", "f16", "f32"].into_iter().find(|t| function.contains(&format!("_{t}"))).unwrap_or("f32");
     if function.starts_with("qmv_") {
         format!("qmv_{tag}")
+    } else if function.starts_with("fused_") {
+        format!("fused_{tag}")
     } else {
         format!("ops_{tag}")
     }
@@ -88,12 +91,17 @@ pub fn module_spec(name: &str) -> Option<ModuleSpec> {
             .collect();
             Some(ModuleSpec { name: name.into(), source: format!("{COMMON}\n{OPS}\nZMLX_OPS({st}, {tag})\n"), functions })
         }
+        "fused" => Some(ModuleSpec {
+            name: name.into(),
+            source: format!("{COMMON}\n{QMV}\n{OPS}\n{FUSED}\nZMLX_FUSED_ALL({st}, {tag})\n"),
+            functions: crate::fused::fused_fn_names(tag),
+        }),
         _ => None,
     }
 }
 
 pub fn all_modules() -> Vec<ModuleSpec> {
-    ["qmv", "ops"]
+    ["qmv", "ops", "fused"]
         .iter()
         .flat_map(|k| ["bf16", "f16", "f32"].iter().map(move |t| format!("{k}_{t}")))
         .filter_map(|n| module_spec(&n))

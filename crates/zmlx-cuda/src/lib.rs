@@ -12,6 +12,7 @@
 
 pub mod bench;
 pub mod catalog;
+pub mod fused;
 pub mod nvrtc;
 pub mod ops;
 pub mod reference;

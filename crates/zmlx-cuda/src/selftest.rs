@@ -568,6 +568,7 @@ pub fn run_self_tests_dump(dev: &CudaDevice, dump: Option<&Path>) -> Vec<TestRow
     push("softmax_topk", test_topk(dev, &mut rng, bf, 1, 128, 8, true));
     push("softmax_topk", test_topk(dev, &mut rng, bf, 3, 512, 10, false));
     push("cuda_graph", test_graph(dev, &mut rng));
+    rows.extend(fused_tests::run(dev, &mut rng));
     rows
 }
 
@@ -593,4 +594,240 @@ pub fn format_tests(rows: &[TestRow]) -> String {
     let failed = rows.iter().filter(|r| !r.passed).count();
     s += &format!("{} tests, {} failed\n", rows.len(), failed);
     s
+}
+
+/// Fused kernels (crate::fused) against the unfused launch sequence they replace, bit for
+/// bit on the device, on fresh random data with poisoned outputs; plus an f64 sanity check.
+pub(crate) mod fused_tests {
+    use super::*;
+    use crate::fused;
+
+    fn q_up(dev: &CudaDevice, dt: DType, q: &QData) -> Result<(DevBuf, DevBuf, DevBuf)> {
+        Ok((dev.upload(&q.words)?, up(dev, dt, &q.scales)?, up(dev, dt, &q.biases)?))
+    }
+    fn qw(b: &(DevBuf, DevBuf, DevBuf), e: usize, n: usize, k: usize, bits: u32, gs: usize) -> QuantWeight {
+        QuantWeight { w: b.0.ptr(), scales: b.1.ptr(), biases: b.2.ptr(), n, k, bits, group_size: gs as u32, n_experts: e }
+    }
+    fn bytes(dev: &CudaDevice, p: u64, n: usize) -> Result<Vec<u8>> {
+        dev.read::<u8>(p, n)
+    }
+    /// Count of differing elements of `esz` bytes.
+    fn diff(a: &[u8], b: &[u8], esz: usize) -> usize {
+        a.chunks(esz).zip(b.chunks(esz)).filter(|(x, y)| x != y).count()
+    }
+    fn rel_bound(dt: DType) -> f64 {
+        match dt {
+            DType::BF16 => 0.03,
+            DType::F16 => 0.005,
+            _ => 1e-4,
+        }
+    }
+    fn rel(out: &[f32], refs: &[f64]) -> (f64, usize) {
+        let (mut num, mut den, mut bad) = (0.0, 0.0, 0);
+        for (&o, &r) in out.iter().zip(refs) {
+            if !o.is_finite() {
+                bad += 1;
+                continue;
+            }
+            num += (o as f64 - r) * (o as f64 - r);
+            den += r * r;
+        }
+        ((num / den.max(1e-300)).sqrt(), bad)
+    }
+    fn silu64(g: f64) -> f64 {
+        g / (1.0 + (-g).exp())
+    }
+
+    /// One MoE block: unfused (qmv router, softmax_topk, gather gate, gather up, swiglu,
+    /// gather down, moe_combine, add) vs fused (moe_gating, gather_qmm_swiglu,
+    /// gather_qmm_combine with the residual, in place).
+    #[allow(clippy::too_many_arguments)]
+    pub fn test_moe_block(dev: &CudaDevice, rng: &mut Rng, dt: DType, e: usize, d: usize, f: usize, k: usize, bits: u32, gs: usize, rbits: u32, r: u32) -> Result<TestRow> {
+        let sz = dt.size_bytes();
+        let gq = qdata(rng, dt, e, f, d, bits, gs);
+        let uq = qdata(rng, dt, e, f, d, bits, gs);
+        let dq = qdata(rng, dt, e, d, f, bits, gs);
+        let rq = qdata(rng, dt, 1, e, d, rbits, 64.min(gs.max(32)));
+        let rgs = 64.min(gs.max(32));
+        let x = rng.vec(d, -0.25, 0.25, dt);
+        let h = rng.vec(d, -2.0, 2.0, dt);
+        let (gb, ub, db, rb) = (q_up(dev, dt, &gq)?, q_up(dev, dt, &uq)?, q_up(dev, dt, &dq)?, q_up(dev, dt, &rq)?);
+        let (gw, uw, dw, rw) = (qw(&gb, e, f, d, bits, gs), qw(&ub, e, f, d, bits, gs), qw(&db, e, d, f, bits, gs), qw(&rb, 1, e, d, rbits, rgs));
+        let (xb, hb) = (up(dev, dt, &x)?, up(dev, dt, &h)?);
+        // unfused
+        let logits = poisoned(dev, e * sz)?;
+        let (ids, wts) = (poisoned(dev, k * 4)?, poisoned(dev, k * 4)?);
+        let (g, u, act, y, ff) = (poisoned(dev, k * f * sz)?, poisoned(dev, k * f * sz)?, poisoned(dev, k * f * sz)?, poisoned(dev, k * d * sz)?, poisoned(dev, d * sz)?);
+        let out = poisoned(dev, d * sz)?;
+        ops::qmv(dev, dt, &rw, xb.ptr(), logits.ptr())?;
+        ops::softmax_topk(dev, dt, logits.ptr(), 1, e, k, true, true, ids.ptr(), wts.ptr())?;
+        ops::gather_qmv(dev, dt, &gw, ids.ptr(), k, xb.ptr(), false, g.ptr())?;
+        ops::gather_qmv(dev, dt, &uw, ids.ptr(), k, xb.ptr(), false, u.ptr())?;
+        ops::swiglu(dev, dt, g.ptr(), u.ptr(), act.ptr(), k * f)?;
+        ops::gather_qmv(dev, dt, &dw, ids.ptr(), k, act.ptr(), true, y.ptr())?;
+        ops::moe_combine(dev, dt, y.ptr(), wts.ptr(), ff.ptr(), k, d)?;
+        ops::add(dev, dt, hb.ptr(), ff.ptr(), out.ptr(), d)?;
+        // fused (twice: the gating counter must come back to zero; the second run is in place)
+        let ws = dev.alloc(fused::moe_gating_workspace_bytes(e))?;
+        dev.memset(ws.ptr(), 0, fused::moe_gating_workspace_bytes(e))?;
+        let mut bad = [0usize; 5];
+        let mut act_f = Vec::new();
+        for it in 0..2 {
+            let (ids2, wts2, act2) = (poisoned(dev, k * 4)?, poisoned(dev, k * 4)?, poisoned(dev, k * f * sz)?);
+            fused::moe_gating(dev, dt, &rw, xb.ptr(), k, true, true, ids2.ptr(), wts2.ptr(), ws.ptr())?;
+            fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids2.ptr(), k, xb.ptr(), act2.ptr(), if it == 0 { r } else { 3 - r }, if it == 0 { 128 } else { 256 })?;
+            let out2 = if it == 0 { poisoned(dev, d * sz)? } else { up(dev, dt, &h)? };
+            let resid = if it == 0 { hb.ptr() } else { out2.ptr() };
+            fused::gather_qmm_combine_rows(dev, dt, &dw, ids2.ptr(), wts2.ptr(), k, act2.ptr(), resid, out2.ptr(), if it == 0 { 2 } else { 4 })?;
+            bad[0] += diff(&bytes(dev, ids.ptr(), k * 4)?, &bytes(dev, ids2.ptr(), k * 4)?, 4);
+            bad[1] += diff(&bytes(dev, wts.ptr(), k * 4)?, &bytes(dev, wts2.ptr(), k * 4)?, 4);
+            bad[2] += diff(&bytes(dev, act.ptr(), k * f * sz)?, &bytes(dev, act2.ptr(), k * f * sz)?, sz);
+            bad[3] += diff(&bytes(dev, out.ptr(), d * sz)?, &bytes(dev, out2.ptr(), d * sz)?, sz);
+            if it == 0 {
+                act_f = down(dev, dt, act2.ptr(), k * f)?;
+            }
+        }
+        // combine without residual vs moe_combine alone
+        let ff2 = poisoned(dev, d * sz)?;
+        fused::gather_qmm_combine_rows(dev, dt, &dw, ids.ptr(), wts.ptr(), k, act.ptr(), 0, ff2.ptr(), 1)?;
+        bad[4] = diff(&bytes(dev, ff.ptr(), d * sz)?, &bytes(dev, ff2.ptr(), d * sz)?, sz);
+        let gws = dev.read::<u32>(ws.ptr(), 1)?[0];
+        // f64 sanity: act vs swiglu(gate, up) in f64; out vs h + Σ w (down · act_device).
+        let idv: Vec<u32> = dev.read(ids.ptr(), k)?;
+        let wv: Vec<f32> = dev.read(wts.ptr(), k)?;
+        let mut act_ref = Vec::new();
+        let mut out_ref: Vec<f64> = h.iter().map(|&v| v as f64).collect();
+        for (j, &id) in idv.iter().enumerate() {
+            let gr = re::qmv(&gq.words, &gq.scales, &gq.biases, &x, id as usize, f, d, bits, gs);
+            let ur = re::qmv(&uq.words, &uq.scales, &uq.biases, &x, id as usize, f, d, bits, gs);
+            act_ref.extend(gr.iter().zip(&ur).map(|(a, b)| silu64(a.v) * b.v));
+            let yr = re::qmv(&dq.words, &dq.scales, &dq.biases, &act_f[j * f..(j + 1) * f], id as usize, d, f, bits, gs);
+            for (o, yv) in out_ref.iter_mut().zip(&yr) {
+                *o += wv[j] as f64 * yv.v;
+            }
+        }
+        let (ra, na) = rel(&act_f, &act_ref);
+        let (ro, no) = rel(&down(dev, dt, out.ptr(), d)?, &out_ref);
+        let passed = bad.iter().all(|&b| b == 0) && gws == 0 && na == 0 && no == 0 && ra <= rel_bound(dt) && ro <= rel_bound(dt);
+        Ok(TestRow {
+            name: "fused_moe_block".into(),
+            shape: format!("{} E={e} D={d} F={f} k={k} b{bits} g{gs} router b{rbits}", dtn(dt)),
+            passed,
+            worst: bad.iter().sum::<usize>() as f64,
+            rel_norm: ra.max(ro),
+            note: format!(
+                "bitwise diffs ids/w/act/out/combine-only = {}/{}/{}/{}/{} (x2 runs, in place); gating ws {gws}; f64 rel act {ra:.1e} out {ro:.1e}",
+                bad[0], bad[1], bad[2], bad[3], bad[4]
+            ),
+        })
+    }
+
+    /// gather_qmm_swiglu / gather_qmm_combine alone on ragged N (not a multiple of the rows
+    /// per block) vs gather_qmv + swiglu / gather_qmv + moe_combine + add.
+    #[allow(clippy::too_many_arguments)]
+    pub fn test_ragged(dev: &CudaDevice, rng: &mut Rng, dt: DType, e: usize, n: usize, kdim: usize, k: usize, bits: u32, gs: usize) -> Result<TestRow> {
+        let sz = dt.size_bytes();
+        let (gq, uq) = (qdata(rng, dt, e, n, kdim, bits, gs), qdata(rng, dt, e, n, kdim, bits, gs));
+        let (gb, ub) = (q_up(dev, dt, &gq)?, q_up(dev, dt, &uq)?);
+        let (gw, uw) = (qw(&gb, e, n, kdim, bits, gs), qw(&ub, e, n, kdim, bits, gs));
+        let mut idv: Vec<u32> = vec![(e - 1) as u32];
+        while idv.len() < k {
+            idv.push(rng.next_u32() % e as u32); // repeats allowed
+        }
+        let ids = dev.upload(&idv)?;
+        let wv = rng.vec(k, 0.0, 0.4, dt);
+        let wts = dev.upload(&wv)?;
+        let x = rng.vec(kdim, -0.5, 0.5, dt);
+        let xk = rng.vec(k * kdim, -1.0, 1.0, dt);
+        let h = rng.vec(n, -2.0, 2.0, dt);
+        let (xb, xkb, hb) = (up(dev, dt, &x)?, up(dev, dt, &xk)?, up(dev, dt, &h)?);
+        let (g, u, act, y, ff, out) = (poisoned(dev, k * n * sz)?, poisoned(dev, k * n * sz)?, poisoned(dev, k * n * sz)?, poisoned(dev, k * n * sz)?, poisoned(dev, n * sz)?, poisoned(dev, n * sz)?);
+        ops::gather_qmv(dev, dt, &gw, ids.ptr(), k, xb.ptr(), false, g.ptr())?;
+        ops::gather_qmv(dev, dt, &uw, ids.ptr(), k, xb.ptr(), false, u.ptr())?;
+        ops::swiglu(dev, dt, g.ptr(), u.ptr(), act.ptr(), k * n)?;
+        ops::gather_qmv(dev, dt, &gw, ids.ptr(), k, xkb.ptr(), true, y.ptr())?;
+        ops::moe_combine(dev, dt, y.ptr(), wts.ptr(), ff.ptr(), k, n)?;
+        ops::add(dev, dt, hb.ptr(), ff.ptr(), out.ptr(), n)?;
+        let mut bad = 0;
+        for r in [1u32, 2] {
+            let act2 = poisoned(dev, k * n * sz)?;
+            fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids.ptr(), k, xb.ptr(), act2.ptr(), r, 64 * r)?;
+            bad += diff(&bytes(dev, act.ptr(), k * n * sz)?, &bytes(dev, act2.ptr(), k * n * sz)?, sz);
+        }
+        for r in [1u32, 2, 4] {
+            let out2 = poisoned(dev, n * sz)?;
+            fused::gather_qmm_combine_rows(dev, dt, &gw, ids.ptr(), wts.ptr(), k, xkb.ptr(), hb.ptr(), out2.ptr(), r)?;
+            bad += diff(&bytes(dev, out.ptr(), n * sz)?, &bytes(dev, out2.ptr(), n * sz)?, sz);
+        }
+        Ok(TestRow {
+            name: "fused_gather".into(),
+            shape: format!("{} E={e} N={n} K={kdim} k={k} b{bits} g{gs} (ragged N, repeated ids)", dtn(dt)),
+            passed: bad == 0,
+            worst: bad as f64,
+            rel_norm: 0.0,
+            note: format!("{bad} bitwise diffs (swiglu r1, r2; combine+residual r1, r2, r4)"),
+        })
+    }
+
+    /// add_rms_norm vs add + rms_norm (and in place).
+    pub fn test_add_rms_norm(dev: &CudaDevice, rng: &mut Rng, dt: DType, n: usize) -> Result<TestRow> {
+        let sz = dt.size_bytes();
+        let (x, dl, w) = (rng.vec(n, -3.0, 3.0, dt), rng.vec(n, -1.0, 1.0, dt), rng.vec(n, 0.5, 1.5, dt));
+        let (xb, db, wb) = (up(dev, dt, &x)?, up(dev, dt, &dl)?, up(dev, dt, &w)?);
+        let (h, y) = (poisoned(dev, n * sz)?, poisoned(dev, n * sz)?);
+        ops::add(dev, dt, xb.ptr(), db.ptr(), h.ptr(), n)?;
+        ops::rms_norm(dev, dt, h.ptr(), wb.ptr(), y.ptr(), 1, n, 1e-6)?;
+        let (h2, y2) = (poisoned(dev, n * sz)?, poisoned(dev, n * sz)?);
+        fused::add_rms_norm(dev, dt, xb.ptr(), db.ptr(), wb.ptr(), h2.ptr(), y2.ptr(), n, 1e-6)?;
+        let (h3, y3) = (up(dev, dt, &x)?, poisoned(dev, n * sz)?);
+        fused::add_rms_norm(dev, dt, h3.ptr(), db.ptr(), wb.ptr(), h3.ptr(), y3.ptr(), n, 1e-6)?;
+        let (hr, yr) = (bytes(dev, h.ptr(), n * sz)?, bytes(dev, y.ptr(), n * sz)?);
+        let bad = diff(&hr, &bytes(dev, h2.ptr(), n * sz)?, sz)
+            + diff(&yr, &bytes(dev, y2.ptr(), n * sz)?, sz)
+            + diff(&hr, &bytes(dev, h3.ptr(), n * sz)?, sz)
+            + diff(&yr, &bytes(dev, y3.ptr(), n * sz)?, sz);
+        // f64 sanity
+        let hv: Vec<f64> = x.iter().zip(&dl).map(|(&a, &b)| a as f64 + b as f64).collect();
+        let ms = hv.iter().map(|v| v * v).sum::<f64>() / n as f64;
+        let refs: Vec<f64> = hv.iter().zip(&w).map(|(v, &wi)| v / (ms + 1e-6).sqrt() * wi as f64).collect();
+        let (rn, nb) = rel(&down(dev, dt, y2.ptr(), n)?, &refs);
+        Ok(TestRow {
+            name: "fused_add_rms_norm".into(),
+            shape: format!("{} n={n}", dtn(dt)),
+            passed: bad == 0 && nb == 0 && rn <= rel_bound(dt),
+            worst: bad as f64,
+            rel_norm: rn,
+            note: format!("{bad} bitwise diffs vs add+rms_norm (out of place and in place)"),
+        })
+    }
+
+    pub fn run(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
+        let mut rows = Vec::new();
+        let mut push = |name: &str, r: Result<TestRow>| match r {
+            Ok(t) => rows.push(t),
+            Err(e) => rows.push(TestRow { name: name.into(), shape: String::new(), passed: false, worst: f64::NAN, rel_norm: f64::NAN, note: e.to_string() }),
+        };
+        let (bf, f16, f32) = (DType::BF16, DType::F16, DType::F32);
+        // Qwen3-30B-A3B: hidden 2048, 128 experts, top-8, FFN 768, 4-bit g64, router 8-bit g64.
+        push("fused_moe_block", test_moe_block(dev, rng, bf, 128, 2048, 768, 8, 4, 64, 8, 1));
+        push("fused_moe_block", test_moe_block(dev, rng, bf, 128, 2048, 768, 8, 4, 64, 8, 2));
+        let ks = [1usize, 3, 8, 10, 5, 2];
+        let mut i = 0;
+        for dt in [bf, f16, f32] {
+            for bits in [2u32, 3, 4, 5, 6, 8] {
+                for gs in [32usize, 64, 128] {
+                    let k = ks[i % ks.len()];
+                    i += 1;
+                    push("fused_moe_block", test_moe_block(dev, rng, dt, 16, 640, 384, k, bits, gs, if i % 2 == 0 { 8 } else { bits }, 1 + (i % 2) as u32));
+                }
+            }
+            push("fused_gather", test_ragged(dev, rng, dt, 6, 101, 256, 3, 4, 64));
+            push("fused_gather", test_ragged(dev, rng, dt, 6, 37, 384, 9, 6, 128));
+            push("fused_gather", test_ragged(dev, rng, dt, 6, 13, 96, 5, 3, 32));
+            push("fused_add_rms_norm", test_add_rms_norm(dev, rng, dt, 2048));
+            push("fused_add_rms_norm", test_add_rms_norm(dev, rng, dt, 4096 + 7));
+            push("fused_add_rms_norm", test_add_rms_norm(dev, rng, dt, 9000));
+        }
+        rows
+    }
 }

@@ -66,6 +66,84 @@ template <int BITS> __device__ __forceinline__ float chunk_dot(const u32* q, con
   return a0 + a1;
 }
 
+// One warp's per-lane partial dot products for R rows (the qmv contract's inner loop,
+// shared with the fused kernels so their dot products are bitwise those of qmv): lane
+// `lane` walks the 32-code chunks lane, lane+32, ... of every row; row r's result is
+// warp_sum(acc[r]). wr/sr/br: the rows' words, scales and biases; xr[0] is the shared x
+// (XR false, loaded once per chunk for all rows) or xr[r] the x of row r (XR true).
+// The per-row arithmetic is the same in both cases: xs = (even sum) + (odd sum),
+// acc = fma(s, chunk_dot, fma(b, xs, acc)).
+template <class D, int BITS, int GS, int R, bool XR>
+__device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const typename D::T* const* sr,
+                                                  const typename D::T* const* br,
+                                                  const typename D::T* const* xr, int chunks, int lane,
+                                                  u32 qmask, float* acc) {
+#pragma unroll
+  for (int r = 0; r < R; r++) acc[r] = 0.0f;
+  // Software pipeline: the next chunk's words, scales and biases are in flight while
+  // the current chunk is computed.
+  u32 q[R][BITS];
+  typename D::T s16[R], b16[R];
+  int c = lane;
+  if (c < chunks) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      load_words<BITS>(wr[r] + (long long)c * BITS, q[r]);
+      s16[r] = sr[r][(c * 32) / GS];
+      b16[r] = br[r][(c * 32) / GS];
+    }
+  }
+  for (; c < chunks; c += 32) {
+    const int cn = c + 32;
+    u32 qn[R][BITS];
+    typename D::T sn[R], bn[R];
+    if (cn < chunks) {
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        load_words<BITS>(wr[r] + (long long)cn * BITS, qn[r]);
+        sn[r] = sr[r][(cn * 32) / GS];
+        bn[r] = br[r][(cn * 32) / GS];
+      }
+    }
+    if (XR) {
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        float xv[32];
+#pragma unroll
+        for (int i = 0; i < 4; i++) load8<D>(xr[r] + c * 32 + 8 * i, xv + 8 * i);
+        float xs0 = 0.0f, xs1 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 32; j += 2) { xs0 += xv[j]; xs1 += xv[j + 1]; }
+        const float xs = xs0 + xs1;
+        const float qx = chunk_dot<BITS>(q[r], xv, qmask);
+        acc[r] = fmaf(D::ld(s16[r]), qx, fmaf(D::ld(b16[r]), xs, acc[r]));
+      }
+    } else {
+      float xv[32];
+#pragma unroll
+      for (int i = 0; i < 4; i++) load8<D>(xr[0] + c * 32 + 8 * i, xv + 8 * i);
+      float xs0 = 0.0f, xs1 = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 32; j += 2) { xs0 += xv[j]; xs1 += xv[j + 1]; }
+      const float xs = xs0 + xs1;
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        const float qx = chunk_dot<BITS>(q[r], xv, qmask);
+        acc[r] = fmaf(D::ld(s16[r]), qx, fmaf(D::ld(b16[r]), xs, acc[r]));
+      }
+    }
+    if (cn < chunks) {
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int i = 0; i < BITS; i++) q[r][i] = qn[r][i];
+        s16[r] = sn[r];
+        b16[r] = bn[r];
+      }
+    }
+  }
+}
+
 template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typename D::T* __restrict__ scales,
                                          const typename D::T* __restrict__ biases, const typename D::T* __restrict__ x,
@@ -92,59 +170,13 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
   const typename D::T* br[R];
 #pragma unroll
   for (int r = 0; r < R; r++) {
-    acc[r] = 0.0f;
     int row = min(row0 + r, N - 1);
     wr[r] = w + row * words_per_row;
     sr[r] = scales + (long long)row * groups;
     br[r] = biases + (long long)row * groups;
   }
-  // Software pipeline: the next chunk's words, scales and biases are in flight while
-  // the current chunk is computed.
-  u32 q[R][BITS];
-  typename D::T s16[R], b16[R];
-  int c = lane;
-  if (c < chunks) {
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-      load_words<BITS>(wr[r] + (long long)c * BITS, q[r]);
-      s16[r] = sr[r][(c * 32) / GS];
-      b16[r] = br[r][(c * 32) / GS];
-    }
-  }
-  for (; c < chunks; c += 32) {
-    const int cn = c + 32;
-    u32 qn[R][BITS];
-    typename D::T sn[R], bn[R];
-    if (cn < chunks) {
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-        load_words<BITS>(wr[r] + (long long)cn * BITS, qn[r]);
-        sn[r] = sr[r][(cn * 32) / GS];
-        bn[r] = br[r][(cn * 32) / GS];
-      }
-    }
-    float xv[32];
-#pragma unroll
-    for (int i = 0; i < 4; i++) load8<D>(x + c * 32 + 8 * i, xv + 8 * i);
-    float xs0 = 0.0f, xs1 = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 32; j += 2) { xs0 += xv[j]; xs1 += xv[j + 1]; }
-    const float xs = xs0 + xs1;
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-      const float qx = chunk_dot<BITS>(q[r], xv, qmask);
-      acc[r] = fmaf(D::ld(s16[r]), qx, fmaf(D::ld(b16[r]), xs, acc[r]));
-    }
-    if (cn < chunks) {
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-#pragma unroll
-        for (int i = 0; i < BITS; i++) q[r][i] = qn[r][i];
-        s16[r] = sn[r];
-        b16[r] = bn[r];
-      }
-    }
-  }
+  const typename D::T* xr[1] = {x};
+  qmv_lane_partials<D, BITS, GS, R, false>(wr, sr, br, xr, chunks, lane, qmask, acc);
 #pragma unroll
   for (int r = 0; r < R; r++) {
     float v = warp_sum(acc[r]);

@@ -1,0 +1,202 @@
+//! Launchers for the fused decode kernels (kernels/fused.cu) behind the `patch` patterns.
+//! Each one is bitwise identical to the unfused launch sequence it replaces (the self-tests
+//! compare them on the device, bit for bit); contracts in docs/kernels.md, "Fused MoE kernels".
+
+use zmlx_core::DType;
+
+use crate::catalog::{dtype_tag, QMV_BITS, QMV_GROUPS};
+use crate::ops::QuantWeight;
+use crate::runtime::{Arg, CudaDevice};
+use crate::{CudaError, Result};
+
+fn inv(msg: String) -> CudaError {
+    CudaError::Invalid(msg)
+}
+
+fn aligned(p: u64, a: u64, what: &str) -> Result<()> {
+    if p % a != 0 {
+        return Err(inv(format!("{what} pointer {p:#x} must be {a}-byte aligned")));
+    }
+    Ok(())
+}
+
+fn check_q(wq: &QuantWeight, what: &str) -> Result<()> {
+    if !QMV_BITS.contains(&wq.bits) || !QMV_GROUPS.contains(&wq.group_size) {
+        return Err(inv(format!("{what}: unsupported quantization bits={} group={}", wq.bits, wq.group_size)));
+    }
+    if wq.k % wq.group_size as usize != 0 || wq.n == 0 || wq.k == 0 || wq.n >= (1 << 31) || wq.k >= (1 << 31) {
+        return Err(inv(format!("{what}: bad shape N={} K={} (K a positive multiple of the group size {})", wq.n, wq.k, wq.group_size)));
+    }
+    aligned(wq.w, 16, what)
+}
+
+/// Every kernel symbol of the `fused_{tag}` module (for the catalog's compile check).
+pub fn fused_fn_names(tag: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for b in QMV_BITS {
+        for g in QMV_GROUPS {
+            v.push(format!("fused_swiglu_{tag}_b{b}_g{g}_r1"));
+            v.push(format!("fused_swiglu_{tag}_b{b}_g{g}_r2"));
+            for r in [1, 2, 4] {
+                v.push(format!("fused_combine_{tag}_b{b}_g{g}_r{r}"));
+            }
+            v.push(format!("fused_gating_{tag}_b{b}_g{g}"));
+        }
+    }
+    v.push(format!("fused_add_rms_norm_{tag}"));
+    v
+}
+
+/// `act[k, N] = swiglu(gather_qmv(gate), gather_qmv(up))` in one launch: for slot i,
+/// expert `ids[i]`, the gate and up rows are computed by one warp with qmv's exact per-row
+/// code (x shared, `[K]`), rounded to `dt` as qmv stores them, then swiglu with its per-op
+/// rounding. Bitwise identical to gather_qmv gate + gather_qmv up + swiglu.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_qmm_swiglu(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, ids: u64, k: usize, x: u64, act: u64) -> Result<()> {
+    gather_qmm_swiglu_rows(dev, dt, gate, up, ids, k, x, act, 1, 128)
+}
+
+/// [`gather_qmm_swiglu`] with an explicit number of gate/up row pairs per warp (`r`: 1 or 2)
+/// and block size (`threads`: 32..=256, a multiple of 32); results do not depend on them.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, ids: u64, k: usize, x: u64, act: u64, r: u32, threads: u32) -> Result<()> {
+    check_q(gate, "gate")?;
+    check_q(up, "up")?;
+    if (gate.n, gate.k, gate.bits, gate.group_size, gate.n_experts) != (up.n, up.k, up.bits, up.group_size, up.n_experts) {
+        return Err(inv("gather_qmm_swiglu: gate and up must have the same shape and quantization".into()));
+    }
+    aligned(up.w, 16, "up")?;
+    aligned(x, 16, "x")?;
+    if ids == 0 || k == 0 || !(r == 1 || r == 2) || threads % 32 != 0 || !(32..=256).contains(&threads) {
+        return Err(inv("gather_qmm_swiglu needs expert ids, k > 0, r in {1, 2}, threads 32..=256".into()));
+    }
+    let tag = dtype_tag(dt)?;
+    let rows_per_block = r * threads / 32;
+    dev.launch(
+        &format!("fused_swiglu_{tag}_b{}_g{}_r{r}", gate.bits, gate.group_size),
+        ((gate.n as u32).div_ceil(rows_per_block), k as u32, 1),
+        (threads, 1, 1),
+        0,
+        &[
+            Arg::Ptr(gate.w),
+            Arg::Ptr(gate.scales),
+            Arg::Ptr(gate.biases),
+            Arg::Ptr(up.w),
+            Arg::Ptr(up.scales),
+            Arg::Ptr(up.biases),
+            Arg::Ptr(ids),
+            Arg::Ptr(x),
+            Arg::Ptr(act),
+            Arg::I32(gate.n as i32),
+            Arg::I32(gate.k as i32),
+            Arg::I32(((1u32 << gate.bits) - 1) as i32),
+        ],
+    )
+}
+
+/// Down projection of the k experts + weighted sum (+ residual) in one launch:
+/// `out[n] = r(residual[n] + m[n])` (or `m[n]` when `residual` is 0), where `m` is exactly
+/// moe_combine of `y_j = gather_qmv(down, act_j)`: `m = r(m + r(w_j * r(y_j)))` in list
+/// order from 0. One warp per output row computes its k dot products with qmv's per-row
+/// code. `weights`: f32 `[k]`; `act`: `[k, K]`; in place (`out == residual`) allowed.
+/// Bitwise identical to gather_qmv down + moe_combine (+ add).
+#[allow(clippy::too_many_arguments)]
+pub fn gather_qmm_combine(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64) -> Result<()> {
+    // 4 output rows per block: 8.69 µs vs 11.6 (2 rows) on H100 for Qwen3-30B (docs/kernels.md).
+    gather_qmm_combine_rows(dev, dt, down, ids, weights, k, act, residual, out, 4)
+}
+
+/// [`gather_qmm_combine`] with an explicit number of output rows per block (`r`: 1, 2 or 4;
+/// the block has min(k, 8) warps, one slot each in turn); results do not depend on it.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64, r: u32) -> Result<()> {
+    check_q(down, "down")?;
+    aligned(act, 16, "act")?;
+    if ids == 0 || weights == 0 || k == 0 || k > 4096 || ![1, 2, 4].contains(&r) {
+        return Err(inv("gather_qmm_combine needs expert ids, weights, 0 < k <= 4096, r in {1, 2, 4}".into()));
+    }
+    let tag = dtype_tag(dt)?;
+    let threads = 32 * k.min(8) as u32;
+    dev.launch(
+        &format!("fused_combine_{tag}_b{}_g{}_r{r}", down.bits, down.group_size),
+        ((down.n as u32).div_ceil(r), 1, 1),
+        (threads, 1, 1),
+        (k * r as usize * 4) as u32,
+        &[
+            Arg::Ptr(down.w),
+            Arg::Ptr(down.scales),
+            Arg::Ptr(down.biases),
+            Arg::Ptr(ids),
+            Arg::Ptr(weights),
+            Arg::I32(k as i32),
+            Arg::Ptr(act),
+            Arg::Ptr(residual),
+            Arg::Ptr(out),
+            Arg::I32(down.n as i32),
+            Arg::I32(down.k as i32),
+            Arg::I32(((1u32 << down.bits) - 1) as i32),
+        ],
+    )
+}
+
+/// `h = r(x + delta)` (stored to `h_out`; `h_out == x` allowed) and `normed = rms_norm(h, w)`
+/// in one launch, over one row of `n`. Bitwise identical to add + rms_norm (same block size
+/// and reduction order as [`crate::ops::rms_norm`]).
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm(dev: &CudaDevice, dt: DType, x: u64, delta: u64, w: u64, h_out: u64, normed_out: u64, n: usize, eps: f32) -> Result<()> {
+    let tag = dtype_tag(dt)?;
+    let inv_n = (1.0f64 / n as f64) as f32;
+    // Must match ops::rms_norm's block size: the reduction order depends on it.
+    let threads = (n.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32;
+    dev.launch(
+        &format!("fused_add_rms_norm_{tag}"),
+        (1, 1, 1),
+        (threads, 1, 1),
+        0,
+        &[Arg::Ptr(x), Arg::Ptr(delta), Arg::Ptr(w), Arg::Ptr(h_out), Arg::Ptr(normed_out), Arg::I32(n as i32), Arg::F32(eps), Arg::F32(inv_n)],
+    )
+}
+
+/// Bytes of the [`moe_gating`] workspace for `e` experts: zero it once after allocating;
+/// the kernel leaves its counter zeroed after every call (graph replays need no memset).
+pub fn moe_gating_workspace_bytes(e: usize) -> usize {
+    16 + 4 * e
+}
+
+/// Router matvec + softmax + top-k (+ renorm) in one launch: logits = qmv(router, x)
+/// rounded to `dt`, then the last block to finish runs softmax_topk's exact code on them.
+/// E = `router.n`. ids: u32 `[k]`, weights: f32 `[k]`. Bitwise identical to qmv +
+/// softmax_topk(rows = 1, same `round_probs`, `renorm`).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_gating(dev: &CudaDevice, dt: DType, router: &QuantWeight, x: u64, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64, workspace: u64) -> Result<()> {
+    check_q(router, "router")?;
+    aligned(x, 16, "x")?;
+    aligned(workspace, 16, "gating workspace")?;
+    let e = router.n;
+    if k == 0 || k > 64 || k > e || e > 8192 {
+        return Err(inv(format!("moe_gating: k={k}, E={e} unsupported (k <= 64, E <= 8192)")));
+    }
+    let tag = dtype_tag(dt)?;
+    let threads = 128u32;
+    dev.launch(
+        &format!("fused_gating_{tag}_b{}_g{}", router.bits, router.group_size),
+        ((e as u32).div_ceil(threads / 32), 1, 1),
+        (threads, 1, 1),
+        (e * 4) as u32,
+        &[
+            Arg::Ptr(router.w),
+            Arg::Ptr(router.scales),
+            Arg::Ptr(router.biases),
+            Arg::Ptr(x),
+            Arg::Ptr(ids),
+            Arg::Ptr(weights),
+            Arg::Ptr(workspace),
+            Arg::I32(e as i32),
+            Arg::I32(router.k as i32),
+            Arg::I32(k as i32),
+            Arg::I32(round_probs as i32),
+            Arg::I32(renorm as i32),
+            Arg::I32(((1u32 << router.bits) - 1) as i32),
+        ],
+    )
+}

@@ -1,0 +1,234 @@
+// Fused decode kernels for the `patch` patterns. Compiled after common.cuh, qmv.cu and
+// ops.cu (templates only): they reuse qmv_lane_partials, so every dot product is bitwise
+// the one qmv computes (same lane -> chunk mapping, same FMA order, same warp_sum tree),
+// and softmax_topk_impl itself for the router tail.
+//
+// THE RULE: each kernel's outputs are bitwise identical to the unfused launch sequence
+// it replaces (docs/kernels.md, "Fused MoE kernels"). Every intermediate the unfused
+// chain stores in the dtype is rounded to the dtype here at the same point.
+
+// swiglu on values already rounded to the dtype (exactly swiglu_impl in ops.cu).
+template <class D> __device__ __forceinline__ typename D::T swiglu_val(float gv, float uv) {
+  const float e = D::rnd(mlx_exp(fabsf(gv)));
+  const float yv = __fdiv_rn(1.0f, __fadd_rn(1.0f, e));
+  const float s = D::rnd(gv < 0.0f ? yv : __fsub_rn(1.0f, yv));
+  const float silu = D::rnd(__fmul_rn(gv, s));
+  return D::st(__fmul_rn(silu, uv));
+}
+
+// 1. gather_qmm_swiglu: act[slot, n] = swiglu(r(gate[e]·x)[n], r(up[e]·x)[n]), e = ids[slot].
+// Replaces gather_qmv gate + gather_qmv up + swiglu. One warp: R gate rows and the same R up
+// rows (2R dot products, loads of all in flight), x shared. blockIdx.y = slot.
+template <class D, int BITS, int GS, int R>
+__device__ __forceinline__ void gqs_impl(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
+                                         const typename D::T* __restrict__ bg, const u32* __restrict__ wu,
+                                         const typename D::T* __restrict__ su, const typename D::T* __restrict__ bu,
+                                         const u32* __restrict__ ids, const typename D::T* __restrict__ x,
+                                         typename D::T* __restrict__ act, int N, int K, u32 qmask) {
+  const int slot = blockIdx.y;
+  const long long wpr = (long long)K * BITS / 32;
+  const int groups = K / GS;
+  const int chunks = K >> 5;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * R;
+  if (row0 >= N) return;
+  const long long e = ids[slot];
+  const u32* wr[2 * R];
+  const typename D::T* sr[2 * R];
+  const typename D::T* br[2 * R];
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const long long row = e * N + min(row0 + r, N - 1);
+    wr[r] = wg + row * wpr;
+    sr[r] = sg + row * groups;
+    br[r] = bg + row * groups;
+    wr[R + r] = wu + row * wpr;
+    sr[R + r] = su + row * groups;
+    br[R + r] = bu + row * groups;
+  }
+  float acc[2 * R];
+  const typename D::T* xr[1] = {x};
+  qmv_lane_partials<D, BITS, GS, 2 * R, false>(wr, sr, br, xr, chunks, lane, qmask, acc);
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const float g = D::rnd(warp_sum(acc[r]));
+    const float u = D::rnd(warp_sum(acc[R + r]));
+    if (lane == r && row0 + r < N) act[(long long)slot * N + row0 + r] = swiglu_val<D>(g, u);
+  }
+}
+
+// 2. gather_qmm_combine: out[n] = r(residual[n] + r(m)), m = moe_combine of the k slots
+// y_j = r(down[e_j]·act_j)[n]: m = sum_f32 r(w_j * y_j) in list order from 0, rounded once
+// (out = r(m) when residual == 0). Replaces gather_qmv down + moe_combine (+ add).
+// Block: NW warps x R output rows; warp w computes the R rows of slots w, w+NW, ... with x =
+// act_slot shared by its R rows (qmv's code), into shared memory; then R threads fold the
+// k values of their row in slot order. Dynamic shared memory: k*R floats.
+template <class D, int BITS, int GS, int R>
+__device__ __forceinline__ void gqc_impl(const u32* __restrict__ w, const typename D::T* __restrict__ s,
+                                         const typename D::T* __restrict__ b, const u32* __restrict__ ids,
+                                         const float* __restrict__ wts, int k, const typename D::T* __restrict__ act,
+                                         const typename D::T* residual, typename D::T* out, int N, int K, u32 qmask) {
+  extern __shared__ float ys[];  // [k][R]
+  const long long wpr = (long long)K * BITS / 32;
+  const int groups = K / GS;
+  const int chunks = K >> 5;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  const int n0 = blockIdx.x * R;
+  for (int j = warp; j < k; j += nw) {
+    const long long e = ids[j];
+    const u32* wr[R];
+    const typename D::T* sr[R];
+    const typename D::T* br[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      const long long row = e * N + min(n0 + r, N - 1);
+      wr[r] = w + row * wpr;
+      sr[r] = s + row * groups;
+      br[r] = b + row * groups;
+    }
+    const typename D::T* xr[1] = {act + (long long)j * K};
+    float acc[R];
+    qmv_lane_partials<D, BITS, GS, R, false>(wr, sr, br, xr, chunks, lane, qmask, acc);
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      const float y = D::rnd(warp_sum(acc[r]));
+      if (lane == r) ys[j * R + r] = y;
+    }
+  }
+  __syncthreads();
+  const int t = threadIdx.x;
+  if (t < R && n0 + t < N) {
+    float m = 0.0f;
+    for (int j = 0; j < k; j++) m = __fadd_rn(m, D::rnd(__fmul_rn(wts[j], ys[j * R + t])));
+    out[n0 + t] = residual != 0 ? D::st(__fadd_rn(D::ld(residual[n0 + t]), D::rnd(m))) : D::st(m);
+  }
+}
+
+// 3. add_rms_norm: h = r(x + delta) (stored), normed = rms_norm(h, w) with rms_norm_impl's
+// exact reduction order (same block size: the launcher mirrors ops::rms_norm). One row per
+// block. In place allowed (h_out == x).
+template <class D>
+__device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const typename D::T* __restrict__ delta,
+                                                  const typename D::T* __restrict__ w, typename D::T* h_out,
+                                                  typename D::T* __restrict__ y, int n, float eps, float inv_n) {
+  __shared__ float red[32];
+  x += (long long)blockIdx.x * n;
+  delta += (long long)blockIdx.x * n;
+  h_out += (long long)blockIdx.x * n;
+  y += (long long)blockIdx.x * n;
+  const int nt = blockDim.x;
+  if (n <= 8 * nt) {
+    float v[8], wv[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const int i = threadIdx.x + j * nt;
+      v[j] = i < n ? D::rnd(__fadd_rn(D::ld(x[i]), D::ld(delta[i]))) : 0.0f;
+      wv[j] = i < n ? D::ld(w[i]) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const int i = threadIdx.x + j * nt;
+      if (i < n) h_out[i] = D::st(v[j]);
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) ss = fmaf(v[j], v[j], ss);
+    ss = block_sum(ss, red);
+    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const int i = threadIdx.x + j * nt;
+      if (i < n) y[i] = D::st(__fmul_rn(D::rnd(__fmul_rn(v[j], r)), wv[j]));
+    }
+    return;
+  }
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < n; i += nt) {
+    const float v = D::rnd(__fadd_rn(D::ld(x[i]), D::ld(delta[i])));
+    h_out[i] = D::st(v);
+    ss = fmaf(v, v, ss);
+  }
+  ss = block_sum(ss, red);
+  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
+  for (int i = threadIdx.x; i < n; i += nt) {  // h_out[i] was written by this same thread
+    const float v = D::rnd(__fmul_rn(D::ld(h_out[i]), r));
+    y[i] = D::st(__fmul_rn(v, D::ld(w[i])));
+  }
+}
+
+// 4. moe_gating: router logits (qmv rows, one per warp, rounded to the dtype as qmv stores
+// them) into ws, then the last block to finish (threadfence + counter, reset for the next
+// call) runs softmax_topk_impl's exact single-warp code on them. Replaces qmv + softmax_topk.
+// ws: u32 counter (zero before the first call; left zero), then E f32 logits at ws + 16 B.
+template <class D, int BITS, int GS>
+__device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const typename D::T* __restrict__ sc,
+                                                const typename D::T* __restrict__ bi, const typename D::T* __restrict__ x,
+                                                u32* __restrict__ ids, float* __restrict__ wout, u32* ws, int E, int K,
+                                                int k, int round_probs, int renorm, u32 qmask) {
+  __shared__ bool last;
+  typename D::T* logits = reinterpret_cast<typename D::T*>(ws + 4);
+  const long long wpr = (long long)K * BITS / 32;
+  const int groups = K / GS;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (blockDim.x >> 5) + warp;
+  if (row < E) {
+    const u32* wr[1] = {w + row * wpr};
+    const typename D::T* sr[1] = {sc + (long long)row * groups};
+    const typename D::T* br[1] = {bi + (long long)row * groups};
+    const typename D::T* xr[1] = {x};
+    float acc[1];
+    qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, xr, K >> 5, lane, qmask, acc);
+    const float v = warp_sum(acc[0]);
+    if (lane == 0) {
+      logits[row] = D::st(v);
+      __threadfence();  // the writer's own fence: visible before the counter moves
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const u32 done = atomicAdd(ws, 1u);
+    last = (done == gridDim.x - 1);
+  }
+  __syncthreads();
+  if (!last || warp != 0) return;
+  __threadfence();
+  if (lane == 0) ws[0] = 0u;  // ready for the next call / graph replay
+  // softmax_topk_impl itself (one warp, lane = threadIdx.x), so the router tail is that
+  // kernel's code by construction; it offsets its pointers by blockIdx.x rows, which the
+  // pointers passed here undo.
+  const long long o = blockIdx.x;
+  softmax_topk_impl<D>(logits - o * E, ids - o * k, wout - o * k, E, k, round_probs, renorm);
+}
+
+#define ZMLX_FUSED_C(DT, DN, BITS, GS, R)                                                                      \
+  extern "C" __global__ void __launch_bounds__(256) fused_combine_##DN##_b##BITS##_g##GS##_r##R(               \
+      const u32* w, const DT::T* s, const DT::T* b, const u32* ids, const float* wts, int k, const DT::T* act,  \
+      const DT::T* residual, DT::T* out, int N, int K, u32 qmask) {                                            \
+    gqc_impl<DT, BITS, GS, R>(w, s, b, ids, wts, k, act, residual, out, N, K, qmask);                          \
+  }
+#define ZMLX_FUSED_Q(DT, DN, BITS, GS)                                                                         \
+  extern "C" __global__ void __launch_bounds__(256) fused_swiglu_##DN##_b##BITS##_g##GS##_r1(                  \
+      const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
+      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask) {                                   \
+    gqs_impl<DT, BITS, GS, 1>(wg, sg, bg, wu, su, bu, ids, x, act, N, K, qmask);                               \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256) fused_swiglu_##DN##_b##BITS##_g##GS##_r2(                  \
+      const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
+      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask) {                                   \
+    gqs_impl<DT, BITS, GS, 2>(wg, sg, bg, wu, su, bu, ids, x, act, N, K, qmask);                               \
+  }                                                                                                            \
+  ZMLX_FUSED_C(DT, DN, BITS, GS, 1) ZMLX_FUSED_C(DT, DN, BITS, GS, 2) ZMLX_FUSED_C(DT, DN, BITS, GS, 4)          \
+  extern "C" __global__ void __launch_bounds__(256) fused_gating_##DN##_b##BITS##_g##GS(                       \
+      const u32* w, const DT::T* s, const DT::T* b, const DT::T* x, u32* ids, float* wout, u32* ws, int E,     \
+      int K, int k, int round_probs, int renorm, u32 qmask) {                                                  \
+    moe_gating_impl<DT, BITS, GS>(w, s, b, x, ids, wout, ws, E, K, k, round_probs, renorm, qmask);             \
+  }
+#define ZMLX_FUSED_G(DT, DN, BITS) ZMLX_FUSED_Q(DT, DN, BITS, 32) ZMLX_FUSED_Q(DT, DN, BITS, 64) ZMLX_FUSED_Q(DT, DN, BITS, 128)
+#define ZMLX_FUSED_ALL(DT, DN)                                                                                 \
+  ZMLX_FUSED_G(DT, DN, 2) ZMLX_FUSED_G(DT, DN, 3) ZMLX_FUSED_G(DT, DN, 4) ZMLX_FUSED_G(DT, DN, 5)             \
+  ZMLX_FUSED_G(DT, DN, 6) ZMLX_FUSED_G(DT, DN, 8)                                                              \
+  extern "C" __global__ void fused_add_rms_norm_##DN(const DT::T* x, const DT::T* delta, const DT::T* w,       \
+                                                     DT::T* h, DT::T* y, int n, float eps, float inv_n) {      \
+    add_rms_norm_impl<DT>(x, delta, w, h, y, n, eps, inv_n);                                                   \
+  }
