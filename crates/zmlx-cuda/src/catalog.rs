@@ -13,6 +13,8 @@ pub const FUSED: &str = include_str!("kernels/fused.cu");
 pub const QMV_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 pub const QMV_GROUPS: [u32; 3] = [32, 64, 128];
 pub const QMV_ROWS: [u32; 2] = [1, 4];
+/// Head dims with attention kernels (`attn_split_<dt>_d<HD>`, `attn_combine_<dt>_d<HD>`).
+pub const ATTN_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
 /// Short name used in kernel symbols.
 pub fn dtype_tag(dt: DType) -> Result<&'static str> {
@@ -81,11 +83,13 @@ pub fn module_spec(name: &str) -> Option<ModuleSpec> {
             let functions = [
                 "rms_norm", "rope", "kv_append", "attn_split", "attn_combine", "softmax_topk", "moe_combine",
                 "swiglu", "add", "embed", "argmax", "copy_u4",
+                // logprobs_argmax, dummy-weight fills, dense matvec
+                "lpa_max", "lpa_select", "fill_random_u32", "fill_random_uniform", "affine", "mv_dense", "embed_dense",
             ]
             .iter()
             .flat_map(|k| match *k {
-                "attn_split" | "attn_combine" => vec![format!("{k}_{tag}_d64"), format!("{k}_{tag}_d128")],
-                "copy_u4" => vec![k.to_string()],
+                "attn_split" | "attn_combine" => ATTN_HEAD_DIMS.iter().map(|d| format!("{k}_{tag}_d{d}")).collect(),
+                "copy_u4" | "fill_random_u32" => vec![k.to_string()],
                 _ => vec![format!("{k}_{tag}")],
             })
             .collect();

@@ -181,8 +181,8 @@ impl AttnShape {
         if self.splits() > 2048 {
             return Err(inv(format!("max_len {} > {} not supported", self.max_len, 2048 * ATT_CHUNK)));
         }
-        if self.head_dim != 64 && self.head_dim != 128 {
-            return Err(inv(format!("head_dim {} not supported (64, 128)", self.head_dim)));
+        if ![16, 32, 64, 128].contains(&self.head_dim) {
+            return Err(inv(format!("head_dim {} not supported (16, 32, 64, 128)", self.head_dim)));
         }
         Ok(())
     }
@@ -255,9 +255,11 @@ pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, q: u64, k_ca
     )
 }
 
-/// Router: per row of `e` logits, softmax (f32), top-`k` (ties → lower index, listed by
-/// descending weight), optional renormalisation. `round_probs`: round probabilities to
-/// `dt` as MLX's `softmax(precise=True)` output does. ids: u32 `[rows, k]`; weights: f32 `[rows, k]`.
+/// Router: per row of `e` logits, p = softmax (f32, sequential sum as MLX's CPU), top-`k`
+/// (ties → lower index, listed by descending p), optional renormalisation
+/// w = r(p / r(Σ_f32 p)) (sum in list order). `round_probs`: round p to `dt` as MLX's
+/// `softmax(precise=True)` output does. ids: u32 `[rows, k]`; weights: f32 `[rows, k]`
+/// holding dt-exact values when `round_probs`.
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_topk(dev: &CudaDevice, dt: DType, logits: u64, rows: usize, e: usize, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64) -> Result<()> {
     if k == 0 || k > 64 || k > e || e > 8192 {
@@ -285,7 +287,8 @@ fn elementwise(dev: &CudaDevice, name: &str, n: usize, args: &[Arg]) -> Result<(
     dev.launch(name, ((n as u32).div_ceil(256), 1, 1), (256, 1, 1), 0, args)
 }
 
-/// out[n] = Σ_j r(w[j] * y[j, :]) accumulated in `dt` in list order; w: f32 `[k]`.
+/// out[n] = r(Σ_j r(w[j] * y[j, :])): products rounded to `dt`, summed in f32 from 0 in
+/// list order, rounded once (MLX 0.32.4's `(y * scores).sum(-2)`); w: f32 `[k]`.
 pub fn moe_combine(dev: &CudaDevice, dt: DType, y: u64, w: u64, out: u64, k: usize, n: usize) -> Result<()> {
     let tag = dtype_tag(dt)?;
     elementwise(dev, &format!("moe_combine_{tag}"), n, &[Arg::Ptr(y), Arg::Ptr(w), Arg::Ptr(out), Arg::I32(k as i32), Arg::I32(n as i32)])
@@ -334,6 +337,136 @@ pub fn argmax(dev: &CudaDevice, dt: DType, x: u64, n: usize, workspace: u64, out
     let tag = dtype_tag(dt)?;
     let blocks = (n as u32).div_ceil(256 * 8).clamp(1, 2 * dev.sm_count());
     dev.launch(&format!("argmax_{tag}"), (blocks, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(x), Arg::Ptr(out), Arg::Ptr(workspace), Arg::I32(n as i32)])
+}
+
+/// Most blocks of [`logprobs_argmax`] (LPA_MAX_BLOCKS in ops.cu).
+const LPA_MAX_BLOCKS: usize = 1024;
+
+/// Bytes of the [`logprobs_argmax`] workspace (8,208): zero it (at least its first 16
+/// bytes) once after allocating; the kernels leave words 0..3 zeroed after every call
+/// (graph replays need no memset), except word 3, the last call's lse (f32 bits), kept for
+/// tests and debugging.
+pub const LOGPROBS_ARGMAX_WORKSPACE_BYTES: usize = 16 + 8 * LPA_MAX_BLOCKS;
+
+/// (blocks, elements per block) of [`logprobs_argmax`] for `n` logits on `dev`. The f32
+/// sum's order depends on it (fixed per device and n).
+pub fn logprobs_argmax_grid(dev: &CudaDevice, n: usize) -> (usize, usize) {
+    let blocks = n.div_ceil(1024).clamp(1, (2 * dev.sm_count() as usize).min(LPA_MAX_BLOCKS));
+    (blocks, n.div_ceil(blocks))
+}
+
+/// mlx-lm's greedy token: the first index of the maximum of `r(l - lse)`, lse =
+/// `r(logf(Σ mlx_exp(l - max)) + max)` (f32 max and sum; `r` rounds to `dt`), written as a
+/// u32 at `out`. Not always `argmax(logits)`: subtracting lse and rounding can tie the top
+/// logits, and the lowest index wins. Two launches, no host sync (graph-capturable).
+/// `workspace`: [`LOGPROBS_ARGMAX_WORKSPACE_BYTES`], zeroed once.
+pub fn logprobs_argmax(dev: &CudaDevice, dt: DType, logits: u64, n: usize, workspace: u64, out: u64) -> Result<()> {
+    if n == 0 || n >= (1 << 31) {
+        return Err(inv(format!("logprobs_argmax: n={n} unsupported")));
+    }
+    aligned(workspace, 16, "logprobs_argmax workspace")?;
+    let tag = dtype_tag(dt)?;
+    let (blocks, chunk) = logprobs_argmax_grid(dev, n);
+    debug_assert!(blocks <= LPA_MAX_BLOCKS);
+    let grid = (blocks as u32, 1, 1);
+    dev.launch(&format!("lpa_max_{tag}"), grid, (256, 1, 1), 0, &[Arg::Ptr(logits), Arg::Ptr(workspace), Arg::I32(n as i32), Arg::I32(chunk as i32)])?;
+    dev.launch(
+        &format!("lpa_select_{tag}"),
+        grid,
+        (256, 1, 1),
+        0,
+        &[Arg::Ptr(logits), Arg::Ptr(workspace), Arg::Ptr(out), Arg::I32(n as i32), Arg::I32(chunk as i32)],
+    )
+}
+
+fn fill_grid(dev: &CudaDevice, n: usize) -> (u32, u32, u32) {
+    ((n.div_ceil(256) as u64).clamp(1, 32 * dev.sm_count() as u64) as u32, 1, 1)
+}
+
+/// Fill `n` u32 words at `ptr` with a counter-based hash of (seed, index): word i =
+/// high 32 bits of SplitMix64 output i from start `mix(seed)` (`reference::fill_hash`).
+/// Every bit pattern is possible; the same seed gives the same words.
+pub fn fill_random_u32(dev: &CudaDevice, ptr: u64, n: usize, seed: u64) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    aligned(ptr, 4, "fill_random_u32")?;
+    dev.launch("fill_random_u32", fill_grid(dev, n), (256, 1, 1), 0, &[Arg::Ptr(ptr), Arg::Ptr(n as u64), Arg::Ptr(seed)])
+}
+
+/// Fill `n` values of `dt` at `ptr` uniformly in [lo, hi]: v_i = r(lo + (hi - lo)·u_i),
+/// u_i = (hash(seed, i) >> 40)·2⁻²⁴ (f32 ops, no FMA), rounded to `dt`.
+#[allow(clippy::too_many_arguments)]
+pub fn fill_random_uniform(dev: &CudaDevice, dt: DType, ptr: u64, n: usize, seed: u64, lo: f32, hi: f32) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let tag = dtype_tag(dt)?;
+    dev.launch(
+        &format!("fill_random_uniform_{tag}"),
+        fill_grid(dev, n),
+        (256, 1, 1),
+        0,
+        &[Arg::Ptr(ptr), Arg::Ptr(n as u64), Arg::Ptr(seed), Arg::F32(lo), Arg::F32(hi)],
+    )
+}
+
+/// y = r(a·x + b) elementwise over `n` values of `dt` (f32 product, then f32 sum, no FMA;
+/// one rounding). In place allowed (y == x).
+#[allow(clippy::too_many_arguments)]
+pub fn affine(dev: &CudaDevice, dt: DType, x: u64, y: u64, n: usize, a: f32, b: f32) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let tag = dtype_tag(dt)?;
+    dev.launch(&format!("affine_{tag}"), fill_grid(dev, n), (256, 1, 1), 0, &[Arg::Ptr(x), Arg::Ptr(y), Arg::Ptr(n as u64), Arg::F32(a), Arg::F32(b)])
+}
+
+fn dense_check(dt: DType, w: u64, n: usize, k: usize) -> Result<()> {
+    let epc = 16 / dt.size_bytes();
+    if n == 0 || k == 0 || k % epc != 0 || n >= (1 << 31) || k >= (1 << 31) {
+        return Err(inv(format!("dense matvec: N={n}, K={k}: K must be a positive multiple of {epc} for {dt}")));
+    }
+    aligned(w, 16, "dense weight")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mv_dense_launch(dev: &CudaDevice, dt: DType, w: u64, n: usize, k: usize, ids: u64, slots: usize, x: u64, x_stride: usize, y: u64) -> Result<()> {
+    dense_check(dt, w, n, k)?;
+    let tag = dtype_tag(dt)?;
+    dev.launch(
+        &format!("mv_dense_{tag}"),
+        (n.div_ceil(128) as u32, slots as u32, 1),
+        (128, 1, 1),
+        0,
+        &[Arg::Ptr(w), Arg::Ptr(x), Arg::Ptr(y), Arg::Ptr(ids), Arg::I32(n as i32), Arg::I32(k as i32), Arg::I32(x_stride as i32)],
+    )
+}
+
+/// y[N] = W·x for an unquantized W `[N, K]` of `dt` (row-major, 16-byte aligned, K a
+/// multiple of 8 for bf16/f16, 4 for f32). Each output accumulates in f32 in k order
+/// from 0 (product, then add; no FMA) and is rounded once: bit-identical to MLX's CPU
+/// gemm (zmlx-core `ops::matmul_t`).
+#[allow(clippy::too_many_arguments)]
+pub fn mv_dense(dev: &CudaDevice, dt: DType, w: u64, n: usize, k: usize, x: u64, y: u64) -> Result<()> {
+    mv_dense_launch(dev, dt, w, n, k, 0, 1, x, 0, y)
+}
+
+/// Unquantized MoE expert matmuls in one launch: for slot i < `kslots`,
+/// y[i] = W[ids[i]]·x_i with W stacked `[E, N, K]`, `ids` u32 in device memory (< E),
+/// x_i = x (shared) or x[i·K..] (`x_per_slot`); y `[kslots, N]`. Same arithmetic as [`mv_dense`].
+#[allow(clippy::too_many_arguments)]
+pub fn gather_mv_dense(dev: &CudaDevice, dt: DType, w_stacked: u64, n: usize, k: usize, ids: u64, kslots: usize, x: u64, x_per_slot: bool, y: u64) -> Result<()> {
+    if ids == 0 || kslots == 0 {
+        return Err(inv("gather_mv_dense needs expert ids and kslots > 0".into()));
+    }
+    mv_dense_launch(dev, dt, w_stacked, n, k, ids, kslots, x, if x_per_slot { k } else { 0 }, y)
+}
+
+/// Row `*id_ptr` (u32 in device memory) of an unquantized table `[vocab, dim]` → out `[dim]`.
+pub fn embed_dense(dev: &CudaDevice, dt: DType, table: u64, dim: usize, id_ptr: u64, out: u64) -> Result<()> {
+    let tag = dtype_tag(dt)?;
+    elementwise(dev, &format!("embed_dense_{tag}"), dim, &[Arg::Ptr(table), Arg::Ptr(id_ptr), Arg::Ptr(out), Arg::I32(dim as i32)])
 }
 
 /// Device copy with a vectorized kernel (16-byte accesses); `bytes` multiple of 16.

@@ -170,3 +170,132 @@ pub fn norm_bound(dt: DType) -> f64 {
         _ => 1e-5,
     }
 }
+
+// ---- dummy-weight fills ----
+
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Value `i` of the fill stream `seed`: SplitMix64 output `i` from the start `mix(seed)`.
+pub fn fill_hash(seed: u64, i: u64) -> u64 {
+    mix64(mix64(seed).wrapping_add(i.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+}
+
+/// Word `i` of `ops::fill_random_u32(seed)`.
+pub fn fill_u32(seed: u64, i: u64) -> u32 {
+    (fill_hash(seed, i) >> 32) as u32
+}
+
+/// Value `i` of `ops::fill_random_uniform(dt, seed, lo, hi)`: r(lo + (hi - lo)·u), u = 24 bits / 2^24.
+pub fn fill_uniform(dt: DType, seed: u64, i: u64, lo: f32, hi: f32) -> f32 {
+    let u = (fill_hash(seed, i) >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
+    dt.round(lo + (hi - lo) * u)
+}
+
+// ---- greedy token (mlx-lm: argmax(logits - logsumexp(logits))) ----
+
+/// f32 max ignoring NaN (`f32::max`), as MLX's max reduction.
+pub fn max_f32(l: &[f32]) -> f32 {
+    l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// MLX CPU `logsumexp` of a row of `dt` values: sequential f32 sum of MLX-exp(l - max),
+/// `ln` (libm `logf`), + max, rounded to `dt`; max when max is infinite.
+pub fn logsumexp_seq(dt: DType, l: &[f32]) -> f32 {
+    let m = max_f32(l);
+    if m.is_infinite() {
+        return dt.round(m);
+    }
+    let mut s = 0.0f32;
+    for &v in l {
+        s += zmlx_core::mlx_math::exp(v - m);
+    }
+    dt.round(s.ln() + m)
+}
+
+/// f64 logsumexp (no rounding), for tolerances.
+pub fn logsumexp_f64(l: &[f32]) -> f64 {
+    let m = max_f32(l) as f64;
+    m + l.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+}
+
+/// First index of the maximum of r(l_i - lse) (rounded to `dt`); 0 when that maximum is NaN
+/// (MLX's argmax over a NaN row keeps index 0).
+pub fn greedy_token(dt: DType, l: &[f32], lse: f32) -> usize {
+    let lp: Vec<f32> = l.iter().map(|&v| dt.round(v - lse)).collect();
+    let mut best = 0;
+    for i in 1..lp.len() {
+        if lp[i] > lp[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+// ---- dense matvec ----
+
+/// MLX CPU gemm order for one output row: f32 accumulator from 0, `acc += x[k]*w[k]` in k
+/// order (product, then add), rounded to `dt` once.
+pub fn dense_row_seq(dt: DType, w: &[f32], x: &[f32]) -> f32 {
+    let mut acc = 0.0f32;
+    for (a, b) in x.iter().zip(w) {
+        acc += a * b;
+    }
+    dt.round(acc)
+}
+
+/// f64 dot product with its Σ|terms|.
+pub fn dense_row_f64(w: &[f32], x: &[f32]) -> RefVal {
+    let (mut v, mut s) = (0.0f64, 0.0f64);
+    for (a, b) in x.iter().zip(w) {
+        let t = *a as f64 * *b as f64;
+        v += t;
+        s += t.abs();
+    }
+    RefVal { v, scale: s }
+}
+
+// ---- router ----
+
+/// MLX `softmax(precise=True)` of one row: f32 max, sequential f32 sum of MLX-exp(l - max),
+/// p = exp(l - max) · (1/sum), rounded to `dt` when `round_probs`.
+pub fn softmax_seq(dt: DType, l: &[f32], round_probs: bool) -> Vec<f32> {
+    let m = max_f32(l);
+    let mut s = 0.0f32;
+    for &v in l {
+        s += zmlx_core::mlx_math::exp(v - m);
+    }
+    let inv = 1.0f32 / s;
+    l.iter()
+        .map(|&v| {
+            let p = zmlx_core::mlx_math::exp(v - m) * inv;
+            if round_probs {
+                dt.round(p)
+            } else {
+                p
+            }
+        })
+        .collect()
+}
+
+/// Top-k of `p` by value, ties → lower index, in descending order; then the weights:
+/// `renorm`: r(p / r(Σ_f32 p in list order)) (no rounding when not `round_probs`), else p.
+pub fn topk_weights(dt: DType, p: &[f32], k: usize, round_probs: bool, renorm: bool) -> (Vec<u32>, Vec<f32>) {
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    let ids: Vec<u32> = order[..k].iter().map(|&i| i as u32).collect();
+    let top: Vec<f32> = order[..k].iter().map(|&i| p[i]).collect();
+    if !renorm {
+        return (ids, top);
+    }
+    let mut s = 0.0f32;
+    for &v in &top {
+        s += v;
+    }
+    let rnd = |v: f32| if round_probs { dt.round(v) } else { v };
+    let s = rnd(s);
+    (ids, top.iter().map(|&v| rnd(v / s)).collect())
+}

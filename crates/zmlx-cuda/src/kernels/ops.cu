@@ -272,16 +272,21 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
   }
 }
 
-// Router: softmax (f32, MLX exp, tree-order sum, times 1/sum) over E logits per row,
-// optionally rounded to the dtype (MLX `softmax(precise=True)` returns the dtype),
-// then top-k by value (ties -> lower index), listed in descending order, then optional
-// renormalisation (sum of the k weights accumulated in the dtype, then w / sum rounded).
-// Weights are written as f32 (values exact in the dtype when round_probs != 0).
+// Router, as mlx-lm's Qwen3 MoE: p = softmax(precise=True) over E logits per row (f32
+// max, MLX exp, ONE f32 accumulator summed in element order from 0 like MLX's CPU
+// softmax, times r32(1/sum)), rounded to the dtype when round_probs (MLX returns the
+// dtype); top-k by value (ties -> lower index), listed by descending value; optional
+// renormalisation w = r(p / r(sum_f32 p)), the k values summed in f32 in list order and
+// rounded once (MLX 0.32.4 sums bf16/f16 in f32). MLX's argpartition order is not
+// reproduced: the renorm sum can differ from MLX's only when the f32 sum of the k values
+// is inexact (their magnitudes span more than ~2^13). Weights are written as f32
+// (exact in the dtype when round_probs != 0).
 template <class D>
 __device__ __forceinline__ void softmax_topk_impl(const typename D::T* __restrict__ logits, u32* __restrict__ ids,
                                                   float* __restrict__ wout, int E, int k, int round_probs, int renorm) {
   extern __shared__ float pr[];  // E floats; one warp per row (blockDim.x == 32)
   __shared__ float topw[64];
+  __shared__ float inv_sh;
   const int lane = threadIdx.x;
   logits += (long long)blockIdx.x * E;
   ids += (long long)blockIdx.x * k;
@@ -289,10 +294,24 @@ __device__ __forceinline__ void softmax_topk_impl(const typename D::T* __restric
   float m = -ZMLX_INF;
   for (int i = lane; i < E; i += 32) { float v = D::ld(logits[i]); pr[i] = v; m = fmaxf(m, v); }
   m = warp_max(m);
-  float sum = 0.0f;
-  for (int i = lane; i < E; i += 32) { float e = mlx_exp(__fsub_rn(pr[i], m)); pr[i] = e; sum += e; }
-  sum = warp_sum(sum);
-  const float inv = __fdiv_rn(1.0f, sum);
+  for (int i = lane; i < E; i += 32) pr[i] = mlx_exp(__fsub_rn(pr[i], m));
+  __syncwarp();
+  if (lane == 0) {
+    // Sequential f32 sum (the CPU's order): loads batched 8 at a time, adds in order.
+    float sum = 0.0f;
+    int i = 0;
+    for (; i + 8 <= E; i += 8) {
+      float t[8];
+#pragma unroll
+      for (int j = 0; j < 8; j++) t[j] = pr[i + j];
+#pragma unroll
+      for (int j = 0; j < 8; j++) sum = __fadd_rn(sum, t[j]);
+    }
+    for (; i < E; i++) sum = __fadd_rn(sum, pr[i]);
+    inv_sh = __fdiv_rn(1.0f, sum);
+  }
+  __syncwarp();
+  const float inv = inv_sh;
   for (int i = lane; i < E; i += 32) {
     float p = __fmul_rn(pr[i], inv);
     pr[i] = round_probs ? D::rnd(p) : p;
@@ -317,7 +336,8 @@ __device__ __forceinline__ void softmax_topk_impl(const typename D::T* __restric
   if (lane == 0) {
     if (renorm) {
       float s = 0.0f;
-      for (int j = 0; j < k; j++) s = round_probs ? D::rnd(__fadd_rn(s, topw[j])) : __fadd_rn(s, topw[j]);
+      for (int j = 0; j < k; j++) s = __fadd_rn(s, topw[j]);
+      if (round_probs) s = D::rnd(s);
       for (int j = 0; j < k; j++) { float v = __fdiv_rn(topw[j], s); wout[j] = round_probs ? D::rnd(v) : v; }
     } else {
       for (int j = 0; j < k; j++) wout[j] = topw[j];
@@ -326,15 +346,16 @@ __device__ __forceinline__ void softmax_topk_impl(const typename D::T* __restric
 }
 
 // Weighted sum of k expert outputs y [k, n] with f32 weights w [k] (exact in the dtype):
-// acc = r(w0*y0); acc = r(acc + r(wi*yi)) in list order (MLX: multiply, then a sum over
-// the k axis that accumulates in the dtype).
+// out = r( sum_j r(w_j * y_j) ), the products rounded to the dtype (MLX computes
+// `y * scores` as a dtype array), their sum accumulated in f32 from 0 in list order and
+// rounded once (MLX 0.32.4 reduces bf16/f16 sums in f32: zmlx-core `ops::sum_in_dtype`).
 template <class D>
 __device__ __forceinline__ void moe_combine_impl(const typename D::T* __restrict__ y, const float* __restrict__ w,
                                                  typename D::T* __restrict__ out, int k, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   float acc = 0.0f;
-  for (int j = 0; j < k; j++) acc = D::rnd(__fadd_rn(acc, D::rnd(__fmul_rn(w[j], D::ld(y[(long long)j * n + i])))));
+  for (int j = 0; j < k; j++) acc = __fadd_rn(acc, D::rnd(__fmul_rn(w[j], D::ld(y[(long long)j * n + i]))));
   out[i] = D::st(acc);
 }
 
@@ -424,11 +445,228 @@ __device__ __forceinline__ void argmax_impl(const typename D::T* __restrict__ x,
   }
 }
 
+// ---- mlx-lm's greedy token: argmax(logits - logsumexp(logits)) ----
+// lse = r(logf(sum_i mlx_exp(l_i - max)) + max) (f32 max and sum, CUDA logf <= 1 ulp;
+// lse = max when max is infinite), token = first index of the maximum of r(l_i - lse).
+// Rounding after subtracting lse can merge the top logits into ties, and MLX's argmax
+// keeps the lowest index, so plain argmax(logits) is not the same token.
+// Two launches over the same grid of B blocks (block b owns [b*chunk, (b+1)*chunk)):
+//   lpa_max:    block maxima -> blockmax[b] and an atomicMax of order-preserving bits (ws[0]);
+//   lpa_select: block sums (each thread sums its strided elements in order, then a fixed
+//               tree) -> partials[b]; the last block to finish sums the partials in a fixed
+//               order (deterministic for a given grid), forms lse and R = r(max - lse).
+//               r(l - lse) is monotone in l, so the maximisers are exactly the l >= some t:
+//               the answer lies in the first block whose maximum satisfies
+//               r(blockmax - lse) == R, and is the first index there that does (one scan
+//               of <= chunk elements). R NaN (a NaN logit, an infinite max) -> token 0, as
+//               MLX's argmax of an all-NaN row. It then zeroes ws[0..3) for the next call.
+// The f32 sum runs in a different order than MLX's CPU loop (sequential), see docs/kernels.md.
+// Workspace (words 0..3 zeroed once): u32 [0] max bits, [1] blocks done, [2] 0, [3] last
+// lse (f32 bits), then LPA_MAX_BLOCKS f32 partial sums, then LPA_MAX_BLOCKS f32 block maxima.
+#define LPA_MAX_BLOCKS 1024
+#define LPA_THREADS 256
+__device__ __forceinline__ float from_ordered_bits(u32 u) {
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+// Block-wide min of a u32; every thread gets the result. `sh` >= 32 words of shared memory.
+__device__ __forceinline__ u32 block_min_u32(u32 v, u32* sh) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();  // sh may still be read by an earlier call
+  if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = sh[0];
+  for (int w = 1; w < (int)(blockDim.x >> 5); w++) v = min(v, sh[w]);
+  return v;
+}
+template <class D>
+__device__ __forceinline__ void lpa_max_impl(const typename D::T* __restrict__ x, u32* __restrict__ ws, int n, int chunk) {
+  __shared__ float red[32];
+  const int start = blockIdx.x * chunk, end = min(start + chunk, n);
+  float m = -ZMLX_INF;
+  int i = start + threadIdx.x;
+  for (; i + 3 * LPA_THREADS < end; i += 4 * LPA_THREADS) {
+    const float a = D::ld(x[i]), b = D::ld(x[i + LPA_THREADS]), c = D::ld(x[i + 2 * LPA_THREADS]), d = D::ld(x[i + 3 * LPA_THREADS]);
+    m = fmaxf(fmaxf(m, a), fmaxf(fmaxf(b, c), d));  // fmaxf drops NaN
+  }
+  for (; i < end; i += LPA_THREADS) m = fmaxf(m, D::ld(x[i]));
+  m = block_max(m, red);
+  if (threadIdx.x == 0) {
+    reinterpret_cast<float*>(ws + 4 + LPA_MAX_BLOCKS)[blockIdx.x] = m;
+    atomicMax(ws, ordered_bits(m));
+  }
+}
+template <class D>
+__device__ __forceinline__ void lpa_select_impl(const typename D::T* __restrict__ x, u32* __restrict__ ws,
+                                                u32* __restrict__ out, int n, int chunk) {
+  __shared__ float red[32];
+  __shared__ u32 redu[32];
+  __shared__ bool last;
+  float* partials = reinterpret_cast<float*>(ws + 4);
+  const float M = from_ordered_bits(ws[0]);
+  const bool finite = fabsf(M) <= 3.4028234663852886e38f;
+  const int start = blockIdx.x * chunk, end = min(start + chunk, n);
+  float s = 0.0f;
+  for (int i = start + threadIdx.x; i < end; i += LPA_THREADS) s = __fadd_rn(s, mlx_exp(__fsub_rn(D::ld(x[i]), M)));
+  s = block_sum(s, red);
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = s;
+    __threadfence();
+    const u32 done = atomicAdd(ws + 1, 1u);
+    last = (done == gridDim.x - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const volatile float* vp = partials;
+  const volatile float* vbm = reinterpret_cast<const float*>(ws + 4 + LPA_MAX_BLOCKS);
+  float t = 0.0f;
+  for (int b = threadIdx.x; b < (int)gridDim.x; b += LPA_THREADS) t = __fadd_rn(t, vp[b]);
+  const float S = block_sum(t, red);
+  const float lse = finite ? D::rnd(__fadd_rn(logf(S), M)) : M;
+  const float R = D::rnd(__fsub_rn(M, lse));
+  // the first block holding a maximiser (R NaN: none)
+  u32 bb = 0xffffffffu;
+  for (int b = threadIdx.x; b < (int)gridDim.x; b += LPA_THREADS)
+    if (D::rnd(__fsub_rn(vbm[b], lse)) == R) bb = min(bb, (u32)b);
+  bb = block_min_u32(bb, redu);
+  u32 best = 0xffffffffu;
+  if (bb != 0xffffffffu) {
+    const int s0 = (int)bb * chunk, e0 = min(s0 + chunk, n);
+    for (int i = s0 + threadIdx.x; i < e0; i += LPA_THREADS)
+      if (D::rnd(__fsub_rn(D::ld(x[i]), lse)) == R) { best = (u32)i; break; }  // a thread's first hit is its lowest
+  }
+  best = block_min_u32(best, redu);
+  if (threadIdx.x == 0) {
+    *out = best == 0xffffffffu ? 0u : best;
+    ws[0] = 0u;
+    ws[1] = 0u;
+    ws[2] = 0u;
+    ws[3] = __float_as_uint(lse);
+  }
+}
+
+// ---- random fills for --dummy-weights ----
+// Value i of stream `seed` is h_i = mix(mix(seed) + (i+1)*0x9e3779b97f4a7c15): SplitMix64's
+// i-th output from a scrambled start, a bijection of the counter, so every 32-bit word is
+// possible and any range of any tensor can be filled independently.
+__device__ __forceinline__ u64 zmix64(u64 z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+// u32 words: the high half of h_i.
+extern "C" __global__ void fill_random_u32(u32* __restrict__ p, u64 n, u64 seed) {
+  const u64 base = zmix64(seed);
+  for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+    p[i] = (u32)(zmix64(base + (i + 1ull) * 0x9e3779b97f4a7c15ull) >> 32);
+}
+// Uniform in [lo, hi]: u = (h_i >> 40) * 2^-24, v = r(lo + (hi - lo) * u) (f32 ops, no FMA).
+template <class D>
+__device__ __forceinline__ void fill_uniform_impl(typename D::T* __restrict__ p, u64 n, u64 seed, float lo, float hi) {
+  const u64 base = zmix64(seed);
+  const float span = __fsub_rn(hi, lo);
+  for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+    const u64 h = zmix64(base + (i + 1ull) * 0x9e3779b97f4a7c15ull);
+    const float u = __fmul_rn((float)(u32)(h >> 40), 5.9604644775390625e-8f);
+    p[i] = D::st(__fadd_rn(lo, __fmul_rn(span, u)));
+  }
+}
+// y = r(a*x + b): f32 product, then f32 sum (no FMA), then one rounding. In place allowed.
+template <class D>
+__device__ __forceinline__ void affine_impl(const typename D::T* x, typename D::T* y, u64 n, float a, float b) {
+  for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+    y[i] = D::st(__fadd_rn(__fmul_rn(a, D::ld(x[i])), b));
+}
+
+// ---- dense (unquantized) matrix-vector products ----
+// y[r] = r( sum_k x[k]*W[r,k] ): each thread owns one row and accumulates in f32 in k
+// order from 0, product then add (no FMA) -- the order of MLX's CPU gemm for bf16/f16
+// and of the reference sgemm for f32 (zmlx-core `ops::matmul_t`), so the result is
+// bit-identical to it. A block stages MVD_ROWS rows x MVD_TK columns in shared memory
+// with 16-byte coalesced loads (the next tile's loads issued before this tile's sums).
+// blockIdx.y is the slot: W = W_stacked[ids[slot]] when ids != 0, x advanced by x_stride.
+#define MVD_ROWS 128
+#define MVD_TK 32
+template <class D>
+__device__ __forceinline__ void mv_dense_impl(const typename D::T* __restrict__ w, const typename D::T* __restrict__ x,
+                                              typename D::T* __restrict__ y, const u32* __restrict__ ids, int N, int K,
+                                              int x_stride) {
+  typedef typename D::T T;
+  constexpr int WPR = MVD_TK * (int)sizeof(T) / 4;    // u32 words per row tile (16 bf16/f16, 32 f32)
+  constexpr int CPR = WPR / 4;                         // 16-byte chunks per row tile
+  constexpr int EPC = 16 / (int)sizeof(T);             // elements per chunk
+  constexpr int PER = MVD_ROWS * CPR / MVD_ROWS;       // chunks per thread (= CPR)
+  __shared__ u32 tile[MVD_ROWS * (WPR + 1)];           // +1 word: conflict-free row reads
+  __shared__ float xs[MVD_TK];
+  const int slot = blockIdx.y;
+  if (ids) w += (long long)ids[slot] * N * K;
+  x += (long long)slot * x_stride;
+  y += (long long)slot * N;
+  const int r0 = blockIdx.x * MVD_ROWS, tid = threadIdx.x;
+  uint4 buf[PER];
+  auto load = [&](int k0) {
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+      const int c = tid + j * MVD_ROWS, rr = c / CPR, pc = c % CPR, grow = r0 + rr;
+      const int col = k0 + pc * EPC;
+      if (grow < N && col < K) buf[j] = __ldg(reinterpret_cast<const uint4*>(w + (long long)grow * K + col));
+      else buf[j] = make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  load(0);
+  float acc = 0.0f;
+  for (int k0 = 0; k0 < K; k0 += MVD_TK) {
+    const int kn = min(MVD_TK, K - k0);
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+      const int c = tid + j * MVD_ROWS, rr = c / CPR, pc = c % CPR;
+      u32* dst = tile + rr * (WPR + 1) + pc * 4;
+      dst[0] = buf[j].x; dst[1] = buf[j].y; dst[2] = buf[j].z; dst[3] = buf[j].w;
+    }
+    if (tid < kn) xs[tid] = D::ld(x[k0 + tid]);
+    __syncthreads();
+    if (k0 + MVD_TK < K) load(k0 + MVD_TK);
+    const u32* row = tile + tid * (WPR + 1);
+    if constexpr (sizeof(T) == 2) {
+      for (int j = 0; j < kn; j += 2) {
+        const u32 wd = row[j >> 1];
+        const float w0 = D::ld((T)(wd & 0xffffu)), w1 = D::ld((T)(wd >> 16));
+        acc = __fadd_rn(acc, __fmul_rn(xs[j], w0));
+        if (j + 1 < kn) acc = __fadd_rn(acc, __fmul_rn(xs[j + 1], w1));
+      }
+    } else {
+      for (int j = 0; j < kn; j++) acc = __fadd_rn(acc, __fmul_rn(xs[j], __uint_as_float(row[j])));
+    }
+    __syncthreads();
+  }
+  if (r0 + tid < N) y[r0 + tid] = D::st(acc);
+}
+
+// Unquantized embedding row: out[d] = table[*id_ptr, d] (a copy).
+template <class D>
+__device__ __forceinline__ void embed_dense_impl(const typename D::T* __restrict__ table, const u32* __restrict__ id_ptr,
+                                                 typename D::T* __restrict__ out, int dim) {
+  const int d = blockIdx.x * blockDim.x + threadIdx.x;
+  if (d >= dim) return;
+  out[d] = table[(long long)(*id_ptr) * dim + d];
+}
+
 // Vectorized device copy (16 bytes per thread per step), for the bandwidth baseline.
 extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restrict__ dst, long long n16) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n16; i += (long long)gridDim.x * blockDim.x)
     dst[i] = __ldg(src + i);
 }
+
+// Attention for one head_dim: attn_split_<dt>_d<HD>, attn_combine_<dt>_d<HD>.
+#define ZMLX_ATTN_HD(DT, DN, HD)                                                                               \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_##DN##_d##HD(                          \
+      const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
+      int max_len, float scale) { attn_split_impl<DT, HD>(q, kc, vc, part, len, len_add, G, max_len, scale); } \
+  extern "C" __global__ void attn_combine_##DN##_d##HD(const float* part, DT::T* y, const int* len,            \
+                                                       int len_add, int G, int S, int max_len) {               \
+    attn_combine_impl<DT, HD>(part, y, len, len_add, G, S, max_len);                                           \
+  }
 
 #define ZMLX_OPS(DT, DN)                                                                                       \
   extern "C" __global__ void rms_norm_##DN(const DT::T* x, const DT::T* w, DT::T* y, int n, float eps,         \
@@ -441,20 +679,10 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
                                             const int* pos, int pos_add, int n_kv, int max_len, int hd) {      \
     kv_append_impl<DT>(k, v, kc, vc, pos, pos_add, n_kv, max_len, hd);                                         \
   }                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_##DN##_d64(                            \
-      const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
-      int max_len, float scale) { attn_split_impl<DT, 64>(q, kc, vc, part, len, len_add, G, max_len, scale); } \
-  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_##DN##_d128(                           \
-      const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
-      int max_len, float scale) { attn_split_impl<DT, 128>(q, kc, vc, part, len, len_add, G, max_len, scale); }\
-  extern "C" __global__ void attn_combine_##DN##_d64(const float* part, DT::T* y, const int* len, int len_add,  \
-                                                     int G, int S, int max_len) {                              \
-    attn_combine_impl<DT, 64>(part, y, len, len_add, G, S, max_len);                                           \
-  }                                                                                                            \
-  extern "C" __global__ void attn_combine_##DN##_d128(const float* part, DT::T* y, const int* len, int len_add, \
-                                                      int G, int S, int max_len) {                             \
-    attn_combine_impl<DT, 128>(part, y, len, len_add, G, S, max_len);                                          \
-  }                                                                                                            \
+  ZMLX_ATTN_HD(DT, DN, 16)                                                                                     \
+  ZMLX_ATTN_HD(DT, DN, 32)                                                                                     \
+  ZMLX_ATTN_HD(DT, DN, 64)                                                                                     \
+  ZMLX_ATTN_HD(DT, DN, 128)                                                                                    \
   extern "C" __global__ void softmax_topk_##DN(const DT::T* logits, u32* ids, float* w, int E, int k,          \
                                                int round_probs, int renorm) {                                  \
     softmax_topk_impl<DT>(logits, ids, w, E, k, round_probs, renorm);                                          \
@@ -472,4 +700,26 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
                                         DT::T* out, int dim, int bits, int gs) {                               \
     embed_impl<DT>(w, s, b, id, out, dim, bits, gs);                                                           \
   }                                                                                                            \
-  extern "C" __global__ void argmax_##DN(const DT::T* x, u32* out, u64* ws, int n) { argmax_impl<DT>(x, out, ws, n); }
+  extern "C" __global__ void argmax_##DN(const DT::T* x, u32* out, u64* ws, int n) { argmax_impl<DT>(x, out, ws, n); } \
+  extern "C" __global__ void __launch_bounds__(LPA_THREADS) lpa_max_##DN(const DT::T* x, u32* ws, int n,        \
+                                                                          int chunk) {                         \
+    lpa_max_impl<DT>(x, ws, n, chunk);                                                                         \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(LPA_THREADS) lpa_select_##DN(const DT::T* x, u32* ws, u32* out, \
+                                                                             int n, int chunk) {               \
+    lpa_select_impl<DT>(x, ws, out, n, chunk);                                                                 \
+  }                                                                                                            \
+  extern "C" __global__ void fill_random_uniform_##DN(DT::T* p, u64 n, u64 seed, float lo, float hi) {         \
+    fill_uniform_impl<DT>(p, n, seed, lo, hi);                                                                 \
+  }                                                                                                            \
+  extern "C" __global__ void affine_##DN(const DT::T* x, DT::T* y, u64 n, float a, float b) {                   \
+    affine_impl<DT>(x, y, n, a, b);                                                                            \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(MVD_ROWS) mv_dense_##DN(const DT::T* w, const DT::T* x,         \
+                                                                       DT::T* y, const u32* ids, int N, int K, \
+                                                                       int x_stride) {                         \
+    mv_dense_impl<DT>(w, x, y, ids, N, K, x_stride);                                                           \
+  }                                                                                                            \
+  extern "C" __global__ void embed_dense_##DN(const DT::T* t, const u32* id, DT::T* out, int dim) {            \
+    embed_dense_impl<DT>(t, id, out, dim);                                                                     \
+  }
