@@ -365,7 +365,7 @@ impl CudaQwen3Moe {
         let mut caches = Vec::new();
         for i in 0..a.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut mlp = |src: &mut Box<dyn WeightSource + '_>, m: &str, rows: &[usize], inter: usize| -> Result<DevMlp> {
+            let mlp = |src: &mut Box<dyn WeightSource + '_>, m: &str, rows: &[usize], inter: usize| -> Result<DevMlp> {
                 let with = |n: usize| [&rows[..], &[n]].concat();
                 Ok(DevMlp {
                     gate: src.linear(&format!("{m}.gate_proj"), &with(inter), d)?,
@@ -416,7 +416,7 @@ impl CudaQwen3Moe {
         let qd = a.num_attention_heads * hd;
         let kvd = a.num_key_value_heads * hd;
         let n_layers = a.num_hidden_layers;
-        let sizes = [4, 4, d * es, d * es, qd * es, kvd * es, kvd * es, qd * es, d * es, a.num_experts.max(1) * es, n_layers * k * 4, n_layers * k * 4, k * inter * es, k * inter * es, k * inter * es, k * d * es, d * es, a.vocab_size * es, attn.workspace_bytes(), 4, 64, fused::moe_gating_workspace_bytes(a.num_experts.max(1))];
+        let sizes = [4, 4, d * es, d * es, qd * es, kvd * es, kvd * es, qd * es, d * es, a.num_experts.max(1) * es, n_layers * k * 4, n_layers * k * 4, k * inter * es, k * inter * es, k * inter * es, k * d * es, d * es, a.vocab_size * es, attn.workspace_bytes(), 4, ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES, fused::moe_gating_workspace_bytes(a.num_experts.max(1))];
         let mut arena = dev.arena(sizes.iter().map(|s| s.div_ceil(256) * 256 + 256).sum()).map_err(cuda_err)?;
         let mut next = |i: usize| arena.alloc(sizes[i]).map_err(cuda_err);
         let s = Scratch {
@@ -444,7 +444,7 @@ impl CudaQwen3Moe {
             att_ws: next(18)?,
         };
         dev.memset(s.zero_id, 0, 4).map_err(cuda_err)?;
-        dev.memset(s.argmax_ws, 0, 64).map_err(cuda_err)?;
+        dev.memset(s.argmax_ws, 0, ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES).map_err(cuda_err)?;
         dev.memset(s.gating_ws, 0, fused::moe_gating_workspace_bytes(a.num_experts.max(1))).map_err(cuda_err)?;
         let device_bytes = weight_bytes + 2 * cache_bytes * a.num_hidden_layers + arena.capacity();
         Ok(CudaQwen3Moe {

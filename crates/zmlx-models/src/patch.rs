@@ -134,7 +134,7 @@ pub fn preset(model_type: &str, backend: Backend) -> Vec<PresetEntry> {
                 (true, Backend::Cpu, MoeGating) => (false, "CPU: routing is already a single pass; nothing to fuse"),
                 (true, Backend::Cuda, MoeGating) => (false, "identical, but measured slower on H100 (8.2 vs 7.2 us unfused, docs/kernels.md)"),
                 (true, Backend::Cuda, AddRmsNorm) => (false, "identical, but measured slower on H100 (4.3 vs 3.0 us unfused, docs/kernels.md)"),
-                (true, _, MoeMlp | MoeGating | GatherQmmSwiglu | GatherQmmCombine | SwigluMlp | AddRmsNorm) => {
+                (true, _, MoeMlp | GatherQmmSwiglu | GatherQmmCombine | SwigluMlp | AddRmsNorm) => {
                     (true, "bitwise identical to the unfused chain (tested on random inputs and on every fixture)")
                 }
                 (true, _, QkNormRope) => (false, "no fused implementation yet"),
