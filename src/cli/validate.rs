@@ -26,8 +26,10 @@ pub struct Args {
     pub prompt: Option<String>,
     #[arg(long)]
     pub prompt_tokens: Option<String>,
-    /// Compare against the unpatched CPU reference instead of unpatched on the same device.
-    #[arg(long, value_parser = ["cpu"])]
+    /// Compare against the unpatched CPU reference instead of unpatched on the same device:
+    /// `cpu` is MLX's CPU arithmetic (bf16 accumulation in quantized matmuls, as mlx-lm on
+    /// the CPU); `cpu-exact` accumulates quantized matmuls exactly, as a GPU does in f32.
+    #[arg(long, value_parser = ["cpu", "cpu-exact"])]
     pub reference: Option<String>,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
@@ -103,12 +105,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let (base_tokens, base_tps, base_logits, base_launches, base_name) = if args.reference.is_some() {
         let mut cpu_args = args.engine.clone();
         cpu_args.device = Device::Cpu;
+        zmlx_core::quant::set_exact_accumulation(args.reference.as_deref() == Some("cpu-exact"));
         let mut cpu = engine::open(ModelFolder::open(&args.engine.model)?, &cpu_args, max_len)?;
         cpu.decoder.patch(&[])?;
         let (t, tps, _) = decode(cpu.decoder.as_mut(), &prompt, args.max_tokens, args.runs, &eos)?;
         cpu.decoder.reset();
         let logits = cpu.decoder.forward(&prompt)?;
-        (t, tps, Some(logits), None, "cpu reference".to_string())
+        zmlx_core::quant::set_exact_accumulation(false);
+        (t, tps, Some(logits), None, format!("{} reference", args.reference.as_deref().unwrap_or("cpu")))
     } else {
         eng.decoder.patch(&[])?;
         let (t, tps, _) = decode(eng.decoder.as_mut(), &prompt, args.max_tokens, args.runs, &eos)?;

@@ -232,6 +232,9 @@ impl QuantizedMatrix {
     /// Output `row` of `quantized_matmul(x, w, transpose=True)` for one input vector `x`
     /// (`buf`: `cols` scratch values): the same value `matmul_t` computes for that row.
     pub fn dot_row(&self, row: usize, x: &[f32], buf: &mut [f32]) -> f32 {
+        if exact_accumulation() {
+            return dot_exact(self, row, x);
+        }
         self.dequantize_row_into(row, buf);
         dot_rounded(x, buf, self.dtype)
     }
@@ -279,7 +282,14 @@ impl QuantizedMatrix {
         if m == 0 || rows == 0 {
             return out_t;
         }
+        let exact = exact_accumulation();
         let row_task = |buf: &mut Vec<f32>, (n, o): (usize, &mut [f32])| {
+            if exact {
+                for (mi, y) in o.iter_mut().enumerate() {
+                    *y = dot_exact(self, n, &x[mi * cols..(mi + 1) * cols]);
+                }
+                return;
+            }
             self.dequantize_row_into(n, buf);
             for (mi, y) in o.iter_mut().enumerate() {
                 *y = dot_rounded(&x[mi * cols..(mi + 1) * cols], buf, dt);
@@ -322,6 +332,34 @@ fn check_shape(rows: usize, cols: usize, spec: QuantSpec, dtype: DType) -> Resul
         )));
     }
     Ok(())
+}
+
+static EXACT_ACCUMULATION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Switch every quantized matmul in this process between MLX's CPU arithmetic (the default:
+/// bf16/f16 accumulation, op by op) and exact accumulation: the dot product of `x` with the
+/// unrounded dequantized weights `scale*q + bias`, summed in f64 and rounded once. The
+/// second is what an f32-accumulating GPU kernel approximates (to ~1e-7), so it is the CPU
+/// reference for checking CUDA; MLX's own CPU and GPU backends differ in the same way.
+pub fn set_exact_accumulation(on: bool) {
+    EXACT_ACCUMULATION.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn exact_accumulation() -> bool {
+    EXACT_ACCUMULATION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `exact_accumulation` for one output: f64 sum of x * (scale*q + bias), rounded once.
+fn dot_exact(m: &QuantizedMatrix, row: usize, x: &[f32]) -> f32 {
+    let gs = m.spec.group_size;
+    let gpr = m.cols / gs;
+    let codes = m.unpack_row(row);
+    let mut acc = 0f64;
+    for (i, (&q, &xv)) in codes.iter().zip(x).enumerate() {
+        let g = row * gpr + i / gs;
+        acc += xv as f64 * (m.scales[g] as f64 * q as f64 + m.biases[g] as f64);
+    }
+    m.dtype.round(acc as f32)
 }
 
 /// `T sum = 0; for k: sum += x[k] * w[k]` with every op rounded to `dt` (plain f32 for F32,
@@ -736,5 +774,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn exact_accumulation_is_the_f64_dot_rounded_once() {
+        let (rows, cols) = (16, 256);
+        let mut st = 12345u64;
+        let mut rnd = || {
+            st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((st >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let w: Vec<f32> = (0..rows * cols).map(|_| DType::BF16.round(rnd())).collect();
+        let x: Vec<f32> = (0..cols).map(|_| DType::BF16.round(rnd() * 4.0)).collect();
+        let m = QuantizedMatrix::quantize(&w, rows, cols, QuantSpec::new(4, 64).unwrap(), DType::BF16).unwrap();
+        let mlx = m.matmul_t(&x, 1);
+        set_exact_accumulation(true);
+        let exact = m.matmul_t(&x, 1);
+        let mut buf = vec![0f32; cols];
+        let exact_row3 = m.dot_row(3, &x, &mut buf);
+        set_exact_accumulation(false);
+        assert_eq!(exact[3], exact_row3);
+        for r in 0..rows {
+            let codes = m.unpack_row(r);
+            let want: f64 = (0..cols).map(|i| x[i] as f64 * (m.scales[r * 4 + i / 64] as f64 * codes[i] as f64 + m.biases[r * 4 + i / 64] as f64)).sum();
+            assert_eq!(exact[r], DType::BF16.round(want as f32), "row {r}");
+        }
+        // bf16 accumulation (MLX's CPU) differs from the exact sum on random data.
+        assert!(mlx.iter().zip(&exact).any(|(a, b)| a != b));
     }
 }
