@@ -182,13 +182,8 @@ fn run_bench(args: RunArgs) -> Result<ExitCode> {
         }
     }
     let folder = ModelFolder::open(&eargs.model)?;
-    let capsule = json!({
-        "schema": "zmlx-bench/1",
-        "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        "git_commit": env!("ZMLX_GIT_COMMIT"),
-        "machine": machine_info(),
-        "gpu": gpu_info(),
-        "device": device_name,
+    let mut capsule = capsule_header("zmlx-bench/1", &device_name);
+    capsule.as_object_mut().unwrap().extend(json!({
         "model": {"path": eargs.model, "model_type": folder.config.model_type, "dummy_weights": eargs.dummy_weights,
                   "bits": eargs.bits, "group_size": eargs.group_size, "config": folder.config.raw},
         "settings": {"prompt_lens": args.prompt_lens, "gen_lens": args.gen_lens, "runs": args.runs, "warmup_runs": 1,
@@ -198,7 +193,7 @@ fn run_bench(args: RunArgs) -> Result<ExitCode> {
                      "what": "greedy tokens of every run equal the first run of the same (prompt, gen) config, across graph modes"},
         "summary": summary,
         "runs": runs,
-    });
+    }).as_object().unwrap().clone());
     let path = write_capsule(&args.out_dir, args.name.as_deref(), &eargs, "", &capsule)?;
     print!("{}", report(&capsule)?);
     println!("capsule: {}", path.display());
@@ -319,20 +314,15 @@ fn run_stress(args: RunArgs) -> Result<ExitCode> {
         }
     }
     let folder = ModelFolder::open(&eargs.model)?;
-    let capsule = json!({
-        "schema": "zmlx-stress/1",
-        "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        "git_commit": env!("ZMLX_GIT_COMMIT"),
-        "machine": machine_info(),
-        "gpu": gpu_info(),
-        "device": engine.device_name,
+    let mut capsule = capsule_header("zmlx-stress/1", &engine.device_name);
+    capsule.as_object_mut().unwrap().extend(json!({
         "model": {"path": eargs.model, "model_type": folder.config.model_type, "dummy_weights": eargs.dummy_weights, "config": folder.config.raw},
         "settings": {"styles": STRESS_PROMPTS.iter().map(|p| p.0).collect::<Vec<_>>(), "gen_lens": args.stress_lens, "runs": args.runs,
                      "prompt_source": if tokenizer.is_some() { "model tokenizer + chat template" } else { "fixed ids per style (no tokenizer)" },
                      "patch": report_line, "sampling": "greedy"},
         "fidelity": {"identical_configs": identical_configs, "total_configs": total_configs},
         "stress": rows,
-    });
+    }).as_object().unwrap().clone());
     let path = write_capsule(&args.out_dir, args.name.as_deref(), &eargs, "-stress", &capsule)?;
     print!("{}", report(&capsule)?);
     println!("capsule: {}", path.display());
@@ -412,6 +402,18 @@ fn stress_report(c: &Value) -> Result<String> {
     }
     out += &format!("fidelity: {}/{} configs token-identical\n", c["fidelity"]["identical_configs"], c["fidelity"]["total_configs"]);
     Ok(out)
+}
+
+/// What every capsule records first: schema, time, commit, machine, GPU, device.
+fn capsule_header(schema: &str, device: &str) -> Value {
+    json!({
+        "schema": schema,
+        "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "git_commit": env!("ZMLX_GIT_COMMIT"),
+        "machine": machine_info(),
+        "gpu": gpu_info(),
+        "device": device,
+    })
 }
 
 fn machine_info() -> Value {

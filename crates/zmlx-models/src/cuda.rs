@@ -89,11 +89,32 @@ pub trait WeightSource {
     fn linear(&mut self, module: &str, rows_shape: &[usize], cols: usize) -> Result<DevLinear>;
     /// A float vector (norm weight) in the compute dtype.
     fn vector(&mut self, module: &str, len: usize) -> Result<u64>;
-    fn dtype(&self) -> DType;
-    /// Bytes uploaded so far.
-    fn bytes(&self) -> usize;
-    /// The device buffers, kept alive by the engine.
-    fn into_buffers(self: Box<Self>) -> Vec<DevBuf>;
+    /// The buffers made so far.
+    fn store(&self) -> &Store;
+    fn into_store(self: Box<Self>) -> Store;
+    fn dtype(&self) -> DType {
+        self.store().dtype
+    }
+}
+
+/// The device buffers a weight source made (the engine keeps them alive).
+pub struct Store {
+    pub dtype: DType,
+    pub bufs: Vec<DevBuf>,
+    pub bytes: usize,
+}
+
+impl Store {
+    fn new(dtype: DType) -> Self {
+        Store { dtype, bufs: Vec::new(), bytes: 0 }
+    }
+
+    fn keep(&mut self, b: DevBuf) -> u64 {
+        let p = b.ptr();
+        self.bytes += b.bytes();
+        self.bufs.push(b);
+        p
+    }
 }
 
 /// Uploads tensors straight from the memory-mapped safetensors.
@@ -101,30 +122,25 @@ pub struct CheckpointSource<'a> {
     dev: &'a CudaDevice,
     ckpt: &'a Checkpoint,
     quant: &'a Quantization,
-    dtype: DType,
-    bufs: Vec<DevBuf>,
-    bytes: usize,
+    store: Store,
 }
 
 impl<'a> CheckpointSource<'a> {
     pub fn new(dev: &'a CudaDevice, ckpt: &'a Checkpoint, quant: &'a Quantization, dtype: DType) -> Self {
-        CheckpointSource { dev, ckpt, quant, dtype, bufs: Vec::new(), bytes: 0 }
+        CheckpointSource { dev, ckpt, quant, store: Store::new(dtype) }
     }
 
     fn upload(&mut self, bytes: &[u8]) -> Result<u64> {
-        let b = self.dev.upload(bytes).map_err(cuda_err)?;
-        let p = b.ptr();
-        self.bytes += bytes.len();
-        self.bufs.push(b);
-        Ok(p)
+        Ok(self.store.keep(self.dev.upload(bytes).map_err(cuda_err)?))
     }
 
     /// A float tensor in the compute dtype (converted if the checkpoint stores another).
     fn floats(&mut self, t: &TensorRef) -> Result<u64> {
-        if t.dtype == self.dtype {
+        let dtype = self.store.dtype;
+        if t.dtype == dtype {
             return self.upload(t.bytes);
         }
-        let bytes = to_device_bytes(self.dtype, &t.to_f32()?.iter().map(|&x| self.dtype.round(x)).collect::<Vec<_>>());
+        let bytes = to_device_bytes(dtype, &t.to_f32()?.iter().map(|&x| dtype.round(x)).collect::<Vec<_>>());
         self.upload(&bytes)
     }
 }
@@ -160,16 +176,12 @@ impl WeightSource for CheckpointSource<'_> {
         self.floats(&t)
     }
 
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn store(&self) -> &Store {
+        &self.store
     }
 
-    fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    fn into_buffers(self: Box<Self>) -> Vec<DevBuf> {
-        self.bufs
+    fn into_store(self: Box<Self>) -> Store {
+        self.store
     }
 }
 
@@ -178,23 +190,17 @@ impl WeightSource for CheckpointSource<'_> {
 pub struct DummySource<'a> {
     dev: &'a CudaDevice,
     quant: Quantization,
-    dtype: DType,
     seed: u64,
-    bufs: Vec<DevBuf>,
-    bytes: usize,
+    store: Store,
 }
 
 impl<'a> DummySource<'a> {
     pub fn new(dev: &'a CudaDevice, quant: Quantization, dtype: DType, seed: u64) -> Self {
-        DummySource { dev, quant, dtype, seed, bufs: Vec::new(), bytes: 0 }
+        DummySource { dev, quant, seed, store: Store::new(dtype) }
     }
 
     fn alloc(&mut self, bytes: usize) -> Result<u64> {
-        let b = self.dev.alloc(bytes).map_err(cuda_err)?;
-        let p = b.ptr();
-        self.bytes += bytes;
-        self.bufs.push(b);
-        Ok(p)
+        Ok(self.store.keep(self.dev.alloc(bytes).map_err(cuda_err)?))
     }
 
     fn next_seed(&mut self) -> u64 {
@@ -215,7 +221,8 @@ impl WeightSource for DummySource<'_> {
         let rows: usize = rows_shape.iter().product();
         let words = rows * spec.packed_cols(cols);
         let groups = rows * cols / spec.group_size;
-        let es = self.dtype.size_bytes();
+        let dtype = self.store.dtype;
+        let es = dtype.size_bytes();
         let (w, scales, biases) = (self.alloc(words * 4)?, self.alloc(groups * es)?, self.alloc(groups * es)?);
         // Uniform codes q in [0, 2^bits); w = s*q + b with b = -s*(2^bits-1)/2 is zero-mean with
         // std ≈ s*2^bits/sqrt(12); pick s so that std ≈ 1/sqrt(cols) (unit-variance outputs).
@@ -224,8 +231,8 @@ impl WeightSource for DummySource<'_> {
         let (seed_w, seed_s) = (self.next_seed(), self.next_seed());
         let dev = self.dev;
         ops::fill_random_u32(dev, w, words, seed_w).map_err(cuda_err)?;
-        ops::fill_random_uniform(dev, self.dtype, scales, groups, seed_s, 0.5 * s0, 1.5 * s0).map_err(cuda_err)?;
-        ops::affine(dev, self.dtype, scales, biases, groups, -(levels - 1.0) / 2.0, 0.0).map_err(cuda_err)?;
+        ops::fill_random_uniform(dev, dtype, scales, groups, seed_s, 0.5 * s0, 1.5 * s0).map_err(cuda_err)?;
+        ops::affine(dev, dtype, scales, biases, groups, -(levels - 1.0) / 2.0, 0.0).map_err(cuda_err)?;
         Ok(DevLinear::Quant(QuantWeight {
             w,
             scales,
@@ -239,22 +246,19 @@ impl WeightSource for DummySource<'_> {
     }
 
     fn vector(&mut self, _module: &str, len: usize) -> Result<u64> {
-        let p = self.alloc(len * self.dtype.size_bytes())?;
+        let dtype = self.store.dtype;
+        let p = self.alloc(len * dtype.size_bytes())?;
         let seed = self.next_seed();
-        ops::fill_random_uniform(self.dev, self.dtype, p, len, seed, 0.8, 1.2).map_err(cuda_err)?;
+        ops::fill_random_uniform(self.dev, dtype, p, len, seed, 0.8, 1.2).map_err(cuda_err)?;
         Ok(p)
     }
 
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn store(&self) -> &Store {
+        &self.store
     }
 
-    fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    fn into_buffers(self: Box<Self>) -> Vec<DevBuf> {
-        self.bufs
+    fn into_store(self: Box<Self>) -> Store {
+        self.store
     }
 }
 
@@ -406,8 +410,9 @@ impl CudaQwen3Moe {
             caches.push(v_cache);
         }
         let final_norm = src.vector("model.norm", d)?;
-        let weight_bytes = src.bytes();
-        let mut bufs = src.into_buffers();
+        let store = src.into_store();
+        let weight_bytes = store.bytes;
+        let mut bufs = store.bufs;
         bufs.extend(caches);
 
         let es = dtype.size_bytes();
