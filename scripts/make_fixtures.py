@@ -314,6 +314,7 @@ FIXTURES = {
         note="3 safetensors shards + index; tokenizer files as transformers save_pretrained writes "
         "them (chat template in chat_template.jinja, not in tokenizer_config.json)"),
     "tiny-qwen3-moe-f16-4bit": dict(seed=11, dtype="float16", q=(4, 64), note="float16 scales/biases/norms"),
+    "tiny-qwen3-moe-f32-4bit": dict(seed=12, dtype="float32", q=(4, 64), note="float32 scales/biases/norms: CUDA vs CPU agree to f32 precision"),
 }
 
 
