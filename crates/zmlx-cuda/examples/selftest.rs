@@ -1,11 +1,14 @@
 //! Self-tests + micro-benchmarks on GPU 0.
 //!
-//! usage: selftest [--tests-only | --bench-only] [--dump DIR]
+//! usage: selftest [--tests-only | --bench-only] [--latency] [--dump DIR]
+//!   --latency: only the decode-latency kernels (attention grid, qk_norm_rope_append,
+//!              softmax_topk fast path, qmv_multi) and their before/after rows
 //!   --dump DIR: write qmv / gather_qmv / attention cases for tests/torch_check.py
 //! Exit code 1 when any test fails.
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let latency = args.iter().any(|a| a == "--latency");
     let tests = !args.iter().any(|a| a == "--bench-only");
     let bench = !args.iter().any(|a| a == "--tests-only");
     let dump = args.iter().position(|a| a == "--dump").and_then(|i| args.get(i + 1)).map(std::path::PathBuf::from);
@@ -32,13 +35,13 @@ fn main() {
     let mut failed = 0;
     if tests {
         let t = std::time::Instant::now();
-        let rows = zmlx_cuda::selftest::run_self_tests_dump(&dev, dump.as_deref());
+        let rows = if latency { zmlx_cuda::selftest::run_latency_tests(&dev) } else { zmlx_cuda::selftest::run_self_tests_dump(&dev, dump.as_deref()) };
         failed = rows.iter().filter(|r| !r.passed).count();
         print!("{}", zmlx_cuda::selftest::format_tests(&rows));
         println!("self-tests took {:.1} s", t.elapsed().as_secs_f64());
     }
     if bench {
-        let rows = zmlx_cuda::run_benchmarks(&dev);
+        let rows = if latency { zmlx_cuda::bench::run_latency_benchmarks(&dev) } else { zmlx_cuda::run_benchmarks(&dev) };
         print!("{}", zmlx_cuda::bench::format_bench(&rows));
     }
     if failed > 0 {

@@ -220,6 +220,7 @@ fn run_benchmarks_inner(dev: &CudaDevice) -> Result<Vec<BenchRow>> {
     let us = time_graph(dev, 32, &|d, _| ops::kv_append(d, bf, &s, xs.ptr(), xs.ptr() + 4096, kc.ptr(), vc.ptr(), pos.ptr(), 0))?;
     rows.push(row("kv_append", "KV=4 D=128 bf16".into(), 4 * 4 * 128 * 2, us, copy));
     rows.extend(fused_benches(dev, &mut rng, copy)?);
+    rows.extend(latency_benches(dev, &mut rng, copy)?);
     Ok(rows)
 }
 
@@ -348,5 +349,166 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
         fused::gather_qmm_combine(dv, bf, &downw.ws[i % nd], gid.ptr(), gwt.ptr(), kk, act.ptr(), hs.ptr(), hs.ptr())
     })?;
     rows.push(row("MoE block fused-x", "add,norm,qmv,topk + swiglu,combine (6)".into(), bytes, us, copy));
+    Ok(rows)
+}
+
+/// Decode-latency kernels before/after (Qwen3-30B-A3B shapes, bf16): attention at several
+/// lengths with max_len 40960, qk_norm_rope_append vs its 5-launch chain, qkv vs 3 qmv,
+/// softmax_topk fast vs legacy, and one whole decode layer (attention + MoE block) before/after.
+pub fn run_latency_benchmarks(dev: &CudaDevice) -> Vec<BenchRow> {
+    let r = (|| -> Result<Vec<BenchRow>> {
+        let (memcpy, kcopy) = copy_bandwidth(dev)?;
+        latency_benches(dev, &mut Rng::new(0x1a7), memcpy.max(kcopy))
+    })();
+    match r {
+        Ok(r) => r,
+        Err(e) => vec![BenchRow { kernel: format!("ERROR: {e}"), shape: String::new(), bytes: 0, median_us: f64::NAN, gbps: f64::NAN, pct_copy: f64::NAN }],
+    }
+}
+
+fn latency_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<BenchRow>> {
+    use crate::fused;
+    let mut rows = Vec::new();
+    let bf = DType::BF16;
+    let (hq, hkv, hd, d) = (32usize, 4usize, 128usize, 2048usize);
+    let xs = random_floats(dev, rng, bf, 16 * 8192, -1.0, 1.0)?;
+    let act = dev.alloc(16 << 20)?;
+    // Attention: caches of max_len 40960 (2 copies, 84 MB each), lengths 1..32768.
+    let ml = 40960usize;
+    let s = AttnShape { n_heads: hq, n_kv_heads: hkv, head_dim: hd, max_len: ml };
+    let cache = hkv * ml * hd;
+    let caches: Vec<(DevBuf, DevBuf)> = (0..2)
+        .map(|i| {
+            let (k, v) = (dev.alloc(cache * 2)?, dev.alloc(cache * 2)?);
+            ops::fill_random_uniform(dev, bf, k.ptr(), cache, 11 + i, -1.0, 1.0)?;
+            ops::fill_random_uniform(dev, bf, v.ptr(), cache, 21 + i, -1.0, 1.0)?;
+            Ok((k, v))
+        })
+        .collect::<Result<_>>()?;
+    let ws = dev.alloc(s.workspace_bytes())?;
+    let lenb = dev.alloc(4)?;
+    for &len in &[1usize, 256, 1024, 4096, 16384, 32768] {
+        dev.write(lenb.ptr(), &[len as i32])?;
+        let bytes = (2 * hkv * len * hd * 2 + 2 * hq * hd * 2) as u64;
+        for legacy in [true, false] {
+            let us = time_graph(dev, 8, &|dv, i| {
+                let (k, v) = &caches[i % 2];
+                if legacy {
+                    ops::attention_decode_legacy(dv, bf, &s, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
+                } else {
+                    ops::attention_decode_items(dv, bf, &s, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
+                }
+            })?;
+            rows.push(row(if legacy { "attn_decode legacy" } else { "attn_decode items" }, format!("H=32 KV=4 D=128 len={len} max_len={ml}"), bytes, us, copy));
+        }
+    }
+    // max_len = len = 256 (the earlier table's row)
+    {
+        let s2 = AttnShape { max_len: 256, ..s };
+        dev.write(lenb.ptr(), &[256i32])?;
+        for legacy in [true, false] {
+            let us = time_graph(dev, 8, &|dv, i| {
+                let (k, v) = &caches[i % 2];
+                if legacy {
+                    ops::attention_decode_legacy(dv, bf, &s2, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
+                } else {
+                    ops::attention_decode_items(dv, bf, &s2, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
+                }
+            })?;
+            rows.push(row(if legacy { "attn_decode legacy" } else { "attn_decode items" }, "H=32 KV=4 D=128 len=256 max_len=256".into(), (2 * hkv * 256 * hd * 2) as u64, us, copy));
+        }
+    }
+    // q/k norm + rope + append
+    let pos = dev.upload(&[1234i32])?;
+    let nw = random_floats(dev, rng, bf, 256, 0.5, 1.5)?;
+    let (qb, kb) = (dev.alloc(hq * hd * 2)?, dev.alloc(hkv * hd * 2)?);
+    let (kc, vc) = (&caches[0].0, &caches[0].1);
+    let us = time_graph(dev, 16, &|dv, _| {
+        ops::rms_norm(dv, bf, qb.ptr(), nw.ptr(), qb.ptr(), hq, hd, 1e-6)?;
+        ops::rms_norm(dv, bf, kb.ptr(), nw.ptr(), kb.ptr(), hkv, hd, 1e-6)?;
+        ops::rope(dv, bf, qb.ptr(), qb.ptr(), pos.ptr(), 0, hq, hd, hd, 1e6, 1.0)?;
+        ops::rope(dv, bf, kb.ptr(), kb.ptr(), pos.ptr(), 0, hkv, hd, hd, 1e6, 1.0)?;
+        ops::kv_append(dv, bf, &s, kb.ptr(), xs.ptr(), kc.ptr(), vc.ptr(), pos.ptr(), 0)
+    })?;
+    rows.push(row("qk chain (5 launches)", "rms_norm q,k + rope q,k + kv_append".into(), 0, us, copy));
+    let us = time_graph(dev, 16, &|dv, _| ops::qk_norm_rope_append(dv, bf, qb.ptr(), kb.ptr(), xs.ptr(), nw.ptr(), nw.ptr(), kc.ptr(), vc.ptr(), pos.ptr(), &s, 1e-6, 1e6))?;
+    rows.push(row("qk_norm_rope_append", "Hq=32 Hkv=4 hd=128 bf16".into(), 0, us, copy));
+    // q, k, v projections
+    let wq = qweights(dev, rng, bf, 1, hq * hd, d, 4, 64)?;
+    let wk = qweights(dev, rng, bf, 1, hkv * hd, d, 4, 64)?;
+    let wv = qweights(dev, rng, bf, 1, hkv * hd, d, 4, 64)?;
+    let wo = qweights(dev, rng, bf, 1, d, hq * hd, 4, 64)?;
+    let qkv_bytes = (wq.ws[0].bytes_per_expert(bf) + 2 * wk.ws[0].bytes_per_expert(bf) + d * 2 + (hq + 2 * hkv) * hd * 2) as u64;
+    let nb = wk.ws.len().min(wq.ws.len());
+    let (yq, yk, yv) = (dev.alloc(hq * hd * 2)?, dev.alloc(hkv * hd * 2)?, dev.alloc(hkv * hd * 2)?);
+    let us = time_graph(dev, 16, &|dv, i| {
+        ops::qmv(dv, bf, &wq.ws[i % nb], xs.ptr(), yq.ptr())?;
+        ops::qmv(dv, bf, &wk.ws[i % nb], xs.ptr(), yk.ptr())?;
+        ops::qmv(dv, bf, &wv.ws[i % nb], xs.ptr(), yv.ptr())
+    })?;
+    rows.push(row("qmv x3 (q,k,v)", "N=4096/512/512 K=2048 b4 g64".into(), qkv_bytes, us, copy));
+    let us = time_graph(dev, 16, &|dv, i| fused::qkv(dv, bf, &wq.ws[i % nb], &wk.ws[i % nb], &wv.ws[i % nb], xs.ptr(), yq.ptr(), yk.ptr(), yv.ptr()))?;
+    rows.push(row("qkv (qmv_multi)", "N=4096/512/512 K=2048 b4 g64".into(), qkv_bytes, us, copy));
+    // softmax_topk
+    let (ids, wts) = (dev.alloc(64 * 4)?, dev.alloc(64 * 4)?);
+    let us = time_graph(dev, 32, &|dv, _| ops::softmax_topk_legacy(dv, bf, xs.ptr(), 1, 128, 8, true, true, ids.ptr(), wts.ptr()))?;
+    rows.push(row("softmax_topk legacy", "E=128 k=8 bf16".into(), 320, us, copy));
+    let us = time_graph(dev, 32, &|dv, _| ops::softmax_topk(dv, bf, xs.ptr(), 1, 128, 8, true, true, ids.ptr(), wts.ptr()))?;
+    rows.push(row("softmax_topk new", "E=128 k=8 bf16".into(), 320, us, copy));
+    // One decode layer, Qwen3-30B-A3B (no feedback between iterations: x fixed).
+    let (e, kk, f) = (128usize, 8usize, 768usize);
+    let gate = qweights(dev, rng, bf, e, f, d, 4, 64)?;
+    let upw = qweights(dev, rng, bf, e, f, d, 4, 64)?;
+    let down = qweights(dev, rng, bf, e, d, f, 4, 64)?;
+    let router = qweights(dev, rng, bf, 1, e, d, 8, 64)?;
+    let nr = router.ws.len();
+    let xin = random_floats(dev, rng, bf, d, -1.0, 1.0)?;
+    let bufs: Vec<DevBuf> = (0..8).map(|_| dev.alloc(64 << 10)).collect::<Result<_>>()?;
+    let (o, h, hn, logits, actb, hout) = (bufs[0].ptr(), bufs[1].ptr(), bufs[2].ptr(), bufs[3].ptr(), bufs[4].ptr(), bufs[5].ptr());
+    let attn = bufs[6].ptr();
+    let (gw, uw, dw) = (gate.ws[0], upw.ws[0], down.ws[0]);
+    for &len in &[256usize, 4096] {
+        dev.write(pos.ptr(), &[len as i32 - 1])?;
+        for before in [true, false] {
+            let us = time_graph(dev, 16, &|dv, i| {
+                let (k, v) = &caches[i % 2];
+                let j = i % nb;
+                if before {
+                    ops::qmv(dv, bf, &wq.ws[j], xin.ptr(), yq.ptr())?;
+                    ops::qmv(dv, bf, &wk.ws[j], xin.ptr(), yk.ptr())?;
+                    ops::qmv(dv, bf, &wv.ws[j], xin.ptr(), yv.ptr())?;
+                    ops::rms_norm(dv, bf, yq.ptr(), nw.ptr(), yq.ptr(), hq, hd, 1e-6)?;
+                    ops::rms_norm(dv, bf, yk.ptr(), nw.ptr(), yk.ptr(), hkv, hd, 1e-6)?;
+                    ops::rope(dv, bf, yq.ptr(), yq.ptr(), pos.ptr(), 0, hq, hd, hd, 1e6, 1.0)?;
+                    ops::rope(dv, bf, yk.ptr(), yk.ptr(), pos.ptr(), 0, hkv, hd, hd, 1e6, 1.0)?;
+                    ops::kv_append(dv, bf, &s, yk.ptr(), yv.ptr(), k.ptr(), v.ptr(), pos.ptr(), 0)?;
+                    ops::attention_decode_legacy(dv, bf, &s, yq.ptr(), k.ptr(), v.ptr(), pos.ptr(), 1, 0.088, ws.ptr(), attn)?;
+                } else {
+                    fused::qkv(dv, bf, &wq.ws[j], &wk.ws[j], &wv.ws[j], xin.ptr(), yq.ptr(), yk.ptr(), yv.ptr())?;
+                    ops::qk_norm_rope_append(dv, bf, yq.ptr(), yk.ptr(), yv.ptr(), nw.ptr(), nw.ptr(), k.ptr(), v.ptr(), pos.ptr(), &s, 1e-6, 1e6)?;
+                    ops::attention_decode(dv, bf, &s, yq.ptr(), k.ptr(), v.ptr(), pos.ptr(), 1, 0.088, ws.ptr(), attn)?;
+                }
+                ops::qmv(dv, bf, &wo.ws[i % wo.ws.len()], attn, o)?;
+                ops::add(dv, bf, xin.ptr(), o, h, d)?;
+                ops::rms_norm(dv, bf, h, nw.ptr(), hn, 1, d, 1e-6)?;
+                ops::qmv(dv, bf, &router.ws[i % nr], hn, logits)?;
+                if before {
+                    ops::softmax_topk_legacy(dv, bf, logits, 1, e, kk, true, true, ids.ptr(), wts.ptr())?;
+                } else {
+                    ops::softmax_topk(dv, bf, logits, 1, e, kk, true, true, ids.ptr(), wts.ptr())?;
+                }
+                fused::gather_qmm_swiglu(dv, bf, &gw, &uw, ids.ptr(), kk, hn, actb)?;
+                fused::gather_qmm_combine(dv, bf, &dw, ids.ptr(), wts.ptr(), kk, actb, h, hout)?;
+                ops::rms_norm(dv, bf, hout, nw.ptr(), bufs[7].ptr(), 1, d, 1e-6)
+            })?;
+            rows.push(row(
+                if before { "decode layer before" } else { "decode layer after" },
+                format!("Qwen3-30B len={len} max_len={ml} ({} launches)", if before { 19 } else { 13 }),
+                0,
+                us,
+                copy,
+            ));
+        }
+    }
     Ok(rows)
 }

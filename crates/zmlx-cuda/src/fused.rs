@@ -44,6 +44,7 @@ pub fn fused_fn_names(tag: &str) -> Vec<String> {
         }
     }
     v.push(format!("fused_add_rms_norm_{tag}"));
+    v.push(format!("fused_qmv_multi_{tag}"));
     v
 }
 
@@ -199,4 +200,48 @@ pub fn moe_gating(dev: &CudaDevice, dt: DType, router: &QuantWeight, x: u64, k: 
             Arg::I32(((1u32 << router.bits) - 1) as i32),
         ],
     )
+}
+
+/// One to three quantized matrix-vector products sharing x `[K]` in one launch (e.g. the
+/// q, k and v projections): `ys[i] = ws[i]·x`. The matrices need the same K (any N; each
+/// its own bits and group size; plain matrices, not stacked). Every output row is computed
+/// by qmv's per-row code (one warp per row), so each `ys[i]` is bitwise `qmv(ws[i], x)`.
+pub fn qmv_multi(dev: &CudaDevice, dt: DType, ws: &[QuantWeight], x: u64, ys: &[u64]) -> Result<()> {
+    if ws.is_empty() || ws.len() > 3 || ws.len() != ys.len() {
+        return Err(inv("qmv_multi: 1 to 3 matrices, one output each".into()));
+    }
+    for (i, w) in ws.iter().enumerate() {
+        check_q(w, "qmv_multi weight")?;
+        if w.k != ws[0].k {
+            return Err(inv(format!("qmv_multi: matrix {i} has K={} (matrix 0: K={})", w.k, ws[0].k)));
+        }
+    }
+    aligned(x, 16, "x")?;
+    let tag = dtype_tag(dt)?;
+    let total: usize = ws.iter().map(|w| w.n).sum();
+    if total >= (1 << 31) {
+        return Err(inv("qmv_multi: too many rows".into()));
+    }
+    let mut args = vec![Arg::Ptr(x), Arg::I32(ws[0].k as i32)];
+    for i in 0..3 {
+        match ws.get(i) {
+            Some(w) => args.extend([
+                Arg::Ptr(w.w),
+                Arg::Ptr(w.scales),
+                Arg::Ptr(w.biases),
+                Arg::Ptr(ys[i]),
+                Arg::I32(w.n as i32),
+                Arg::I32((w.bits * 1000 + w.group_size) as i32),
+            ]),
+            None => args.extend([Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0), Arg::I32(0)]),
+        }
+    }
+    dev.launch(&format!("fused_qmv_multi_{tag}"), ((total as u32).div_ceil(4), 1, 1), (128, 1, 1), 0, &args)
+}
+
+/// The q, k and v projections in one launch: [`qmv_multi`] with `[q, k, v]`; bitwise
+/// identical to `qmv(q, x, yq)`, `qmv(k, x, yk)`, `qmv(v, x, yv)`.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv(dev: &CudaDevice, dt: DType, q: &QuantWeight, k: &QuantWeight, v: &QuantWeight, x: u64, yq: u64, yk: u64, yv: u64) -> Result<()> {
+    qmv_multi(dev, dt, &[*q, *k, *v], x, &[yq, yk, yv])
 }

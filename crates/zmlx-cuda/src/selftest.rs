@@ -928,6 +928,7 @@ pub fn run_self_tests_dump(dev: &CudaDevice, dump: Option<&Path>) -> Vec<TestRow
     }
     rows.extend(engine_kernel_tests(dev, &mut rng));
     rows.extend(fused_tests::run(dev, &mut rng));
+    rows.extend(latency_tests::run(dev, &mut rng));
     rows
 }
 
@@ -1189,4 +1190,197 @@ pub(crate) mod fused_tests {
         }
         rows
     }
+}
+
+/// Decode-latency kernels (attention grid, qk_norm_rope_append, softmax_topk fast path,
+/// qmv_multi): each compared byte for byte with the previous kernel / the unfused chain on
+/// fresh random inputs, outputs poisoned first.
+pub(crate) mod latency_tests {
+    use super::*;
+    use crate::fused;
+
+    fn bytes(dev: &CudaDevice, p: u64, n: usize) -> Result<Vec<u8>> {
+        dev.read::<u8>(p, n)
+    }
+    fn diff(a: &[u8], b: &[u8], esz: usize) -> usize {
+        a.chunks(esz).zip(b.chunks(esz)).filter(|(x, y)| x != y).count()
+    }
+    fn row(name: &str, shape: String, bad: usize, note: String) -> TestRow {
+        TestRow { name: name.into(), shape, passed: bad == 0, worst: bad as f64, rel_norm: 0.0, note }
+    }
+
+    /// attention_decode (fixed grid, work items) vs attention_decode_legacy, several lengths
+    /// over one cache; also through a graph captured once and replayed at each length.
+    pub fn test_attention_identity(dev: &CudaDevice, rng: &mut Rng, dt: DType, s: AttnShape, lens: &[usize]) -> Result<TestRow> {
+        let sz = dt.size_bytes();
+        let cache = s.n_kv_heads * s.max_len * s.head_dim;
+        let (kc, vc) = (dev.alloc(cache * sz)?, dev.alloc(cache * sz)?);
+        ops::fill_random_uniform(dev, dt, kc.ptr(), cache, rng.next_u32() as u64, -2.0, 2.0)?;
+        ops::fill_random_uniform(dev, dt, vc.ptr(), cache, rng.next_u32() as u64, -1.0, 1.0)?;
+        let q = up(dev, dt, &rng.vec(s.n_heads * s.head_dim, -2.0, 2.0, dt))?;
+        let n = s.n_heads * s.head_dim;
+        let lenb = dev.alloc(4)?;
+        let (ws1, ws2) = (dev.alloc(s.workspace_bytes())?, dev.alloc(s.workspace_bytes())?);
+        let (o1, o2, o3) = (dev.alloc(n * sz)?, dev.alloc(n * sz)?, dev.alloc(n * sz)?);
+        let graph = dev.capture(|d| ops::attention_decode_items(d, dt, &s, q.ptr(), kc.ptr(), vc.ptr(), lenb.ptr(), 1, 0.0883883, ws2.ptr(), o3.ptr()))?;
+        let mut bad = 0;
+        let mut nan = 0;
+        for &len in lens {
+            dev.write(lenb.ptr(), &[len as i32 - 1])?;
+            for o in [&o1, &o2, &o3] {
+                dev.memset(o.ptr(), 0xff, n * sz)?;
+            }
+            ops::attention_decode_legacy(dev, dt, &s, q.ptr(), kc.ptr(), vc.ptr(), lenb.ptr(), 1, 0.0883883, ws1.ptr(), o1.ptr())?;
+            ops::attention_decode_items(dev, dt, &s, q.ptr(), kc.ptr(), vc.ptr(), lenb.ptr(), 1, 0.0883883, ws2.ptr(), o2.ptr())?;
+            graph.replay()?;
+            let a = bytes(dev, o1.ptr(), n * sz)?;
+            bad += diff(&a, &bytes(dev, o2.ptr(), n * sz)?, sz) + diff(&a, &bytes(dev, o3.ptr(), n * sz)?, sz);
+            nan += down(dev, dt, o2.ptr(), n)?.iter().filter(|v| !v.is_finite()).count();
+        }
+        let grid = ops::attention_grid(dev, &s);
+        Ok(row(
+            "attention_identity",
+            format!("{} H={} KV={} D={} max_len={} lens {:?}", dtn(dt), s.n_heads, s.n_kv_heads, s.head_dim, s.max_len, lens),
+            bad + nan,
+            format!("{bad} bitwise diffs vs legacy (direct + graph replay), {nan} non-finite; grid {grid} blocks"),
+        ))
+    }
+
+    /// qk_norm_rope_append vs rms_norm(q), rms_norm(k), rope(q), rope(k), kv_append.
+    #[allow(clippy::too_many_arguments)]
+    pub fn test_qk_norm_rope_append(dev: &CudaDevice, rng: &mut Rng, dt: DType, hq: usize, hkv: usize, hd: usize, max_len: usize, pos: i32) -> Result<TestRow> {
+        let sz = dt.size_bytes();
+        let s = AttnShape { n_heads: hq, n_kv_heads: hkv, head_dim: hd, max_len };
+        let (qv, kv, vv) = (rng.vec(hq * hd, -3.0, 3.0, dt), rng.vec(hkv * hd, -3.0, 3.0, dt), rng.vec(hkv * hd, -1.0, 1.0, dt));
+        let (qw, kw) = (up(dev, dt, &rng.vec(hd, 0.5, 1.5, dt))?, up(dev, dt, &rng.vec(hd, 0.5, 1.5, dt))?);
+        let vb = up(dev, dt, &vv)?;
+        let posb = dev.upload(&[pos])?;
+        let cache = hkv * max_len * hd * sz;
+        let (base, step) = (1.0e6f32, 0.0);
+        let _ = step;
+        // unfused
+        let (q1, k1) = (up(dev, dt, &qv)?, up(dev, dt, &kv)?);
+        let (kc1, vc1) = (poisoned(dev, cache)?, poisoned(dev, cache)?);
+        ops::rms_norm(dev, dt, q1.ptr(), qw.ptr(), q1.ptr(), hq, hd, 1e-6)?;
+        ops::rms_norm(dev, dt, k1.ptr(), kw.ptr(), k1.ptr(), hkv, hd, 1e-6)?;
+        ops::rope(dev, dt, q1.ptr(), q1.ptr(), posb.ptr(), 0, hq, hd, hd, base, 1.0)?;
+        ops::rope(dev, dt, k1.ptr(), k1.ptr(), posb.ptr(), 0, hkv, hd, hd, base, 1.0)?;
+        ops::kv_append(dev, dt, &s, k1.ptr(), vb.ptr(), kc1.ptr(), vc1.ptr(), posb.ptr(), 0)?;
+        // fused
+        let (q2, k2) = (up(dev, dt, &qv)?, up(dev, dt, &kv)?);
+        let (kc2, vc2) = (poisoned(dev, cache)?, poisoned(dev, cache)?);
+        ops::qk_norm_rope_append(dev, dt, q2.ptr(), k2.ptr(), vb.ptr(), qw.ptr(), kw.ptr(), kc2.ptr(), vc2.ptr(), posb.ptr(), &s, 1e-6, base)?;
+        let bq = diff(&bytes(dev, q1.ptr(), hq * hd * sz)?, &bytes(dev, q2.ptr(), hq * hd * sz)?, sz);
+        let bk = diff(&bytes(dev, k1.ptr(), hkv * hd * sz)?, &bytes(dev, k2.ptr(), hkv * hd * sz)?, sz);
+        let bkc = diff(&bytes(dev, kc1.ptr(), cache)?, &bytes(dev, kc2.ptr(), cache)?, sz);
+        let bvc = diff(&bytes(dev, vc1.ptr(), cache)?, &bytes(dev, vc2.ptr(), cache)?, sz);
+        let nan = down(dev, dt, q2.ptr(), hq * hd)?.iter().filter(|v| !v.is_finite()).count();
+        Ok(row(
+            "qk_norm_rope_append",
+            format!("{} Hq={hq} Hkv={hkv} hd={hd} max_len={max_len} pos={pos}", dtn(dt)),
+            bq + bk + bkc + bvc + nan,
+            format!("bitwise diffs q/k/k_cache/v_cache = {bq}/{bk}/{bkc}/{bvc}; {nan} non-finite q"),
+        ))
+    }
+
+    /// softmax_topk (fast path) vs softmax_topk_legacy; `levels` > 0 quantises the logits to
+    /// that many values (many ties).
+    #[allow(clippy::too_many_arguments)]
+    pub fn test_topk_identity(dev: &CudaDevice, rng: &mut Rng, dt: DType, rows: usize, e: usize, k: usize, round_probs: bool, renorm: bool, levels: u32) -> Result<TestRow> {
+        let mut l = rng.vec(rows * e, -6.0, 6.0, dt);
+        if levels > 0 {
+            for v in l.iter_mut() {
+                *v = (rng.next_u32() % levels) as f32 * 0.5 - 2.0;
+            }
+        }
+        let lb = up(dev, dt, &l)?;
+        let (i1, w1, i2, w2) = (poisoned(dev, rows * k * 4)?, poisoned(dev, rows * k * 4)?, poisoned(dev, rows * k * 4)?, poisoned(dev, rows * k * 4)?);
+        ops::softmax_topk_legacy(dev, dt, lb.ptr(), rows, e, k, round_probs, renorm, i1.ptr(), w1.ptr())?;
+        ops::softmax_topk(dev, dt, lb.ptr(), rows, e, k, round_probs, renorm, i2.ptr(), w2.ptr())?;
+        let bi = diff(&bytes(dev, i1.ptr(), rows * k * 4)?, &bytes(dev, i2.ptr(), rows * k * 4)?, 4);
+        let bw = diff(&bytes(dev, w1.ptr(), rows * k * 4)?, &bytes(dev, w2.ptr(), rows * k * 4)?, 4);
+        let ids: Vec<u32> = dev.read(i2.ptr(), rows * k)?;
+        let oob = ids.iter().filter(|&&i| i as usize >= e).count();
+        Ok(row(
+            "softmax_topk_identity",
+            format!("{} rows={rows} E={e} k={k} round={round_probs} renorm={renorm} levels={levels}", dtn(dt)),
+            bi + bw + oob,
+            format!("bitwise diffs ids/weights = {bi}/{bw} vs legacy; {oob} ids out of range"),
+        ))
+    }
+
+    /// qmv_multi vs one qmv per matrix. `mats`: (N, bits, group).
+    pub fn test_qmv_multi(dev: &CudaDevice, rng: &mut Rng, dt: DType, k: usize, mats: &[(usize, u32, usize)]) -> Result<TestRow> {
+        let sz = dt.size_bytes();
+        let mut keep = Vec::new();
+        let mut ws = Vec::new();
+        for &(n, bits, gs) in mats {
+            let q = qdata(rng, dt, 1, n, k, bits, gs);
+            let b = (dev.upload(&q.words)?, up(dev, dt, &q.scales)?, up(dev, dt, &q.biases)?);
+            ws.push(QuantWeight { w: b.0.ptr(), scales: b.1.ptr(), biases: b.2.ptr(), n, k, bits, group_size: gs as u32, n_experts: 1 });
+            keep.push(b);
+        }
+        let x = up(dev, dt, &rng.vec(k, -1.0, 1.0, dt))?;
+        let mut bad = 0;
+        let mut ys1 = Vec::new();
+        let mut ys2 = Vec::new();
+        for w in &ws {
+            let (a, b) = (poisoned(dev, w.n * sz)?, poisoned(dev, w.n * sz)?);
+            ops::qmv(dev, dt, w, x.ptr(), a.ptr())?;
+            ys1.push(a);
+            ys2.push(b);
+        }
+        let ptrs: Vec<u64> = ys2.iter().map(|b| b.ptr()).collect();
+        fused::qmv_multi(dev, dt, &ws, x.ptr(), &ptrs)?;
+        for (i, w) in ws.iter().enumerate() {
+            bad += diff(&bytes(dev, ys1[i].ptr(), w.n * sz)?, &bytes(dev, ys2[i].ptr(), w.n * sz)?, sz);
+        }
+        Ok(row("qmv_multi", format!("{} K={k} mats (N,bits,group) {:?}", dtn(dt), mats), bad, format!("{bad} bitwise diffs vs qmv per matrix")))
+    }
+
+    pub fn run(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
+        let mut rows = Vec::new();
+        let mut push = |name: &str, r: Result<TestRow>| match r {
+            Ok(t) => rows.push(t),
+            Err(e) => rows.push(TestRow { name: name.into(), shape: String::new(), passed: false, worst: f64::NAN, rel_norm: f64::NAN, note: e.to_string() }),
+        };
+        let (bf, f16, f32) = (DType::BF16, DType::F16, DType::F32);
+        let a = |h, kv, d, ml| AttnShape { n_heads: h, n_kv_heads: kv, head_dim: d, max_len: ml };
+        push("attention_identity", test_attention_identity(dev, rng, bf, a(32, 4, 128, 40960), &[1, 2, 127, 128, 129, 256, 1000, 4096, 4097, 16384, 40960]));
+        push("attention_identity", test_attention_identity(dev, rng, bf, a(32, 4, 128, 256), &[1, 100, 255, 256]));
+        push("attention_identity", test_attention_identity(dev, rng, f16, a(16, 1, 64, 5000), &[1, 300, 4999, 5000]));
+        push("attention_identity", test_attention_identity(dev, rng, f32, a(6, 2, 32, 3000), &[1, 129, 1500, 3000]));
+        push("attention_identity", test_attention_identity(dev, rng, bf, a(12, 4, 16, 700), &[1, 64, 700]));
+        push("attention_identity", test_attention_identity(dev, rng, bf, a(40, 8, 128, 33000), &[5, 777, 8192, 33000]));
+        for dt in [bf, f16, f32] {
+            push("qk_norm_rope_append", test_qk_norm_rope_append(dev, rng, dt, 32, 4, 128, 4096, 1234));
+            push("qk_norm_rope_append", test_qk_norm_rope_append(dev, rng, dt, 16, 8, 64, 300, 0));
+            push("qk_norm_rope_append", test_qk_norm_rope_append(dev, rng, dt, 4, 2, 32, 100, 99));
+            push("qk_norm_rope_append", test_qk_norm_rope_append(dev, rng, dt, 5, 1, 16, 50, 37));
+            push("qk_norm_rope_append", test_qk_norm_rope_append(dev, rng, dt, 32, 4, 128, 64, 64)); // pos past the cache
+            push("qk_norm_rope_append", test_qk_norm_rope_append(dev, rng, dt, 40, 8, 128, 40960, 40000));
+            push("softmax_topk_identity", test_topk_identity(dev, rng, dt, 64, 128, 8, true, true, 0));
+            push("softmax_topk_identity", test_topk_identity(dev, rng, dt, 64, 128, 8, true, true, 5));
+            push("softmax_topk_identity", test_topk_identity(dev, rng, dt, 16, 128, 8, false, true, 3));
+            push("softmax_topk_identity", test_topk_identity(dev, rng, dt, 16, 128, 8, true, false, 0));
+            push("softmax_topk_identity", test_topk_identity(dev, rng, dt, 16, 60, 4, true, true, 0));
+            push("softmax_topk_identity", test_topk_identity(dev, rng, dt, 16, 256, 32, true, true, 4));
+            push("softmax_topk_identity", test_topk_identity(dev, rng, dt, 8, 64, 6, false, false, 2));
+            push("softmax_topk_identity", test_topk_identity(dev, rng, dt, 4, 512, 10, true, true, 0)); // fallback path
+            push("qmv_multi", test_qmv_multi(dev, rng, dt, 2048, &[(4096, 4, 64), (512, 4, 64), (512, 4, 64)]));
+            push("qmv_multi", test_qmv_multi(dev, rng, dt, 1024, &[(300, 4, 64), (37, 6, 32), (129, 8, 128)]));
+            push("qmv_multi", test_qmv_multi(dev, rng, dt, 384, &[(77, 3, 32), (64, 5, 128), (9, 2, 64)]));
+            push("qmv_multi", test_qmv_multi(dev, rng, dt, 256, &[(1000, 4, 32)]));
+            push("qmv_multi", test_qmv_multi(dev, rng, dt, 640, &[(33, 8, 64), (100, 3, 128)]));
+        }
+        rows
+    }
+}
+
+/// Only the decode-latency kernels' identity tests (attention grid, qk_norm_rope_append,
+/// softmax_topk fast path, qmv_multi).
+pub fn run_latency_tests(dev: &CudaDevice) -> Vec<TestRow> {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+    let mut rng = Rng::new(seed);
+    latency_tests::run(dev, &mut rng)
 }

@@ -201,6 +201,53 @@ __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const
   softmax_topk_impl<D>(logits - o * E, ids - o * k, wout - o * k, E, k, round_probs, renorm);
 }
 
+// 5. qmv_multi: up to three quantized matrices with the same K (q, k, v projections) in
+// one launch; warp `gw` of the grid owns row gw of the concatenation [N0 | N1 | N2] and
+// computes it with qmv's per-row code (qmv_lane_partials, warp_sum, one rounding), so each
+// output is bitwise qmv's (whose per-row value does not depend on its rows per warp). Each
+// matrix has its own bits and group size (a warp-uniform switch).
+template <class D, int BITS, int GS>
+__device__ __forceinline__ void qmulti_row(const u32* __restrict__ w, const typename D::T* __restrict__ sc,
+                                           const typename D::T* __restrict__ bi, const typename D::T* __restrict__ x,
+                                           typename D::T* __restrict__ y, int row, int K, u32 qmask, int lane) {
+  const long long wpr = (long long)K * BITS / 32;
+  const int groups = K / GS;
+  const u32* wr[1] = {w + row * wpr};
+  const typename D::T* sr[1] = {sc + (long long)row * groups};
+  const typename D::T* br[1] = {bi + (long long)row * groups};
+  const typename D::T* xr[1] = {x};
+  float acc[1];
+  qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, xr, K >> 5, lane, qmask, acc);
+  const float v = warp_sum(acc[0]);
+  if (lane == 0) y[row] = D::st(v);
+}
+template <class D>
+__device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__ x, int K,
+                                               const u32* w0, const typename D::T* s0, const typename D::T* b0, typename D::T* y0, int n0, int f0,
+                                               const u32* w1, const typename D::T* s1, const typename D::T* b1, typename D::T* y1, int n1, int f1,
+                                               const u32* w2, const typename D::T* s2, const typename D::T* b2, typename D::T* y2, int n2, int f2) {
+  const int lane = threadIdx.x & 31;
+  int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const u32* w;
+  const typename D::T* sc;
+  const typename D::T* bi;
+  typename D::T* y;
+  int f;
+  if (row < n0) { w = w0; sc = s0; bi = b0; y = y0; f = f0; }
+  else if (row < n0 + n1) { row -= n0; w = w1; sc = s1; bi = b1; y = y1; f = f1; }
+  else if (row < n0 + n1 + n2) { row -= n0 + n1; w = w2; sc = s2; bi = b2; y = y2; f = f2; }
+  else return;
+  // f = bits * 1000 + group size
+  switch (f) {
+#define ZQM(B, G) case B * 1000 + G: qmulti_row<D, B, G>(w, sc, bi, x, y, row, K, (1u << B) - 1u, lane); break;
+#define ZQMG(B) ZQM(B, 32) ZQM(B, 64) ZQM(B, 128)
+    ZQMG(2) ZQMG(3) ZQMG(4) ZQMG(5) ZQMG(6) ZQMG(8)
+#undef ZQMG
+#undef ZQM
+    default: break;
+  }
+}
+
 #define ZMLX_FUSED_C(DT, DN, BITS, GS, R)                                                                      \
   extern "C" __global__ void __launch_bounds__(256) fused_combine_##DN##_b##BITS##_g##GS##_r##R(               \
       const u32* w, const DT::T* s, const DT::T* b, const u32* ids, const float* wts, int k, const DT::T* act,  \
@@ -228,6 +275,12 @@ __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const
 #define ZMLX_FUSED_ALL(DT, DN)                                                                                 \
   ZMLX_FUSED_G(DT, DN, 2) ZMLX_FUSED_G(DT, DN, 3) ZMLX_FUSED_G(DT, DN, 4) ZMLX_FUSED_G(DT, DN, 5)             \
   ZMLX_FUSED_G(DT, DN, 6) ZMLX_FUSED_G(DT, DN, 8)                                                              \
+  extern "C" __global__ void __launch_bounds__(128) fused_qmv_multi_##DN(                                      \
+      const DT::T* x, int K, const u32* w0, const DT::T* s0, const DT::T* b0, DT::T* y0, int n0, int f0,        \
+      const u32* w1, const DT::T* s1, const DT::T* b1, DT::T* y1, int n1, int f1, const u32* w2,               \
+      const DT::T* s2, const DT::T* b2, DT::T* y2, int n2, int f2) {                                           \
+    qmv_multi_impl<DT>(x, K, w0, s0, b0, y0, n0, f0, w1, s1, b1, y1, n1, f1, w2, s2, b2, y2, n2, f2);           \
+  }                                                                                                            \
   extern "C" __global__ void fused_add_rms_norm_##DN(const DT::T* x, const DT::T* delta, const DT::T* w,       \
                                                      DT::T* h, DT::T* y, int n, float eps, float inv_n) {      \
     add_rms_norm_impl<DT>(x, delta, w, h, y, n, eps, inv_n);                                                   \

@@ -105,7 +105,7 @@ template <> __device__ __forceinline__ void load2<DtF32>(const float* p, float& 
 }
 
 template <class D, int HD>
-__device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
+__device__ __forceinline__ void attn_split_legacy_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
                                                 const typename D::T* __restrict__ vc, float* __restrict__ part,
                                                 const int* __restrict__ len_ptr, int len_add, int G, int max_len,
                                                 float scale) {
@@ -222,6 +222,155 @@ __device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict_
 #pragma unroll
     for (int g = 0; g < ATT_GMAX; g++)
       if (g < G) { out[g * (HD + 2) + d0] = acc0[g]; out[g * (HD + 2) + d0 + 1] = acc1[g]; }
+  }
+}
+
+template <class D, int HD>
+__device__ __forceinline__ void attn_item_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
+                                               const typename D::T* __restrict__ vc, float* __restrict__ part,
+                                               int len, int h, int s, int S, int g0, int GN, int G, int max_len,
+                                               float scale, float* qs, float* sc) {
+  // One work item: kv head h, split s, query heads g0 .. g0+GN-1 of that kv head. Every
+  // (head, position) value is computed by the same code as when a block takes all G heads,
+  // so the partials do not depend on GN.
+  const int t0 = s * ATT_CHUNK;
+  if (t0 >= len) return;
+  const int n = min(ATT_CHUNK, len - t0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int NW = ATT_THREADS / 32;
+  const float scale_r = D::rnd(scale);
+  for (int i = tid; i < GN * HD; i += ATT_THREADS)
+    qs[i] = D::rnd(__fmul_rn(D::ld(q[((long long)h * G + g0) * HD + i]), scale_r));
+  const typename D::T* kbase = kc + ((long long)h * max_len + t0) * HD;
+  const typename D::T* vbase = vc + ((long long)h * max_len + t0) * HD;
+  // Scores: LPR lanes per key row, 8 features per lane; IT row-iterations per warp.
+  {
+    const int LPR = HD / 8, RPW = 32 / LPR, IT = ATT_CHUNK / (NW * RPW);
+    const int sub = lane / LPR, e0 = (lane % LPR) * 8;
+    float kv[IT][8];
+#pragma unroll
+    for (int it = 0; it < IT; it++) {
+      const int t = (it * NW + warp) * RPW + sub;
+      if (t < n) load8<D>(kbase + (long long)t * HD + e0, kv[it]);
+      else {
+#pragma unroll
+        for (int j = 0; j < 8; j++) kv[it][j] = 0.0f;
+      }
+    }
+    __syncthreads();  // qs ready
+    // g outer, rows inner: each q slice is read from shared memory once (2 x 16 B).
+#pragma unroll
+    for (int g = 0; g < ATT_GMAX; g++) {
+      if (g < GN) {
+        const float4 qa = *reinterpret_cast<const float4*>(&qs[g * HD + e0]);
+        const float4 qb = *reinterpret_cast<const float4*>(&qs[g * HD + e0 + 4]);
+#pragma unroll
+        for (int it = 0; it < IT; it++) {
+          const int t = (it * NW + warp) * RPW + sub;
+          float p = qa.x * kv[it][0];
+          p = fmaf(qa.y, kv[it][1], p);
+          p = fmaf(qa.z, kv[it][2], p);
+          p = fmaf(qa.w, kv[it][3], p);
+          p = fmaf(qb.x, kv[it][4], p);
+          p = fmaf(qb.y, kv[it][5], p);
+          p = fmaf(qb.z, kv[it][6], p);
+          p = fmaf(qb.w, kv[it][7], p);
+#pragma unroll
+          for (int o = LPR / 2; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
+          if ((lane % LPR) == 0 && t < n) sc[g * ATT_CHUNK + t] = p;
+        }
+      }
+    }
+  }
+  // Issue this thread's V loads now; they land while the softmax runs.
+  const int TPR = HD / 2, NG = ATT_THREADS / TPR, RPG = ATT_CHUNK / NG;
+  const int grp = tid / TPR, d0 = (tid % TPR) * 2;
+  float v0[RPG], v1[RPG];
+#pragma unroll
+  for (int i = 0; i < RPG; i++) {
+    const int t = grp + NG * i;
+    if (t < n) load2<D>(vbase + (long long)t * HD + d0, v0[i], v1[i]);
+    else { v0[i] = 0.0f; v1[i] = 0.0f; }
+  }
+  __syncthreads();
+  float* out = part + ((((long long)h * S + s) * G) + g0) * (HD + 2);
+  for (int g = warp; g < GN; g += NW) {
+    float m = -ZMLX_INF;
+    for (int t = lane; t < n; t += 32) m = fmaxf(m, sc[g * ATT_CHUNK + t]);
+    m = warp_max(m);
+    float l = 0.0f;
+    for (int t = lane; t < ATT_CHUNK; t += 32) {
+      float p = t < n ? mlx_exp(__fsub_rn(sc[g * ATT_CHUNK + t], m)) : 0.0f;
+      sc[g * ATT_CHUNK + t] = p;
+      l += p;
+    }
+    l = warp_sum(l);
+    if (lane == 0) { out[g * (HD + 2) + HD] = m; out[g * (HD + 2) + HD + 1] = l; }
+  }
+  __syncthreads();
+  float acc0[ATT_GMAX], acc1[ATT_GMAX];
+#pragma unroll
+  for (int g = 0; g < ATT_GMAX; g++) { acc0[g] = 0.0f; acc1[g] = 0.0f; }
+#pragma unroll
+  for (int i = 0; i < RPG; i++) {
+    const int t = grp + NG * i;
+#pragma unroll
+    for (int g = 0; g < ATT_GMAX; g++) {
+      if (g < GN) {
+        const float p = sc[g * ATT_CHUNK + t];  // 0 past n
+        acc0[g] = fmaf(p, v0[i], acc0[g]);
+        acc1[g] = fmaf(p, v1[i], acc1[g]);
+      }
+    }
+  }
+  // Deterministic cross-group sum: groups add into group 0's registers one at a time.
+  for (int r = 1; r < NG; r++) {
+    __syncthreads();
+    if (grp == r) {
+#pragma unroll
+      for (int g = 0; g < ATT_GMAX; g++)
+        if (g < GN) { sc[g * HD + d0] = acc0[g]; sc[g * HD + d0 + 1] = acc1[g]; }
+    }
+    __syncthreads();
+    if (grp == 0) {
+#pragma unroll
+      for (int g = 0; g < ATT_GMAX; g++)
+        if (g < GN) { acc0[g] += sc[g * HD + d0]; acc1[g] += sc[g * HD + d0 + 1]; }
+    }
+  }
+  if (grp == 0) {
+#pragma unroll
+    for (int g = 0; g < ATT_GMAX; g++)
+      if (g < GN) { out[g * (HD + 2) + d0] = acc0[g]; out[g * (HD + 2) + d0 + 1] = acc1[g]; }
+  }
+}
+
+// Pass 1 over a fixed grid of B blocks (sized from max_len, so one captured graph serves
+// every length): the active work is n_kv x used splits x NGRP head groups, NGRP chosen from
+// the current length so the items fill the grid (short contexts split the G query heads of
+// a kv head over several blocks; long ones give each block all G heads and several splits).
+// Blocks with no item exit at once. Results do not depend on the item mapping.
+template <class D, int HD>
+__device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
+                                                const typename D::T* __restrict__ vc, float* __restrict__ part,
+                                                const int* __restrict__ len_ptr, int len_add, int G, int max_len,
+                                                float scale, int n_kv, int S) {
+  __shared__ float qs[ATT_GMAX * HD];
+  __shared__ float sc[ATT_GMAX * ATT_CHUNK];
+  const int len = min(*len_ptr + len_add, max_len);
+  if (len <= 0) return;
+  const int used = (len + ATT_CHUNK - 1) / ATT_CHUNK;
+  const int B = gridDim.x;
+  const int base = n_kv * used;
+  int ng = min(max(B / base, 1), G);
+  const int GB = (G + ng - 1) / ng;
+  ng = (G + GB - 1) / GB;
+  const int items = base * ng;
+  for (int it = blockIdx.x; it < items; it += B) {
+    const int h = it % n_kv, rest = it / n_kv, s = rest % used, gi = rest / used;
+    const int g0 = gi * GB;
+    __syncthreads();  // shared memory of the previous item
+    attn_item_impl<D, HD>(q, kc, vc, part, len, h, s, S, g0, min(GB, G - g0), G, max_len, scale, qs, sc);
   }
 }
 
@@ -343,6 +492,168 @@ __device__ __forceinline__ void softmax_topk_impl(const typename D::T* __restric
       for (int j = 0; j < k; j++) wout[j] = topw[j];
     }
   }
+}
+
+// softmax_topk fast path (E <= 256, k <= 32; softmax_topk_impl above stays the reference and
+// the fused router tail): the same f32 max (lane l folds i = l, l+32, ... in order, then
+// warp_max), the same exps, the same sequential lane-0 sum and r32(1/sum), the same p; the
+// top-k rounds work on register keys with warp reductions instead of shared-memory scans.
+// Key = bits(p) + 1 (p >= +0, so the bit order is the value order; NaN -> 0, never picked,
+// as `v > bv` never picks NaN); ties -> lowest index, like the scan. A round where nothing
+// valid remains writes id 0x7fffffff and weight -inf, what the scan writes there.
+__device__ __forceinline__ u32 warp_max_u32(u32 v) {
+#if __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xffffffffu, v);
+#else
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+#endif
+}
+__device__ __forceinline__ u32 warp_min_u32(u32 v) {
+#if __CUDA_ARCH__ >= 800
+  return __reduce_min_sync(0xffffffffu, v);
+#else
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+#endif
+}
+#define STK_PER 8
+template <class D>
+__device__ __forceinline__ void softmax_topk_fast_impl(const typename D::T* __restrict__ logits, u32* __restrict__ ids,
+                                                       float* __restrict__ wout, int E, int k, int round_probs, int renorm) {
+  extern __shared__ float pr[];  // E floats; one warp per row (blockDim.x == 32)
+  const int lane = threadIdx.x;
+  logits += (long long)blockIdx.x * E;
+  ids += (long long)blockIdx.x * k;
+  wout += (long long)blockIdx.x * k;
+  float xv[STK_PER];
+  float m = -ZMLX_INF;
+#pragma unroll
+  for (int j = 0; j < STK_PER; j++) {
+    const int i = lane + 32 * j;
+    xv[j] = i < E ? D::ld(logits[i]) : 0.0f;
+    if (i < E) m = fmaxf(m, xv[j]);
+  }
+  m = warp_max(m);
+#pragma unroll
+  for (int j = 0; j < STK_PER; j++) {
+    const int i = lane + 32 * j;
+    if (i < E) { xv[j] = mlx_exp(__fsub_rn(xv[j], m)); pr[i] = xv[j]; }
+  }
+  __syncwarp();
+  float inv = 0.0f;
+  if (lane == 0) {
+    float sum = 0.0f;
+    int i = 0;
+    for (; i + 8 <= E; i += 8) {
+      float t[8];
+#pragma unroll
+      for (int j = 0; j < 8; j++) t[j] = pr[i + j];
+#pragma unroll
+      for (int j = 0; j < 8; j++) sum = __fadd_rn(sum, t[j]);
+    }
+    for (; i < E; i++) sum = __fadd_rn(sum, pr[i]);
+    inv = __fdiv_rn(1.0f, sum);
+  }
+  inv = __shfl_sync(0xffffffffu, inv, 0);
+  u32 key[STK_PER];
+#pragma unroll
+  for (int j = 0; j < STK_PER; j++) {
+    const int i = lane + 32 * j;
+    float p = __fmul_rn(xv[j], inv);
+    p = round_probs ? D::rnd(p) : p;
+    key[j] = (i < E && p == p) ? __float_as_uint(p) + 1u : 0u;
+  }
+  float myw = 0.0f;
+  for (int r = 0; r < k; r++) {
+    u32 bk = 0u;
+    int bj = 0;
+#pragma unroll
+    for (int j = 0; j < STK_PER; j++)
+      if (key[j] > bk) { bk = key[j]; bj = j; }  // ascending j = ascending index: first max kept
+    const u32 wk = warp_max_u32(bk);
+    const u32 cand = (wk != 0u && bk == wk) ? (u32)(lane + 32 * bj) : 0xffffffffu;
+    const u32 wi = wk != 0u ? warp_min_u32(cand) : 0x7fffffffu;
+#pragma unroll
+    for (int j = 0; j < STK_PER; j++)
+      if ((u32)(lane + 32 * j) == wi) key[j] = 0u;
+    const float v = wk != 0u ? __uint_as_float(wk - 1u) : -ZMLX_INF;
+    if (lane == r) myw = v;
+    if (lane == 0) ids[r] = wi;
+  }
+  if (renorm) {
+    float s = 0.0f;
+    for (int j = 0; j < k; j++) s = __fadd_rn(s, __shfl_sync(0xffffffffu, myw, j));
+    if (round_probs) s = D::rnd(s);
+    if (lane < k) { const float v = __fdiv_rn(myw, s); wout[lane] = round_probs ? D::rnd(v) : v; }
+  } else if (lane < k) {
+    wout[lane] = myw;
+  }
+}
+
+// Per-head q/k RMSNorm + RoPE (in place on q and k) + K/V cache append in one launch.
+// One warp per row (n_heads q rows, then n_kv k rows), 128 threads per block. Bitwise
+// identical to rms_norm(q) + rms_norm(k) + rope(q) + rope(k) + kv_append: rms_norm's
+// launcher gives rows of hd <= 256 one warp (32 threads), whose path is reproduced here
+// op for op (8 values per lane at i = lane + 32 j, fmaf in j order, warp_sum, then
+// block_sum's second warp_sum of (lane 0 ? sum : 0)); the normalised row, rounded to the
+// dtype as rms_norm stores it, goes through shared memory to rope's per-pair code
+// (rope_impl's arithmetic, scale 1, dims = hd); the k rows' rotated values (as stored) and
+// the v rows are written to the caches at *pos_ptr when 0 <= pos < max_len (kv_append).
+#define QNR_WARPS 4
+template <class D>
+__device__ __forceinline__ void qk_norm_rope_append_impl(typename D::T* q, typename D::T* k, const typename D::T* __restrict__ v,
+                                                         const typename D::T* __restrict__ qw, const typename D::T* __restrict__ kw,
+                                                         typename D::T* kc, typename D::T* vc, const int* __restrict__ pos_ptr,
+                                                         int hq, int hkv, int hd, int max_len, float eps, float inv_n,
+                                                         float step, float scale) {
+  __shared__ float buf[QNR_WARPS][256];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row = blockIdx.x * QNR_WARPS + warp;
+  if (row >= hq + hkv) return;
+  const bool isk = row >= hq;
+  const int kh = row - hq;
+  typename D::T* x = isk ? k + (long long)kh * hd : q + (long long)row * hd;
+  const typename D::T* w = isk ? kw : qw;
+  float vv[8], wv[8];
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const int i = lane + j * 32;
+    vv[j] = i < hd ? D::ld(x[i]) : 0.0f;
+    wv[j] = i < hd ? D::ld(w[i]) : 0.0f;
+  }
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; j++) ss = fmaf(vv[j], vv[j], ss);
+  ss = warp_sum(ss);
+  ss = warp_sum(lane == 0 ? ss : 0.0f);
+  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const int i = lane + j * 32;
+    if (i < hd) buf[warp][i] = D::rnd(__fmul_rn(D::rnd(__fmul_rn(vv[j], r)), wv[j]));
+  }
+  __syncwarp();
+  const int pos = *pos_ptr;
+  const bool app = isk && pos >= 0 && pos < max_len;
+  const long long co = ((long long)kh * max_len + pos) * hd;
+  const int half = hd >> 1;
+  for (int i = lane; i < half; i += 32) {
+    const float inv = mlx_exp(__fmul_rn(-(float)i, step));
+    const float theta = __fmul_rn(__fmul_rn((float)pos, scale), inv);
+    const float c = D::rnd(mlx_cos(theta)), s = D::rnd(mlx_sin(theta));
+    const float x1 = buf[warp][i], x2 = buf[warp][i + half];
+    const float o1 = D::rnd(__fsub_rn(D::rnd(__fmul_rn(x1, c)), D::rnd(__fmul_rn(x2, s))));
+    const float o2 = D::rnd(__fadd_rn(D::rnd(__fmul_rn(x1, s)), D::rnd(__fmul_rn(x2, c))));
+    const typename D::T t1 = D::st(o1), t2 = D::st(o2);
+    x[i] = t1;
+    x[i + half] = t2;
+    if (app) { kc[co + i] = t1; kc[co + i + half] = t2; }
+  }
+  if (app)
+    for (int i = lane; i < hd; i += 32) vc[co + i] = v[(long long)kh * hd + i];
 }
 
 // Weighted sum of k expert outputs y [k, n] with f32 weights w [k] (exact in the dtype):
@@ -662,7 +973,14 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
 #define ZMLX_ATTN_HD(DT, DN, HD)                                                                               \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_##DN##_d##HD(                          \
       const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
-      int max_len, float scale) { attn_split_impl<DT, HD>(q, kc, vc, part, len, len_add, G, max_len, scale); } \
+      int max_len, float scale, int n_kv, int S) {                                                             \
+    attn_split_impl<DT, HD>(q, kc, vc, part, len, len_add, G, max_len, scale, n_kv, S);                        \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_legacy_##DN##_d##HD(                   \
+      const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
+      int max_len, float scale) {                                                                              \
+    attn_split_legacy_impl<DT, HD>(q, kc, vc, part, len, len_add, G, max_len, scale);                          \
+  }                                                                                                            \
   extern "C" __global__ void attn_combine_##DN##_d##HD(const float* part, DT::T* y, const int* len,            \
                                                        int len_add, int G, int S, int max_len) {               \
     attn_combine_impl<DT, HD>(part, y, len, len_add, G, S, max_len);                                           \
@@ -685,7 +1003,17 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
   ZMLX_ATTN_HD(DT, DN, 128)                                                                                    \
   extern "C" __global__ void softmax_topk_##DN(const DT::T* logits, u32* ids, float* w, int E, int k,          \
                                                int round_probs, int renorm) {                                  \
+    if (E <= 32 * STK_PER && k <= 32) softmax_topk_fast_impl<DT>(logits, ids, w, E, k, round_probs, renorm);   \
+    else softmax_topk_impl<DT>(logits, ids, w, E, k, round_probs, renorm);                                     \
+  }                                                                                                            \
+  extern "C" __global__ void softmax_topk_legacy_##DN(const DT::T* logits, u32* ids, float* w, int E, int k,   \
+                                                      int round_probs, int renorm) {                           \
     softmax_topk_impl<DT>(logits, ids, w, E, k, round_probs, renorm);                                          \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(32 * QNR_WARPS) qk_norm_rope_append_##DN(                       \
+      DT::T* q, DT::T* k, const DT::T* v, const DT::T* qw, const DT::T* kw, DT::T* kc, DT::T* vc,              \
+      const int* pos, int hq, int hkv, int hd, int max_len, float eps, float inv_n, float step, float scale) { \
+    qk_norm_rope_append_impl<DT>(q, k, v, qw, kw, kc, vc, pos, hq, hkv, hd, max_len, eps, inv_n, step, scale); \
   }                                                                                                            \
   extern "C" __global__ void moe_combine_##DN(const DT::T* y, const float* w, DT::T* out, int k, int n) {      \
     moe_combine_impl<DT>(y, w, out, k, n);                                                                     \
