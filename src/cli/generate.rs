@@ -56,6 +56,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         (None, None) => bail!("give --prompt TEXT or --prompt-tokens IDS"),
     };
+    // Check the ids before loading weights, so bad input fails fast with one line.
+    if let Some(vocab) = model.config.raw.get("vocab_size").and_then(|v| v.as_u64()) {
+        if let Some(&bad) = prompt.iter().find(|&&t| t as u64 >= vocab) {
+            bail!("prompt token id {bad} is out of range (vocab size {vocab})");
+        }
+    }
     let eos = model.eos_token_ids();
     let sampling = SamplingOptions { temp: args.temp, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
     let tokenizer = model.tokenizer.take();
