@@ -284,6 +284,8 @@ struct DevLayer {
     moe: MoeVariant,
     fused_swiglu_mlp: bool,
     fused_add_norm: bool,
+    fused_qkv: bool,
+    fused_qk_rope: bool,
     q: DevLinear,
     k: DevLinear,
     v: DevLinear,
@@ -394,6 +396,8 @@ impl CudaQwen3Moe {
                 moe: MoeVariant::default(),
                 fused_swiglu_mlp: false,
                 fused_add_norm: false,
+                fused_qkv: false,
+                fused_qk_rope: false,
                 q: src.linear(&format!("{sa}.q_proj"), &[a.num_attention_heads * hd], d)?,
                 k: src.linear(&format!("{sa}.k_proj"), &[a.num_key_value_heads * hd], d)?,
                 v: src.linear(&format!("{sa}.v_proj"), &[a.num_key_value_heads * hd], d)?,
@@ -486,14 +490,23 @@ impl CudaQwen3Moe {
         self.embed.embed(dev, dt, s.token, s.x)?;
         ops::rms_norm(dev, dt, s.x, self.layers[0].in_norm, s.xn, 1, d, eps)?;
         for (i, l) in self.layers.iter().enumerate() {
-            l.q.mv(dev, dt, s.xn, s.q)?;
-            l.k.mv(dev, dt, s.xn, s.k)?;
-            l.v.mv(dev, dt, s.xn, s.v)?;
-            ops::rms_norm(dev, dt, s.q, l.q_norm, s.q, hq, hd, eps)?;
-            ops::rms_norm(dev, dt, s.k, l.k_norm, s.k, hkv, hd, eps)?;
-            ops::rope(dev, dt, s.q, s.q, s.pos, 0, hq, hd, hd, self.rope_base, 1.0)?;
-            ops::rope(dev, dt, s.k, s.k, s.pos, 0, hkv, hd, hd, self.rope_base, 1.0)?;
-            ops::kv_append(dev, dt, &self.attn, s.k, s.v, l.k_cache, l.v_cache, s.pos, 0)?;
+            match (l.fused_qkv, l.q.quant(), l.k.quant(), l.v.quant()) {
+                (true, Some(q), Some(k), Some(v)) => fused::qkv(dev, dt, q, k, v, s.xn, s.q, s.k, s.v)?,
+                _ => {
+                    l.q.mv(dev, dt, s.xn, s.q)?;
+                    l.k.mv(dev, dt, s.xn, s.k)?;
+                    l.v.mv(dev, dt, s.xn, s.v)?;
+                }
+            }
+            if l.fused_qk_rope {
+                ops::qk_norm_rope_append(dev, dt, s.q, s.k, s.v, l.q_norm, l.k_norm, l.k_cache, l.v_cache, s.pos, &self.attn, eps, self.rope_base)?;
+            } else {
+                ops::rms_norm(dev, dt, s.q, l.q_norm, s.q, hq, hd, eps)?;
+                ops::rms_norm(dev, dt, s.k, l.k_norm, s.k, hkv, hd, eps)?;
+                ops::rope(dev, dt, s.q, s.q, s.pos, 0, hq, hd, hd, self.rope_base, 1.0)?;
+                ops::rope(dev, dt, s.k, s.k, s.pos, 0, hkv, hd, hd, self.rope_base, 1.0)?;
+                ops::kv_append(dev, dt, &self.attn, s.k, s.v, l.k_cache, l.v_cache, s.pos, 0)?;
+            }
             ops::attention_decode(dev, dt, &self.attn, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
             l.o.mv(dev, dt, s.attn, s.o)?;
             // h = x + attn; xn = post_attention_layernorm(h)
@@ -590,6 +603,14 @@ impl CudaQwen3Moe {
             if l.fused_add_norm {
                 report.add("add_rms_norm");
             }
+            l.fused_qkv = on(Pattern::QkvProj) && l.q.quant().is_some() && l.k.quant().is_some() && l.v.quant().is_some();
+            if l.fused_qkv {
+                report.add("qkv_proj");
+            }
+            l.fused_qk_rope = on(Pattern::QkNormRope);
+            if l.fused_qk_rope {
+                report.add("qk_norm_rope");
+            }
         }
         self.graph = None;
         self.len = 0;
@@ -620,7 +641,7 @@ impl CudaQwen3Moe {
             .layers
             .iter()
             .map(|l| {
-                let attn = 11;
+                let attn = (if l.fused_qkv { 1 } else { 3 }) + (if l.fused_qk_rope { 1 } else { 5 }) + 3;
                 let post_attn = if l.fused_add_norm { 1 } else { 2 };
                 let (ff, added) = match &l.ff {
                     DevFeedForward::Sparse { .. } => {
