@@ -5,10 +5,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || { echo "error: .venv/bin/python missing: run .ci/run once (it installs mlx + mlx-lm)"; exit 1; }
 export ZMLX_ORACLE_PYTHON="$PWD/.venv/bin/python"
-cargo test --release --workspace --exclude zmlx-cuda
+log=$(mktemp)
+cargo test --release --workspace --exclude zmlx-cuda 2>&1 | tee "$log"
+passed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/) s += $i } END { print s + 0 }' "$log")
+failed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) s += $i } END { print s + 0 }' "$log")
+rm -f "$log"
 
 # CUDA: build with the feature (no toolkit needed) and compile every kernel with PyPI's NVRTC.
 nvrtc=$(ls .venv-nvrtc/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.* 2>/dev/null | head -n 1 || true)
 [ -n "$nvrtc" ] || { echo "error: NVRTC missing: run .ci/run (it installs nvidia-cuda-nvrtc-cu12 into .venv-nvrtc)"; exit 1; }
 cargo build --release --features cuda
 ZMLX_NVRTC_LIB="$PWD/$nvrtc" ZMLX_CACHE_DIR="$PWD/target/zmlx-kernel-cache" ./target/release/zmlx kernels check --backend cuda
+
+# One closing line for CI: every Rust test above (the kernel check counts as one).
+echo "zmlx: $((passed + 1)) passed, ${failed} failed"
