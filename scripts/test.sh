@@ -17,5 +17,12 @@ nvrtc=$(ls .venv-nvrtc/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc
 cargo build --release --features cuda
 ZMLX_NVRTC_LIB="$PWD/$nvrtc" ZMLX_CACHE_DIR="$PWD/target/zmlx-kernel-cache" ./target/release/zmlx kernels check --backend cuda
 
+# Without a GPU, --device cuda must fail with one clear line (cudarc would panic if asked blindly).
+if [ ! -e /dev/nvidiactl ]; then
+  err=$(./target/release/zmlx generate --model fixtures/tiny-qwen3-moe-4bit --device cuda --prompt-tokens 1,2 2>&1 >/dev/null) && { echo "error: --device cuda succeeded without a GPU"; exit 1; }
+  [ "$(printf '%s\n' "$err" | wc -l)" = 1 ] && [[ "$err" == error:*"no NVIDIA driver"* ]] || { echo "error: unexpected --device cuda failure: $err"; exit 1; }
+  passed=$((passed + 1))
+fi
+
 # One closing line for CI: every Rust test above (the kernel check counts as one).
 echo "zmlx: $((passed + 1)) passed, ${failed} failed"

@@ -142,6 +142,13 @@ unsafe impl Sync for CudaDevice {}
 impl CudaDevice {
     /// Open GPU `ordinal` with a fresh non-blocking stream (capturable, unlike the legacy stream).
     pub fn new(ordinal: usize) -> Result<Arc<Self>> {
+        // cudarc panics when it cannot load libcuda; ask first, so a machine without an
+        // NVIDIA driver gets an error, not a panic.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(CudaError::Driver(
+                "no NVIDIA driver found (libcuda.so.1 is not loadable): this machine has no usable CUDA GPU".into(),
+            ));
+        }
         let ctx = drv(CudaContext::new(ordinal), "cuInit/context")?;
         // Single-stream use: cudarc's per-buffer event tracking is not needed (and would
         // add events inside graph captures).
