@@ -5,20 +5,10 @@
 use zmlx_core::DType;
 
 use crate::catalog::{dtype_tag, QMV_BITS, QMV_GROUPS};
-use crate::ops::QuantWeight;
+use crate::ops::{aligned, inv, QuantWeight};
 use crate::runtime::{Arg, CudaDevice};
-use crate::{CudaError, Result};
+use crate::Result;
 
-fn inv(msg: String) -> CudaError {
-    CudaError::Invalid(msg)
-}
-
-fn aligned(p: u64, a: u64, what: &str) -> Result<()> {
-    if p % a != 0 {
-        return Err(inv(format!("{what} pointer {p:#x} must be {a}-byte aligned")));
-    }
-    Ok(())
-}
 
 fn check_q(wq: &QuantWeight, what: &str) -> Result<()> {
     if !QMV_BITS.contains(&wq.bits) || !QMV_GROUPS.contains(&wq.group_size) {

@@ -8,11 +8,11 @@ use crate::catalog::{dtype_tag, qmv_fn_name};
 use crate::runtime::{Arg, CudaDevice};
 use crate::{CudaError, Result};
 
-fn inv(msg: String) -> CudaError {
+pub(crate) fn inv(msg: String) -> CudaError {
     CudaError::Invalid(msg)
 }
 
-fn aligned(p: u64, a: u64, what: &str) -> Result<()> {
+pub(crate) fn aligned(p: u64, a: u64, what: &str) -> Result<()> {
     if p % a != 0 {
         return Err(inv(format!("{what} pointer {p:#x} must be {a}-byte aligned")));
     }
