@@ -105,7 +105,7 @@ impl LoadedModel {
         let cache = match self.arch.as_ref() {
             Architecture::Qwen3Moe(m) => m.new_cache(),
         };
-        CpuSession { arch: self.arch.clone(), cache }
+        CpuSession { arch: self.arch.clone(), cache, routing: Vec::new() }
     }
 }
 
@@ -113,6 +113,7 @@ impl LoadedModel {
 pub struct CpuSession {
     arch: Arc<Architecture>,
     cache: Vec<nn::KvCache>,
+    routing: Vec<models::qwen3_moe::Routing>,
 }
 
 impl CpuSession {
@@ -136,7 +137,7 @@ impl Decoder for CpuSession {
         }
         let arch = self.arch.clone();
         let Architecture::Qwen3Moe(m) = arch.as_ref();
-        Ok(m.forward(tokens, &mut self.cache))
+        Ok(m.forward(tokens, &mut self.cache, &mut self.routing))
     }
 
     fn reset(&mut self) {
@@ -153,6 +154,10 @@ impl Decoder for CpuSession {
 
     fn backend(&self) -> patch::Backend {
         patch::Backend::Cpu
+    }
+
+    fn last_routing(&self) -> Result<Option<Vec<models::qwen3_moe::Routing>>> {
+        Ok(Some(self.routing.clone()))
     }
 
     fn vocab_size(&self) -> usize {

@@ -94,6 +94,9 @@ impl Attention {
     }
 }
 
+/// One token's routing in one layer: expert ids (mlx-lm's order) and their scores.
+pub type Routing = (Vec<u32>, Vec<f32>);
+
 pub struct SparseMoeBlock {
     pub gate: Linear,
     pub switch_mlp: SwitchGlu,
@@ -119,11 +122,13 @@ impl SparseMoeBlock {
         (inds, scores)
     }
 
-    pub fn forward(&self, x: &[f32], dtype: DType) -> Vec<f32> {
+    /// `routing` receives the last row's expert ids and scores (`--routing-stats`).
+    pub fn forward(&self, x: &[f32], dtype: DType, routing: &mut Routing) -> Vec<f32> {
         let dims = self.switch_mlp.experts[0].down_proj.out_dims();
         let mut out = Vec::with_capacity(x.len());
         for row in x.chunks_exact(dims) {
             let (inds, scores) = self.route(row, dtype);
+            *routing = (inds.clone(), scores.clone());
             let experts: Vec<&Mlp> = inds.iter().map(|&e| &self.switch_mlp.experts[e as usize]).collect();
             if self.variant.fused_combine {
                 // gather_qmm_combine: each output row's k down-projections and their weighted sum together.
@@ -167,7 +172,7 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(&self, x: &[f32], l: usize, cache: &mut KvCache, dtype: DType) -> Vec<f32> {
+    pub fn forward(&self, x: &[f32], l: usize, cache: &mut KvCache, dtype: DType, routing: &mut Routing) -> Vec<f32> {
         let r = self.self_attn.forward(&self.input_layernorm.forward(x, dtype), l, cache, dtype);
         let (h, normed) = if self.fused_add_norm {
             self.post_attention_layernorm.add_forward(x, &r, dtype)
@@ -177,7 +182,7 @@ impl DecoderLayer {
             (h, normed)
         };
         let r = match &self.mlp {
-            FeedForward::Sparse(moe) => moe.forward(&normed, dtype),
+            FeedForward::Sparse(moe) => moe.forward(&normed, dtype, routing),
             FeedForward::Dense(mlp) => mlp.forward(&normed, dtype),
         };
         nn::add(&h, &r, dtype)
@@ -279,11 +284,15 @@ impl Model {
     }
 
     /// Logits `[vocab]` for the last of `tokens`, after running all of them through the cache.
-    pub fn forward(&self, tokens: &[u32], cache: &mut [KvCache]) -> Vec<f32> {
+    /// `routing[i]` receives layer i's expert ids and scores for the last token (empty for
+    /// dense layers).
+    pub fn forward(&self, tokens: &[u32], cache: &mut [KvCache], routing: &mut Vec<Routing>) -> Vec<f32> {
         let l = tokens.len();
         let mut h = self.embed_tokens.lookup(tokens);
-        for (layer, c) in self.layers.iter().zip(cache.iter_mut()) {
-            h = layer.forward(&h, l, c, self.dtype);
+        routing.clear();
+        routing.resize(self.layers.len(), Default::default());
+        for ((layer, c), r) in self.layers.iter().zip(cache.iter_mut()).zip(routing.iter_mut()) {
+            h = layer.forward(&h, l, c, self.dtype, r);
         }
         let dims = self.args.hidden_size;
         // Per-row ops: the last row alone gives the same values as mlx-lm's full-sequence head.
