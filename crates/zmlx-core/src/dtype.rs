@@ -79,6 +79,16 @@ pub fn round_bf16(x: f32) -> f32 {
     f32::from_bits(r)
 }
 
+/// Encode f32 carriers (values exact in `dtype`) as the dtype's little-endian bytes;
+/// integer dtypes are treated as f32. The inverse of [`floats_from_le_bytes`].
+pub fn floats_to_le_bytes(dtype: DType, xs: &[f32]) -> Vec<u8> {
+    match dtype {
+        DType::BF16 => xs.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+        DType::F16 => xs.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+        _ => xs.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+    }
+}
+
 /// Decode little-endian bytes of a float dtype into f32 values.
 pub fn floats_from_le_bytes(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {

@@ -37,11 +37,7 @@ impl Rng {
 
 /// Encode f32 values (already exact in `dt`) as the dtype's little-endian bytes.
 pub fn encode(dt: DType, v: &[f32]) -> Vec<u8> {
-    match dt {
-        DType::BF16 => v.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
-        DType::F16 => v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
-        _ => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-    }
+    zmlx_core::dtype::floats_to_le_bytes(dt, v)
 }
 
 /// Decode dtype bytes to f32.

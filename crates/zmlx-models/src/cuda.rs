@@ -20,19 +20,6 @@ fn cuda_err(e: zmlx_cuda::CudaError) -> ModelError {
     ModelError::invalid(format!("CUDA: {e}"))
 }
 
-/// f32 carriers of `dtype` values → the dtype's little-endian bytes.
-pub fn to_device_bytes(dtype: DType, xs: &[f32]) -> Vec<u8> {
-    match dtype {
-        DType::BF16 => xs.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
-        DType::F16 => xs.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
-        _ => xs.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-    }
-}
-
-/// The dtype's bytes → f32.
-pub fn from_device_bytes(dtype: DType, bytes: &[u8]) -> Vec<f32> {
-    zmlx_core::dtype::floats_from_le_bytes(dtype, bytes).unwrap_or_default()
-}
 
 /// A linear layer (or stacked experts) on the device: MLX-quantized or plain float.
 #[derive(Clone, Copy, Debug)]
@@ -140,7 +127,7 @@ impl<'a> CheckpointSource<'a> {
         if t.dtype == dtype {
             return self.upload(t.bytes);
         }
-        let bytes = to_device_bytes(dtype, &t.to_f32()?.iter().map(|&x| dtype.round(x)).collect::<Vec<_>>());
+        let bytes = zmlx_core::dtype::floats_to_le_bytes(dtype, &t.to_f32()?.iter().map(|&x| dtype.round(x)).collect::<Vec<_>>());
         self.upload(&bytes)
     }
 }
@@ -693,7 +680,7 @@ impl Decoder for CudaQwen3Moe {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.run(tokens)?;
         let bytes: Vec<u8> = self.dev.read(self.s.logits, self.vocab * self.dtype.size_bytes()).map_err(cuda_err)?;
-        Ok(from_device_bytes(self.dtype, &bytes))
+        Ok(zmlx_core::dtype::floats_from_le_bytes(self.dtype, &bytes).unwrap_or_default())
     }
 
     fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32> {
