@@ -7,7 +7,7 @@
 
 use zmlx_core::DType;
 
-use crate::ops::{self, AttnShape, QuantWeight};
+use crate::ops::{self, AttnKernel, AttnShape, QuantWeight};
 use crate::reference::Rng;
 use crate::runtime::{CudaDevice, DevBuf};
 use crate::Result;
@@ -178,11 +178,13 @@ fn run_benchmarks_inner(dev: &CudaDevice) -> Result<Vec<BenchRow>> {
         let lenb = dev.upload(&[len as i32])?;
         let ws = dev.alloc(s.workspace_bytes())?;
         let bytes = (2 * cache_bytes + 2 * 32 * 128 * 2) as u64;
-        let us = time_graph(dev, copies.max(4), &|d, i| {
-            let (k, v) = &caches[i % copies];
-            ops::attention_decode(d, bf, &s, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
-        })?;
-        rows.push(row("attention_decode", format!("H=32 KV=4 D=128 len={len} bf16 (2 launches)"), bytes, us, copy));
+        for kernel in AttnKernel::ALL {
+            let us = time_graph(dev, copies.max(4), &|d, i| {
+                let (k, v) = &caches[i % copies];
+                ops::attention_decode(d, bf, &s, kernel, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
+            })?;
+            rows.push(row("attention_decode", format!("{kernel:?} H=32 KV=4 D=128 len={len} bf16 (2 launches)"), bytes, us, copy));
+        }
     }
 
     // Small ops (latency-bound).
@@ -387,36 +389,26 @@ fn latency_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Ben
         .collect::<Result<_>>()?;
     let ws = dev.alloc(s.workspace_bytes())?;
     let lenb = dev.alloc(4)?;
-    for &len in &[1usize, 256, 1024, 4096, 16384, 32768] {
+    for &len in &[1usize, 256, 1024, 2048, 3072, 4096, 16384, 32768] {
         dev.write(lenb.ptr(), &[len as i32])?;
         let bytes = (2 * hkv * len * hd * 2 + 2 * hq * hd * 2) as u64;
-        for legacy in [true, false] {
+        for kernel in AttnKernel::ALL {
             let us = time_graph(dev, 8, &|dv, i| {
                 let (k, v) = &caches[i % 2];
-                if legacy {
-                    ops::attention_decode_legacy(dv, bf, &s, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
-                } else {
-                    ops::attention_decode_items(dv, bf, &s, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
-                }
+                ops::attention_decode(dv, bf, &s, kernel, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
             })?;
-            rows.push(row(if legacy { "attn_decode legacy" } else { "attn_decode items" }, format!("H=32 KV=4 D=128 len={len} max_len={ml}"), bytes, us, copy));
+            rows.push(row("attn_decode", format!("{kernel:?} H=32 KV=4 D=128 len={len} max_len={ml}"), bytes, us, copy));
         }
     }
     // max_len = len = 256 (the earlier table's row)
     {
         let s2 = AttnShape { max_len: 256, ..s };
         dev.write(lenb.ptr(), &[256i32])?;
-        for legacy in [true, false] {
-            let us = time_graph(dev, 8, &|dv, i| {
-                let (k, v) = &caches[i % 2];
-                if legacy {
-                    ops::attention_decode_legacy(dv, bf, &s2, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
-                } else {
-                    ops::attention_decode_items(dv, bf, &s2, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
-                }
-            })?;
-            rows.push(row(if legacy { "attn_decode legacy" } else { "attn_decode items" }, "H=32 KV=4 D=128 len=256 max_len=256".into(), (2 * hkv * 256 * hd * 2) as u64, us, copy));
-        }
+        let us = time_graph(dev, 8, &|dv, i| {
+            let (k, v) = &caches[i % 2];
+            ops::attention_decode(dv, bf, &s2, AttnKernel::Short, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
+        })?;
+        rows.push(row("attn_decode", "H=32 KV=4 D=128 len=256 max_len=256".into(), (2 * hkv * 256 * hd * 2) as u64, us, copy));
     }
     // q/k norm + rope + append
     let pos = dev.upload(&[1234i32])?;
@@ -482,11 +474,11 @@ fn latency_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Ben
                     ops::rope(dv, bf, yq.ptr(), yq.ptr(), pos.ptr(), 0, hq, hd, hd, 1e6, 1.0)?;
                     ops::rope(dv, bf, yk.ptr(), yk.ptr(), pos.ptr(), 0, hkv, hd, hd, 1e6, 1.0)?;
                     ops::kv_append(dv, bf, &s, yk.ptr(), yv.ptr(), k.ptr(), v.ptr(), pos.ptr(), 0)?;
-                    ops::attention_decode_legacy(dv, bf, &s, yq.ptr(), k.ptr(), v.ptr(), pos.ptr(), 1, 0.088, ws.ptr(), attn)?;
+                    ops::attention_decode(dv, bf, &s, AttnKernel::for_len(len), yq.ptr(), k.ptr(), v.ptr(), pos.ptr(), 1, 0.088, ws.ptr(), attn)?;
                 } else {
                     fused::qkv(dv, bf, &wq.ws[j], &wk.ws[j], &wv.ws[j], xin.ptr(), yq.ptr(), yk.ptr(), yv.ptr())?;
                     ops::qk_norm_rope_append(dv, bf, yq.ptr(), yk.ptr(), yv.ptr(), nw.ptr(), nw.ptr(), k.ptr(), v.ptr(), pos.ptr(), &s, 1e-6, 1e6)?;
-                    ops::attention_decode(dv, bf, &s, yq.ptr(), k.ptr(), v.ptr(), pos.ptr(), 1, 0.088, ws.ptr(), attn)?;
+                    ops::attention_decode(dv, bf, &s, AttnKernel::for_len(len), yq.ptr(), k.ptr(), v.ptr(), pos.ptr(), 1, 0.088, ws.ptr(), attn)?;
                 }
                 ops::qmv(dv, bf, &wo.ws[i % wo.ws.len()], attn, o)?;
                 ops::add(dv, bf, xin.ptr(), o, h, d)?;

@@ -86,11 +86,11 @@ pub fn module_spec(name: &str) -> Option<ModuleSpec> {
                 // logprobs_argmax, dummy-weight fills, dense matvec
                 "lpa_max", "lpa_select", "fill_random_u32", "fill_random_uniform", "affine", "mv_dense", "embed_dense",
                 // decode-latency kernels: one-launch q/k norm + rope + append; legacy paths for the tests
-                "qk_norm_rope_append", "softmax_topk_legacy", "attn_split_legacy",
+                "qk_norm_rope_append", "softmax_topk_legacy", "attn_split8", "attn_split_long", "attn_combine_long",
             ]
             .iter()
             .flat_map(|k| match *k {
-                "attn_split" | "attn_combine" | "attn_split_legacy" => ATTN_HEAD_DIMS.iter().map(|d| format!("{k}_{tag}_d{d}")).collect(),
+                "attn_split" | "attn_combine" | "attn_split8" | "attn_split_long" | "attn_combine_long" => ATTN_HEAD_DIMS.iter().map(|d| format!("{k}_{tag}_d{d}")).collect(),
                 "copy_u4" | "fill_random_u32" => vec![k.to_string()],
                 _ => vec![format!("{k}_{tag}")],
             })

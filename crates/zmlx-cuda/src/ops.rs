@@ -159,16 +159,53 @@ pub struct AttnShape {
     pub max_len: usize,
 }
 
-/// Positions per split of the flash-decoding pass (fixed in the kernel).
+/// Minimum positions per split of the short-context attention (the kernel's ATT_RMIN).
+pub const ATT_RMIN: usize = 32;
+/// Most splits per kv head of the short-context attention (the kernel's ATT_NB_MAX): its
+/// first pass's grid is n_kv × min(⌈max_len/32⌉, 128); the length picks the rows per split.
+pub const ATT_NB_MAX: usize = 128;
+/// Positions per split of the long-context attention (the kernel's ATT_CHUNK).
 pub const ATT_CHUNK: usize = 128;
+/// Largest supported cache length (the long kernel's combine merges ≤ 2048 splits).
+pub const ATT_MAX_LEN: usize = 262144;
+/// Longest attention the short-context kernel is chosen for (see [`AttnKernel::for_len`]).
+pub const ATT_SHORT_MAX_LEN: usize = 512;
+
+/// Which decode-attention kernel pair runs. Both compute the same function (f32 scores,
+/// MLX exp, f32 sums; they differ only in summation order) for any length ≤ max_len; the
+/// choice is speed. `Short`: online softmax over a dynamic row loop, a grid that shrinks
+/// with max_len, one cheap combine (few fixed costs; instruction-bound at long lengths).
+/// `Long`: one block per 128 positions with all K/V loads in flight (more blocks, more
+/// bandwidth at long lengths, ~13 µs fixed cost at short ones). Measured in docs/kernels.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    Short,
+    Long,
+}
+
+impl AttnKernel {
+    /// The faster kernel for a step whose attention covers at most `len` positions.
+    pub fn for_len(len: usize) -> Self {
+        if len <= ATT_SHORT_MAX_LEN {
+            AttnKernel::Short
+        } else {
+            AttnKernel::Long
+        }
+    }
+    pub const ALL: [AttnKernel; 2] = [AttnKernel::Short, AttnKernel::Long];
+}
 
 impl AttnShape {
-    fn splits(&self) -> usize {
-        self.max_len.div_ceil(ATT_CHUNK)
+    fn splits(&self, kernel: AttnKernel) -> usize {
+        match kernel {
+            AttnKernel::Short => self.max_len.div_ceil(ATT_RMIN).clamp(1, ATT_NB_MAX),
+            AttnKernel::Long => self.max_len.div_ceil(ATT_CHUNK),
+        }
     }
-    /// f32 scratch the attention needs (reusable across layers).
+    /// f32 scratch either attention kernel needs (reusable across layers).
     pub fn workspace_bytes(&self) -> usize {
-        self.n_kv_heads * self.splits() * (self.n_heads / self.n_kv_heads) * (self.head_dim + 2) * 4
+        let splits = self.splits(AttnKernel::Short).max(self.splits(AttnKernel::Long));
+        self.n_kv_heads * splits * (self.n_heads / self.n_kv_heads) * (self.head_dim + 2) * 4
     }
     fn validate(&self) -> Result<()> {
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
@@ -178,8 +215,8 @@ impl AttnShape {
         if g > 16 {
             return Err(inv(format!("GQA group {g} > 16 not supported")));
         }
-        if self.splits() > 2048 {
-            return Err(inv(format!("max_len {} > {} not supported", self.max_len, 2048 * ATT_CHUNK)));
+        if self.max_len > ATT_MAX_LEN || self.max_len == 0 {
+            return Err(inv(format!("max_len {} not supported (1..={ATT_MAX_LEN})", self.max_len)));
         }
         if ![16, 32, 64, 128].contains(&self.head_dim) {
             return Err(inv(format!("head_dim {} not supported (16, 32, 64, 128)", self.head_dim)));
@@ -214,87 +251,29 @@ pub fn kv_append(dev: &CudaDevice, dt: DType, s: &AttnShape, k: u64, v: u64, k_c
 
 /// Single-token attention: q `[n_heads, head_dim]` against the first `*len_ptr + len_add`
 /// cached positions; out `[n_heads, head_dim]`. q is scaled as MLX does (`r(q * r(scale))`),
-/// scores and softmax in f32, output rounded to `dt`. `workspace`: `s.workspace_bytes()`.
-/// Grid n_kv × ⌈max_len/128⌉ (one 128-position split of all G heads per block; blocks past
-/// the length exit), then the combine over the active splits. [`attention_decode_items`]
-/// computes bitwise the same on a fixed grid of work items but measured slower on the H100
-/// at len ≥ 1024 (docs/kernels.md), so this stays the default.
+/// scores and softmax in f32, output rounded to `dt`. `workspace`: `s.workspace_bytes()`
+/// (need not be zeroed). Two launches on a grid fixed by `max_len` (so one captured graph
+/// serves every length; blocks past the length exit): pass 1 per (kv head, split), then
+/// the combine over the active splits. `kernel` picks the split layout ([`AttnKernel`]).
+/// Short: grid n_kv × min(⌈max_len/32⌉, 128), the length picks the rows per split
+/// (max(32, multiple of 32 ≥ len/splits)); G ≤ 8 uses a variant with fewer registers.
+/// Long: grid n_kv × ⌈max_len/128⌉, 128 positions per split.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, q: u64, k_cache: u64, v_cache: u64, len_ptr: u64, len_add: i32, scale: f32, workspace: u64, out: u64) -> Result<()> {
-    attention_decode_legacy(dev, dt, s, q, k_cache, v_cache, len_ptr, len_add, scale, workspace, out)
-}
-
-/// [`attention_decode`] with pass 1 on a fixed grid of `attention_grid(dev, s)` blocks that
-/// share the active (kv head, 128-position split, query-head group) items of the current
-/// length (short contexts split the G heads of a kv head over several blocks). The per-split
-/// f32 arithmetic and the combine are unchanged, so results are bitwise those of
-/// [`attention_decode`] (device-tested). Measured (H100, Qwen3-30B, max_len 40960): −0.3 to
-/// −0.9 µs at len ≤ 256, +1.5 to +15 µs at len 1024..32768, so it is not the default.
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn attention_decode_items(dev: &CudaDevice, dt: DType, s: &AttnShape, q: u64, k_cache: u64, v_cache: u64, len_ptr: u64, len_add: i32, scale: f32, workspace: u64, out: u64) -> Result<()> {
+pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: AttnKernel, q: u64, k_cache: u64, v_cache: u64, len_ptr: u64, len_add: i32, scale: f32, workspace: u64, out: u64) -> Result<()> {
     s.validate()?;
+    aligned(q, 16, "q")?;
+    aligned(k_cache, 16, "k_cache")?;
+    aligned(v_cache, 16, "v_cache")?;
     let tag = dtype_tag(dt)?;
     let g = (s.n_heads / s.n_kv_heads) as i32;
-    let sp = s.splits() as u32;
+    let sp = s.splits(kernel) as u32;
+    let (split, combine) = match kernel {
+        AttnKernel::Short if g <= 8 => ("attn_split8", "attn_combine"),
+        AttnKernel::Short => ("attn_split", "attn_combine"),
+        AttnKernel::Long => ("attn_split_long", "attn_combine_long"),
+    };
     dev.launch(
-        &format!("attn_split_{tag}_d{}", s.head_dim),
-        (attention_grid(dev, s), 1, 1),
-        (256, 1, 1),
-        0,
-        &[
-            Arg::Ptr(q),
-            Arg::Ptr(k_cache),
-            Arg::Ptr(v_cache),
-            Arg::Ptr(workspace),
-            Arg::Ptr(len_ptr),
-            Arg::I32(len_add),
-            Arg::I32(g),
-            Arg::I32(s.max_len as i32),
-            Arg::F32(scale),
-            Arg::I32(s.n_kv_heads as i32),
-            Arg::I32(sp as i32),
-        ],
-    )?;
-    attn_combine_launch(dev, tag, s, g, sp, workspace, out, len_ptr, len_add)
-}
-
-/// Blocks of [`attention_decode`]'s first pass: min(n_kv · splits · G, 2 · SMs).
-pub fn attention_grid(dev: &CudaDevice, s: &AttnShape) -> u32 {
-    let items = s.n_kv_heads * s.splits() * (s.n_heads / s.n_kv_heads).max(1);
-    items.min(2 * dev.sm_count() as usize).max(1) as u32
-}
-
-#[allow(clippy::too_many_arguments)]
-fn attn_combine_launch(dev: &CudaDevice, tag: &str, s: &AttnShape, g: i32, sp: u32, workspace: u64, out: u64, len_ptr: u64, len_add: i32) -> Result<()> {
-    dev.launch(
-        &format!("attn_combine_{tag}_d{}", s.head_dim),
-        (s.n_heads as u32, 1, 1),
-        (256, 1, 1),
-        0,
-        &[
-            Arg::Ptr(workspace),
-            Arg::Ptr(out),
-            Arg::Ptr(len_ptr),
-            Arg::I32(len_add),
-            Arg::I32(g),
-            Arg::I32(sp as i32),
-            Arg::I32(s.max_len as i32),
-        ],
-    )
-}
-
-/// The original attention_decode launch (grid n_kv × ⌈max_len/128⌉, one split of all G
-/// heads per block); [`attention_decode`] calls it.
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn attention_decode_legacy(dev: &CudaDevice, dt: DType, s: &AttnShape, q: u64, k_cache: u64, v_cache: u64, len_ptr: u64, len_add: i32, scale: f32, workspace: u64, out: u64) -> Result<()> {
-    s.validate()?;
-    let tag = dtype_tag(dt)?;
-    let g = (s.n_heads / s.n_kv_heads) as i32;
-    let sp = s.splits() as u32;
-    dev.launch(
-        &format!("attn_split_legacy_{tag}_d{}", s.head_dim),
+        &format!("{split}_{tag}_d{}", s.head_dim),
         (s.n_kv_heads as u32, sp, 1),
         (256, 1, 1),
         0,
@@ -310,7 +289,21 @@ pub fn attention_decode_legacy(dev: &CudaDevice, dt: DType, s: &AttnShape, q: u6
             Arg::F32(scale),
         ],
     )?;
-    attn_combine_launch(dev, tag, s, g, sp, workspace, out, len_ptr, len_add)
+    dev.launch(
+        &format!("{combine}_{tag}_d{}", s.head_dim),
+        (s.n_heads as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &[
+            Arg::Ptr(workspace),
+            Arg::Ptr(out),
+            Arg::Ptr(len_ptr),
+            Arg::I32(len_add),
+            Arg::I32(g),
+            Arg::I32(sp as i32),
+            Arg::I32(s.max_len as i32),
+        ],
+    )
 }
 
 /// Per-head q/k RMSNorm + RoPE + K/V cache append in one launch, for one token:

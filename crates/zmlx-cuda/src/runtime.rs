@@ -130,6 +130,10 @@ pub struct CudaDevice {
     arch: String,
     name: String,
     sm_count: u32,
+    /// Launch with programmatic dependent launch (Hopper+): each kernel may start while the
+    /// previous one drains; kernels wait for it with `griddepcontrol.wait` (ZMLX_GRID_DEP in
+    /// common.cuh) before touching memory, so results are unchanged. `ZMLX_PDL=0` turns it off.
+    pdl: bool,
     funcs: Mutex<HashMap<String, sys::CUfunction>>,
     modules: Mutex<HashMap<String, sys::CUmodule>>,
     /// (module, seconds spent in NVRTC or 0 when it came from the disk cache)
@@ -160,12 +164,14 @@ impl CudaDevice {
             "SM count",
         )? as u32;
         let name = drv(ctx.name(), "device name")?;
+        let pdl = maj >= 9 && std::env::var("ZMLX_PDL").map_or(true, |v| v != "0");
         Ok(Arc::new(Self {
             ctx,
             stream,
             arch: format!("sm_{maj}{min}"),
             name,
             sm_count,
+            pdl,
             funcs: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             compile_log: Mutex::new(Vec::new()),
@@ -180,6 +186,10 @@ impl CudaDevice {
     }
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+    /// Whether kernels are launched with programmatic dependent launch.
+    pub fn pdl(&self) -> bool {
+        self.pdl
     }
     pub fn stream_handle(&self) -> sys::CUstream {
         self.stream.cu_stream()
@@ -295,10 +305,31 @@ impl CudaDevice {
             })
             .collect();
         let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
-        drv(
-            unsafe { result::launch_kernel(f, grid, block, smem, self.stream.cu_stream(), &mut ptrs) },
-            name,
-        )
+        if !self.pdl {
+            return drv(
+                unsafe { result::launch_kernel(f, grid, block, smem, self.stream.cu_stream(), &mut ptrs) },
+                name,
+            );
+        }
+        // Programmatic stream serialization: the launch may overlap the previous kernel's
+        // tail (captured into graphs as a programmatic edge).
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let r = unsafe { sys::cuLaunchKernelEx(&cfg, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) };
+        drv(r.result(), name)
     }
 
     /// Capture every launch/copy issued by `body` on the stream into a graph (nothing runs

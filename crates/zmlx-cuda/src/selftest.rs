@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use zmlx_core::{mlx_math, DType};
 
-use crate::ops::{self, AttnShape, QuantWeight};
+use crate::ops::{self, AttnKernel, AttnShape, QuantWeight};
 use crate::reference::{self as re, Cmp, RefVal, Rng};
 use crate::runtime::{CudaDevice, DevBuf};
 use crate::Result;
@@ -146,7 +146,7 @@ fn test_gather(dev: &CudaDevice, dump: &Dump, rng: &mut Rng, dt: DType, e: usize
     ))
 }
 
-fn test_attention(dev: &CudaDevice, dump: &Dump, rng: &mut Rng, dt: DType, s: AttnShape, len: usize) -> Result<TestRow> {
+fn test_attention(dev: &CudaDevice, dump: &Dump, rng: &mut Rng, dt: DType, s: AttnShape, kernel: AttnKernel, len: usize) -> Result<TestRow> {
     let (nh, nk, hd, ml) = (s.n_heads, s.n_kv_heads, s.head_dim, s.max_len);
     let q = rng.vec(nh * hd, -2.0, 2.0, dt);
     let kc = rng.vec(nk * ml * hd, -2.0, 2.0, dt);
@@ -156,16 +156,16 @@ fn test_attention(dev: &CudaDevice, dump: &Dump, rng: &mut Rng, dt: DType, s: At
     let lenb = dev.upload(&[(len as i32) - 3])?; // exercise len_add
     let ws = poisoned(dev, s.workspace_bytes())?;
     let ob = poisoned(dev, nh * hd * dt.size_bytes())?;
-    ops::attention_decode(dev, dt, &s, qb.ptr(), kb.ptr(), vb.ptr(), lenb.ptr(), 3, scale, ws.ptr(), ob.ptr())?;
+    ops::attention_decode(dev, dt, &s, kernel, qb.ptr(), kb.ptr(), vb.ptr(), lenb.ptr(), 3, scale, ws.ptr(), ob.ptr())?;
     let out = down(dev, dt, ob.ptr(), nh * hd)?;
     let refs = re::attention(&q, &kc, &vc, nh, nk, hd, ml, len, scale, dt);
-    let name = format!("attn_{}_h{nh}_kv{nk}_d{hd}_len{len}", dtn(dt));
+    let name = format!("attn_{kernel:?}_{}_h{nh}_kv{nk}_d{hd}_len{len}", dtn(dt));
     dump.case(
         &name,
         format!(r#"{{"kind":"attention","dtype":"{}","n_heads":{nh},"n_kv":{nk},"hd":{hd},"max_len":{ml},"len":{len},"scale":{scale:e}}}"#, dtn(dt)),
         &[("q.f32", f32b(&q)), ("k.f32", f32b(&kc)), ("v.f32", f32b(&vc)), ("out.f32", f32b(&out))],
     );
-    Ok(row_from("attention_decode", format!("{} H={nh} KV={nk} D={hd} len={len}/{ml}", dtn(dt)), dt, re::compare(dt, &out, &refs), true, String::new()))
+    Ok(row_from("attention_decode", format!("{kernel:?} {} H={nh} KV={nk} D={hd} len={len}/{ml}", dtn(dt)), dt, re::compare(dt, &out, &refs), true, String::new()))
 }
 
 /// Bit-exact comparison with an emulation; returns (mismatches, note).
@@ -484,7 +484,7 @@ fn test_graph(dev: &CudaDevice, rng: &mut Rng) -> Result<TestRow> {
         ops::rope(d, dt, q_in, q_rot, pos, 0, nh, hd, hd, base, 1.0)?;
         ops::rope(d, dt, k_in, k_rot, pos, 0, nk, hd, hd, base, 1.0)?;
         ops::kv_append(d, dt, &s, k_rot, v_in, kb.ptr(), vb.ptr(), pos, 0)?;
-        ops::attention_decode(d, dt, &s, q_rot, kb.ptr(), vb.ptr(), pos, 1, scale, ws, out)
+        ops::attention_decode(d, dt, &s, AttnKernel::Short, q_rot, kb.ptr(), vb.ptr(), pos, 1, scale, ws, out)
     })?;
     let mut worst = 0.0f64;
     let mut rel = 0.0f64;
@@ -897,11 +897,18 @@ pub fn run_self_tests_dump(dev: &CudaDevice, dump: Option<&Path>) -> Vec<TestRow
     push("gather_qmv", test_gather(dev, &dump, &mut rng, bf, 128, 768, 2048, 4, 64, 8, false));
     push("gather_qmv", test_gather(dev, &dump, &mut rng, bf, 128, 2048, 768, 4, 64, 8, true));
     let a = |h, kv, d, ml| AttnShape { n_heads: h, n_kv_heads: kv, head_dim: d, max_len: ml };
-    push("attention_decode", test_attention(dev, &dump, &mut rng, bf, a(32, 4, 128, 1024), 1000));
-    push("attention_decode", test_attention(dev, &dump, &mut rng, bf, a(32, 4, 128, 8192), 5000));
-    push("attention_decode", test_attention(dev, &dump, &mut rng, bf, a(16, 16, 64, 600), 1));
-    push("attention_decode", test_attention(dev, &dump, &mut rng, f16, a(16, 1, 64, 700), 513));
-    push("attention_decode", test_attention(dev, &dump, &mut rng, f32, a(8, 2, 128, 2048), 2048));
+    let attn_cases: [(DType, AttnShape, usize); 5] = [
+        (bf, a(32, 4, 128, 1024), 1000),
+        (bf, a(32, 4, 128, 8192), 5000),
+        (bf, a(16, 16, 64, 600), 1),
+        (f16, a(16, 1, 64, 700), 513),
+        (f32, a(8, 2, 128, 2048), 2048),
+    ];
+    for (dt, shape, len) in attn_cases {
+        for kernel in AttnKernel::ALL {
+            push("attention_decode", test_attention(dev, &dump, &mut rng, dt, shape, kernel, len));
+        }
+    }
     for dt in [bf, f16, f32] {
         push("rms_norm", test_rms_norm(dev, &mut rng, dt, 1, 2048));
         push("rms_norm", test_rms_norm(dev, &mut rng, dt, 32, 128));
@@ -924,7 +931,9 @@ pub fn run_self_tests_dump(dev: &CudaDevice, dump: Option<&Path>) -> Vec<TestRow
     push("softmax_topk", test_topk(dev, &mut rng, bf, 3, 512, 10, false, true));
     push("cuda_graph", test_graph(dev, &mut rng));
     for (dt, h, kv, hd, ml, len) in [(bf, 4, 2, 32, 300, 257), (bf, 16, 1, 32, 512, 400), (bf, 8, 4, 16, 200, 130), (f16, 4, 2, 16, 1000, 999), (f32, 4, 2, 32, 256, 129), (bf, 4, 1, 16, 130, 1)] {
-        push("attention_decode", test_attention(dev, &dump, &mut rng, dt, a(h, kv, hd, ml), len));
+        for kernel in AttnKernel::ALL {
+            push("attention_decode", test_attention(dev, &dump, &mut rng, dt, a(h, kv, hd, ml), kernel, len));
+        }
     }
     rows.extend(engine_kernel_tests(dev, &mut rng));
     rows.extend(fused_tests::run(dev, &mut rng));
@@ -1209,40 +1218,48 @@ pub(crate) mod latency_tests {
         TestRow { name: name.into(), shape, passed: bad == 0, worst: bad as f64, rel_norm: 0.0, note }
     }
 
-    /// attention_decode (fixed grid, work items) vs attention_decode_legacy, several lengths
-    /// over one cache; also through a graph captured once and replayed at each length.
-    pub fn test_attention_identity(dev: &CudaDevice, rng: &mut Rng, dt: DType, s: AttnShape, lens: &[usize]) -> Result<TestRow> {
+    /// attention_decode vs the f64 reference at several lengths over one cache (workspace
+    /// and outputs poisoned), called directly and through a graph captured once and replayed
+    /// at each length; the direct and replayed outputs must also be bitwise equal.
+    pub fn test_attention_identity(dev: &CudaDevice, rng: &mut Rng, dt: DType, s: AttnShape, kernel: AttnKernel, lens: &[usize]) -> Result<TestRow> {
         let sz = dt.size_bytes();
         let cache = s.n_kv_heads * s.max_len * s.head_dim;
         let (kc, vc) = (dev.alloc(cache * sz)?, dev.alloc(cache * sz)?);
         ops::fill_random_uniform(dev, dt, kc.ptr(), cache, rng.next_u32() as u64, -2.0, 2.0)?;
         ops::fill_random_uniform(dev, dt, vc.ptr(), cache, rng.next_u32() as u64, -1.0, 1.0)?;
-        let q = up(dev, dt, &rng.vec(s.n_heads * s.head_dim, -2.0, 2.0, dt))?;
+        let qh = rng.vec(s.n_heads * s.head_dim, -2.0, 2.0, dt);
+        let q = up(dev, dt, &qh)?;
+        let (kh, vh) = (down(dev, dt, kc.ptr(), cache)?, down(dev, dt, vc.ptr(), cache)?);
         let n = s.n_heads * s.head_dim;
+        let scale = 0.0883883f32;
         let lenb = dev.alloc(4)?;
-        let (ws1, ws2) = (dev.alloc(s.workspace_bytes())?, dev.alloc(s.workspace_bytes())?);
-        let (o1, o2, o3) = (dev.alloc(n * sz)?, dev.alloc(n * sz)?, dev.alloc(n * sz)?);
-        let graph = dev.capture(|d| ops::attention_decode_items(d, dt, &s, q.ptr(), kc.ptr(), vc.ptr(), lenb.ptr(), 1, 0.0883883, ws2.ptr(), o3.ptr()))?;
-        let mut bad = 0;
-        let mut nan = 0;
+        let (ws1, ws2) = (poisoned(dev, s.workspace_bytes())?, poisoned(dev, s.workspace_bytes())?);
+        let (o1, o3) = (dev.alloc(n * sz)?, dev.alloc(n * sz)?);
+        let graph = dev.capture(|d| ops::attention_decode(d, dt, &s, kernel, q.ptr(), kc.ptr(), vc.ptr(), lenb.ptr(), 1, scale, ws2.ptr(), o3.ptr()))?;
+        let (mut worst, mut rel, mut unw, mut bad) = (0.0f64, 0.0f64, 0usize, 0usize);
         for &len in lens {
             dev.write(lenb.ptr(), &[len as i32 - 1])?;
-            for o in [&o1, &o2, &o3] {
+            for o in [&o1, &o3] {
                 dev.memset(o.ptr(), 0xff, n * sz)?;
             }
-            ops::attention_decode_legacy(dev, dt, &s, q.ptr(), kc.ptr(), vc.ptr(), lenb.ptr(), 1, 0.0883883, ws1.ptr(), o1.ptr())?;
-            ops::attention_decode_items(dev, dt, &s, q.ptr(), kc.ptr(), vc.ptr(), lenb.ptr(), 1, 0.0883883, ws2.ptr(), o2.ptr())?;
+            ops::attention_decode(dev, dt, &s, kernel, q.ptr(), kc.ptr(), vc.ptr(), lenb.ptr(), 1, scale, ws1.ptr(), o1.ptr())?;
             graph.replay()?;
             let a = bytes(dev, o1.ptr(), n * sz)?;
-            bad += diff(&a, &bytes(dev, o2.ptr(), n * sz)?, sz) + diff(&a, &bytes(dev, o3.ptr(), n * sz)?, sz);
-            nan += down(dev, dt, o2.ptr(), n)?.iter().filter(|v| !v.is_finite()).count();
+            bad += diff(&a, &bytes(dev, o3.ptr(), n * sz)?, sz);
+            let refs = re::attention(&qh, &kh, &vh, s.n_heads, s.n_kv_heads, s.head_dim, s.max_len, len, scale, dt);
+            let c = re::compare(dt, &down(dev, dt, o1.ptr(), n)?, &refs);
+            worst = worst.max(c.worst);
+            rel = rel.max(c.rel_norm);
+            unw += c.unwritten;
         }
-        let grid = ops::attention_grid(dev, &s);
-        Ok(row(
+        let c = Cmp { worst, rel_norm: rel, unwritten: unw };
+        Ok(row_from(
             "attention_identity",
-            format!("{} H={} KV={} D={} max_len={} lens {:?}", dtn(dt), s.n_heads, s.n_kv_heads, s.head_dim, s.max_len, lens),
-            bad + nan,
-            format!("{bad} bitwise diffs vs legacy (direct + graph replay), {nan} non-finite; grid {grid} blocks"),
+            format!("{kernel:?} {} H={} KV={} D={} max_len={} lens {:?}", dtn(dt), s.n_heads, s.n_kv_heads, s.head_dim, s.max_len, lens),
+            dt,
+            c,
+            bad == 0,
+            format!("vs f64 reference (worst over lens); {bad} bitwise diffs direct vs graph replay; workspace {} B", s.workspace_bytes()),
         ))
     }
 
@@ -1346,12 +1363,19 @@ pub(crate) mod latency_tests {
         };
         let (bf, f16, f32) = (DType::BF16, DType::F16, DType::F32);
         let a = |h, kv, d, ml| AttnShape { n_heads: h, n_kv_heads: kv, head_dim: d, max_len: ml };
-        push("attention_identity", test_attention_identity(dev, rng, bf, a(32, 4, 128, 40960), &[1, 2, 127, 128, 129, 256, 1000, 4096, 4097, 16384, 40960]));
-        push("attention_identity", test_attention_identity(dev, rng, bf, a(32, 4, 128, 256), &[1, 100, 255, 256]));
-        push("attention_identity", test_attention_identity(dev, rng, f16, a(16, 1, 64, 5000), &[1, 300, 4999, 5000]));
-        push("attention_identity", test_attention_identity(dev, rng, f32, a(6, 2, 32, 3000), &[1, 129, 1500, 3000]));
-        push("attention_identity", test_attention_identity(dev, rng, bf, a(12, 4, 16, 700), &[1, 64, 700]));
-        push("attention_identity", test_attention_identity(dev, rng, bf, a(40, 8, 128, 33000), &[5, 777, 8192, 33000]));
+        let cases: [(DType, AttnShape, &[usize]); 6] = [
+            (bf, a(32, 4, 128, 40960), &[1, 2, 31, 32, 33, 127, 128, 129, 256, 1000, 4096, 4097, 40960][..]),
+            (bf, a(32, 4, 128, 256), &[1, 100, 255, 256][..]),
+            (f16, a(16, 1, 64, 5000), &[1, 300, 4999, 5000][..]),
+            (f32, a(6, 2, 32, 3000), &[1, 129, 1500, 3000][..]),
+            (bf, a(12, 4, 16, 700), &[1, 64, 700][..]),
+            (bf, a(40, 8, 128, 33000), &[5, 777, 8192, 33000][..]),
+        ];
+        for (dt, shape, lens) in cases {
+            for kernel in AttnKernel::ALL {
+                push("attention_identity", test_attention_identity(dev, rng, dt, shape, kernel, lens));
+            }
+        }
         for dt in [bf, f16, f32] {
             push("qk_norm_rope_append", test_qk_norm_rope_append(dev, rng, dt, 32, 4, 128, 4096, 1234));
             push("qk_norm_rope_append", test_qk_norm_rope_append(dev, rng, dt, 16, 8, 64, 300, 0));

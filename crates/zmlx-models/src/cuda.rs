@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use zmlx_core::DType;
-use zmlx_cuda::{fused, ops, Arena, AttnShape, CudaDevice, CudaGraph, DevBuf, QuantWeight};
+use zmlx_cuda::{fused, ops, Arena, AttnKernel, AttnShape, CudaDevice, CudaGraph, DevBuf, QuantWeight};
 
 use crate::error::{ModelError, Result};
 use crate::generate::Decoder;
@@ -333,7 +333,8 @@ pub struct CudaQwen3Moe {
     s: Scratch,
     _buffers: Vec<DevBuf>,
     _arena: Arena,
-    graph: Option<CudaGraph>,
+    /// One captured step per attention kernel (the length picks which one replays).
+    graphs: [Option<CudaGraph>; 2],
     use_graph: bool,
     /// Tokens in the KV cache.
     len: usize,
@@ -461,7 +462,7 @@ impl CudaQwen3Moe {
             s,
             _buffers: bufs,
             _arena: arena,
-            graph: None,
+            graphs: [None, None],
             use_graph,
             len: 0,
             weight_bytes,
@@ -471,7 +472,7 @@ impl CudaQwen3Moe {
 
     /// Enqueue one decode step: token at `s.token`, position at `s.pos`; leaves logits in
     /// `s.logits` and the greedy token in `s.token`. Each block runs the variant `patch` chose.
-    fn enqueue_step(&self, dev: &CudaDevice) -> zmlx_cuda::Result<()> {
+    fn enqueue_step(&self, dev: &CudaDevice, attn_kernel: AttnKernel) -> zmlx_cuda::Result<()> {
         let (dt, s, d, hd, eps) = (self.dtype, &self.s, self.hidden, self.head_dim, self.eps);
         let (hq, hkv) = (self.attn.n_heads, self.attn.n_kv_heads);
         self.embed.embed(dev, dt, s.token, s.x)?;
@@ -494,7 +495,7 @@ impl CudaQwen3Moe {
                 ops::rope(dev, dt, s.k, s.k, s.pos, 0, hkv, hd, hd, self.rope_base, 1.0)?;
                 ops::kv_append(dev, dt, &self.attn, s.k, s.v, l.k_cache, l.v_cache, s.pos, 0)?;
             }
-            ops::attention_decode(dev, dt, &self.attn, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
+            ops::attention_decode(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
             l.o.mv(dev, dt, s.attn, s.o)?;
             // h = x + attn; xn = post_attention_layernorm(h)
             if l.fused_add_norm {
@@ -599,7 +600,7 @@ impl CudaQwen3Moe {
                 report.add("qk_norm_rope");
             }
         }
-        self.graph = None;
+        self.graphs = [None, None];
         self.len = 0;
         report
     }
@@ -651,14 +652,16 @@ impl CudaQwen3Moe {
         }
         self.dev.write(self.s.token, &[token]).map_err(cuda_err)?;
         self.dev.write(self.s.pos, &[self.len as i32]).map_err(cuda_err)?;
+        let attn_kernel = AttnKernel::for_len(self.len + 1);
         if self.use_graph {
-            if self.graph.is_none() {
+            let slot = attn_kernel as usize;
+            if self.graphs[slot].is_none() {
                 let dev = self.dev.clone();
-                self.graph = Some(dev.capture(|d| self.enqueue_step(d)).map_err(cuda_err)?);
+                self.graphs[slot] = Some(dev.capture(|d| self.enqueue_step(d, attn_kernel)).map_err(cuda_err)?);
             }
-            self.graph.as_ref().unwrap().replay().map_err(cuda_err)?;
+            self.graphs[slot].as_ref().unwrap().replay().map_err(cuda_err)?;
         } else {
-            self.enqueue_step(&self.dev).map_err(cuda_err)?;
+            self.enqueue_step(&self.dev, attn_kernel).map_err(cuda_err)?;
         }
         self.len += 1;
         Ok(())

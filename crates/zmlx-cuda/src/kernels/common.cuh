@@ -6,6 +6,16 @@ typedef unsigned long long u64;
 
 #define ZMLX_INF __int_as_float(0x7f800000)
 
+// Programmatic dependent launch (sm_90+; the runtime sets the launch attribute only there):
+// every kernel first waits until the kernel before it in the stream has completed and its
+// writes are visible, then lets the next kernel's blocks be scheduled, so launch latency
+// overlaps the previous kernel's tail and results are unchanged.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+#define ZMLX_GRID_DEP() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define ZMLX_GRID_DEP()
+#endif
+
 // ---- dtype conversions by bit operations (RNE, like MLX) ----
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 __device__ __forceinline__ u16 f32_to_bf16(float f) {

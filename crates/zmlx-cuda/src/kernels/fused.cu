@@ -251,24 +251,24 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__
 #define ZMLX_FUSED_C(DT, DN, BITS, GS, R)                                                                      \
   extern "C" __global__ void __launch_bounds__(256) fused_combine_##DN##_b##BITS##_g##GS##_r##R(               \
       const u32* w, const DT::T* s, const DT::T* b, const u32* ids, const float* wts, int k, const DT::T* act,  \
-      const DT::T* residual, DT::T* out, int N, int K, u32 qmask) {                                            \
+      const DT::T* residual, DT::T* out, int N, int K, u32 qmask) { ZMLX_GRID_DEP();                                            \
     gqc_impl<DT, BITS, GS, R>(w, s, b, ids, wts, k, act, residual, out, N, K, qmask);                          \
   }
 #define ZMLX_FUSED_Q(DT, DN, BITS, GS)                                                                         \
   extern "C" __global__ void __launch_bounds__(256) fused_swiglu_##DN##_b##BITS##_g##GS##_r1(                  \
       const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
-      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask) {                                   \
+      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask) { ZMLX_GRID_DEP();                                   \
     gqs_impl<DT, BITS, GS, 1>(wg, sg, bg, wu, su, bu, ids, x, act, N, K, qmask);                               \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(256) fused_swiglu_##DN##_b##BITS##_g##GS##_r2(                  \
       const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
-      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask) {                                   \
+      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask) { ZMLX_GRID_DEP();                                   \
     gqs_impl<DT, BITS, GS, 2>(wg, sg, bg, wu, su, bu, ids, x, act, N, K, qmask);                               \
   }                                                                                                            \
   ZMLX_FUSED_C(DT, DN, BITS, GS, 1) ZMLX_FUSED_C(DT, DN, BITS, GS, 2) ZMLX_FUSED_C(DT, DN, BITS, GS, 4)          \
   extern "C" __global__ void __launch_bounds__(256) fused_gating_##DN##_b##BITS##_g##GS(                       \
       const u32* w, const DT::T* s, const DT::T* b, const DT::T* x, u32* ids, float* wout, u32* ws, int E,     \
-      int K, int k, int round_probs, int renorm, u32 qmask) {                                                  \
+      int K, int k, int round_probs, int renorm, u32 qmask) { ZMLX_GRID_DEP();                                                  \
     moe_gating_impl<DT, BITS, GS>(w, s, b, x, ids, wout, ws, E, K, k, round_probs, renorm, qmask);             \
   }
 #define ZMLX_FUSED_G(DT, DN, BITS) ZMLX_FUSED_Q(DT, DN, BITS, 32) ZMLX_FUSED_Q(DT, DN, BITS, 64) ZMLX_FUSED_Q(DT, DN, BITS, 128)
@@ -278,10 +278,10 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__
   extern "C" __global__ void __launch_bounds__(128) fused_qmv_multi_##DN(                                      \
       const DT::T* x, int K, const u32* w0, const DT::T* s0, const DT::T* b0, DT::T* y0, int n0, int f0,        \
       const u32* w1, const DT::T* s1, const DT::T* b1, DT::T* y1, int n1, int f1, const u32* w2,               \
-      const DT::T* s2, const DT::T* b2, DT::T* y2, int n2, int f2) {                                           \
+      const DT::T* s2, const DT::T* b2, DT::T* y2, int n2, int f2) { ZMLX_GRID_DEP();                                           \
     qmv_multi_impl<DT>(x, K, w0, s0, b0, y0, n0, f0, w1, s1, b1, y1, n1, f1, w2, s2, b2, y2, n2, f2);           \
   }                                                                                                            \
   extern "C" __global__ void fused_add_rms_norm_##DN(const DT::T* x, const DT::T* delta, const DT::T* w,       \
-                                                     DT::T* h, DT::T* y, int n, float eps, float inv_n) {      \
+                                                     DT::T* h, DT::T* y, int n, float eps, float inv_n) { ZMLX_GRID_DEP();      \
     add_rms_norm_impl<DT>(x, delta, w, h, y, n, eps, inv_n);                                                   \
   }

@@ -84,7 +84,273 @@ __device__ __forceinline__ void kv_append_impl(const typename D::T* __restrict__
   vc[o] = v[idx];
 }
 
-// Flash-decoding attention, pass 1. Block (kv head h, split s) covers positions
+// Flash-decoding attention, pass 1. Grid (n_kv, NB), NB = gridDim.y fixed by max_len (so one
+// captured graph serves every length); the current length picks the rows per split
+// rps = max(32, roundup32(ceil(len/NB))), and block (h, s) covers positions
+// [s*rps, min((s+1)*rps, len)) for the G query heads of kv head h (GQA: q head i uses kv
+// head i / G); blocks past len exit. q is first scaled MLX-style: r(q * r(scale)).
+// Inside a block, "streams" of LPR = HD/4 lanes (4 features per lane, q of all G heads in
+// registers) take rows stream, stream + NSTR, ... in a dynamic loop, U rows at a time with
+// the next U rows' K/V loads issued before the current ones are used; scores in f32
+// (xor-butterfly over the LPR lanes), online softmax per stream (running max/sum, MLX exp),
+// P.V in registers. Streams are merged in a fixed order (shuffles within a warp, then
+// shared memory across warps). Writes [G][HD + 2] floats: o (relative to max), max, sum.
+#define ATT_THREADS 256
+#define ATT_RMIN 32
+#define ATT_NB_MAX 128
+#define ATT_U 2
+__device__ __forceinline__ int attn_rows_per_split(int len, int nb) {
+  const int r = (len + nb - 1) / nb;
+  return max(ATT_RMIN, (r + ATT_RMIN - 1) / ATT_RMIN * ATT_RMIN);
+}
+template <class D> __device__ __forceinline__ void load4(const typename D::T* p, float* o);
+template <> __device__ __forceinline__ void load4<DtBF16>(const u16* p, float* o) {
+  uint2 w = __ldg(reinterpret_cast<const uint2*>(p));
+  o[0] = __uint_as_float(w.x << 16); o[1] = __uint_as_float(w.x & 0xffff0000u);
+  o[2] = __uint_as_float(w.y << 16); o[3] = __uint_as_float(w.y & 0xffff0000u);
+}
+template <> __device__ __forceinline__ void load4<DtF16>(const u16* p, float* o) {
+  uint2 w = __ldg(reinterpret_cast<const uint2*>(p));
+  o[0] = f16_to_f32((u16)(w.x & 0xffffu)); o[1] = f16_to_f32((u16)(w.x >> 16));
+  o[2] = f16_to_f32((u16)(w.y & 0xffffu)); o[3] = f16_to_f32((u16)(w.y >> 16));
+}
+template <> __device__ __forceinline__ void load4<DtF32>(const float* p, float* o) {
+  float4 w = __ldg(reinterpret_cast<const float4*>(p));
+  o[0] = w.x; o[1] = w.y; o[2] = w.z; o[3] = w.w;
+}
+
+template <class D, int HD, int GM>
+__device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
+                                                const typename D::T* __restrict__ vc, float* __restrict__ part,
+                                                const int* __restrict__ len_ptr, int len_add, int G, int max_len,
+                                                float scale) {
+  constexpr int NW = ATT_THREADS / 32, LPR = HD / 4, RPW = 32 / LPR, NSTR = NW * RPW, GC = GM < 8 ? GM : 8;
+  __shared__ float buf[NW * GC * HD];
+  __shared__ float wm[NW * GM], wl[NW * GM], cw[NW * GM];
+  const int h = blockIdx.x, s = blockIdx.y, NB = gridDim.y;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int sub = lane / LPR, e0 = (lane % LPR) * 4, stream = warp * RPW + sub;
+  // q (independent of the length): issue first.
+  const float scale_r = D::rnd(scale);
+  float qv[GM][4];
+#pragma unroll
+  for (int g = 0; g < GM; g++) {
+    if (g < G) {
+      load4<D>(q + ((long long)h * G + g) * HD + e0, qv[g]);
+#pragma unroll
+      for (int i = 0; i < 4; i++) qv[g][i] = D::rnd(__fmul_rn(qv[g][i], scale_r));
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; i++) qv[g][i] = 0.0f;
+    }
+  }
+  const int len = min(*len_ptr + len_add, max_len);
+  const int rps = attn_rows_per_split(len, NB);
+  const int t0 = s * rps;
+  if (t0 >= len) return;  // the combine pass never reads this split
+  const int n = min(rps, len - t0);
+  const typename D::T* kbase = kc + ((long long)h * max_len + t0) * HD + e0;
+  const typename D::T* vbase = vc + ((long long)h * max_len + t0) * HD + e0;
+  float m[GM], l[GM], acc[GM][4];
+#pragma unroll
+  for (int g = 0; g < GM; g++) {
+    m[g] = -ZMLX_INF; l[g] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) acc[g][i] = 0.0f;
+  }
+  float ka[ATT_U][4], va[ATT_U][4];
+#pragma unroll
+  for (int u = 0; u < ATT_U; u++) {
+    const int t = stream + u * NSTR;
+    if (t < n) { load4<D>(kbase + (long long)t * HD, ka[u]); load4<D>(vbase + (long long)t * HD, va[u]); }
+    else {
+#pragma unroll
+      for (int i = 0; i < 4; i++) { ka[u][i] = 0.0f; va[u][i] = 0.0f; }
+    }
+  }
+  // Warp-uniform loop (all lanes take part in the shuffles); rows past n are skipped.
+  for (int j0 = 0; warp * RPW + j0 * NSTR < n; j0 += ATT_U) {
+    float kb[ATT_U][4], vb[ATT_U][4];
+#pragma unroll
+    for (int u = 0; u < ATT_U; u++) {
+      const int t = stream + (j0 + ATT_U + u) * NSTR;
+      if (t < n) { load4<D>(kbase + (long long)t * HD, kb[u]); load4<D>(vbase + (long long)t * HD, vb[u]); }
+      else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) { kb[u][i] = 0.0f; vb[u][i] = 0.0f; }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < ATT_U; u++) {
+      const bool valid = stream + (j0 + u) * NSTR < n;
+#pragma unroll
+      for (int g = 0; g < GM; g++) {
+        if (g < G) {
+          float p = qv[g][0] * ka[u][0];
+          p = fmaf(qv[g][1], ka[u][1], p);
+          p = fmaf(qv[g][2], ka[u][2], p);
+          p = fmaf(qv[g][3], ka[u][3], p);
+#pragma unroll
+          for (int o = LPR / 2; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
+          if (valid) {
+            if (p > m[g]) {
+              const float c = mlx_exp(__fsub_rn(m[g], p));  // 0 when m = -inf
+              l[g] = __fmul_rn(l[g], c);
+#pragma unroll
+              for (int i = 0; i < 4; i++) acc[g][i] = __fmul_rn(acc[g][i], c);
+              m[g] = p;
+            }
+            const float e = mlx_exp(__fsub_rn(p, m[g]));
+            l[g] = __fadd_rn(l[g], e);
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[g][i] = fmaf(e, va[u][i], acc[g][i]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < ATT_U; u++) {
+#pragma unroll
+      for (int i = 0; i < 4; i++) { ka[u][i] = kb[u][i]; va[u][i] = vb[u][i]; }
+    }
+  }
+  // Merge the RPW streams of a warp (xor butterfly; symmetric arithmetic, so every lane
+  // of the warp ends with the same state for its features).
+#pragma unroll
+  for (int o = LPR; o < 32; o <<= 1) {
+#pragma unroll
+    for (int g = 0; g < GM; g++) {
+      if (g < G) {
+        const float mo = __shfl_xor_sync(0xffffffffu, m[g], o);
+        const float lo = __shfl_xor_sync(0xffffffffu, l[g], o);
+        const float mx = fmaxf(m[g], mo);
+        const float cs = m[g] == -ZMLX_INF ? 0.0f : mlx_exp(__fsub_rn(m[g], mx));
+        const float co = mo == -ZMLX_INF ? 0.0f : mlx_exp(__fsub_rn(mo, mx));
+        l[g] = __fadd_rn(__fmul_rn(l[g], cs), __fmul_rn(lo, co));
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          const float ao = __shfl_xor_sync(0xffffffffu, acc[g][i], o);
+          acc[g][i] = __fadd_rn(__fmul_rn(acc[g][i], cs), __fmul_rn(ao, co));
+        }
+        m[g] = mx;
+      }
+    }
+  }
+  // Merge the warps in warp order through shared memory.
+  if (lane == 0) {
+#pragma unroll
+    for (int g = 0; g < GM; g++)
+      if (g < G) { wm[warp * GM + g] = m[g]; wl[warp * GM + g] = l[g]; }
+  }
+  __syncthreads();
+  float* out = part + (((long long)h * NB + s) * G) * (HD + 2);
+  if (tid < G) {
+    float mx = -ZMLX_INF;
+#pragma unroll
+    for (int w = 0; w < NW; w++) mx = fmaxf(mx, wm[w * GM + tid]);
+    float lt = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NW; w++) {
+      const float mw = wm[w * GM + tid];
+      const float c = mw == -ZMLX_INF ? 0.0f : mlx_exp(__fsub_rn(mw, mx));
+      cw[w * GM + tid] = c;
+      lt = fmaf(c, wl[w * GM + tid], lt);
+    }
+    out[tid * (HD + 2) + HD] = mx;
+    out[tid * (HD + 2) + HD + 1] = lt;
+  }
+  for (int gc = 0; gc < G; gc += GC) {
+    if (lane < LPR) {
+#pragma unroll
+      for (int g = 0; g < GM; g++) {
+        if (g >= gc && g < gc + GC && g < G) {
+#pragma unroll
+          for (int i = 0; i < 4; i++) buf[(warp * GC + (g - gc)) * HD + e0 + i] = acc[g][i];
+        }
+      }
+    }
+    __syncthreads();  // buf and cw ready
+    const int ng = min(GC, G - gc);
+    for (int e = tid; e < ng * HD; e += ATT_THREADS) {
+      const int gg = e / HD, d = e - gg * HD;
+      float a = 0.0f;
+#pragma unroll
+      for (int w = 0; w < NW; w++) a = fmaf(cw[w * GM + gc + gg], buf[(w * GC + gg) * HD + d], a);
+      out[(gc + gg) * (HD + 2) + d] = a;
+    }
+    __syncthreads();  // buf reused
+  }
+}
+
+// Both combines end here: out = r(sum_s w_s o_s / den), the splits summed by NSUB thread groups
+// (4 independent loads in flight) and the groups added in fixed order. Needs wsm visible.
+template <class D, int HD>
+__device__ __forceinline__ void attn_combine_tail(const float* __restrict__ p, long long st, const float* wsm, int used,
+                                                  float den, typename D::T* __restrict__ y, int hq) {
+  __shared__ float acc_s[256];
+  const int NSUB = 256 / HD, d = threadIdx.x % HD, sub = threadIdx.x / HD;
+  float num = 0.0f;
+  if (sub < NSUB) {
+    int s = sub;
+    for (; s + 3 * NSUB < used; s += 4 * NSUB) {
+      const float a0 = p[s * st + d], a1 = p[(s + NSUB) * st + d], a2 = p[(s + 2 * NSUB) * st + d], a3 = p[(s + 3 * NSUB) * st + d];
+      num = fmaf(wsm[s], a0, num);
+      num = fmaf(wsm[s + NSUB], a1, num);
+      num = fmaf(wsm[s + 2 * NSUB], a2, num);
+      num = fmaf(wsm[s + 3 * NSUB], a3, num);
+    }
+    for (; s < used; s += NSUB) num = fmaf(wsm[s], p[s * st + d], num);
+    acc_s[threadIdx.x] = num;
+  }
+  __syncthreads();
+  if (sub == 0) {
+    for (int r = 1; r < NSUB; r++) num += acc_s[r * HD + d];
+    y[(long long)hq * HD + d] = D::st(__fdiv_rn(num, den));
+  }
+}
+
+
+// Pass 2: merge the splits of each query head; out = r(sum_s w_s o_s / sum_s w_s l_s),
+// w_s = exp(m_s - max_s m_s). One block (256 threads) per q head; every warp computes the
+// max and the denominator itself (same lanes, same order: identical in all warps), warp 0
+// stores the weights, then 256/HD thread groups sum disjoint split subsets, added in a
+// fixed order. Two barriers.
+template <class D, int HD>
+__device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part, typename D::T* __restrict__ y,
+                                                  const int* __restrict__ len_ptr, int len_add, int G, int S, int max_len) {
+  __shared__ float wsm[ATT_NB_MAX];
+  const int hq = blockIdx.x, h = hq / G, g = hq - h * G;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int len = min(*len_ptr + len_add, max_len);
+  const int rps = attn_rows_per_split(len, S);
+  const int used = min((len + rps - 1) / rps, S);
+  const float* p = part + ((long long)h * S * G + g) * (HD + 2);
+  const long long st = (long long)G * (HD + 2);
+  float mv[ATT_NB_MAX / 32];
+  float m = -ZMLX_INF;
+#pragma unroll
+  for (int i = 0; i < ATT_NB_MAX / 32; i++) {
+    const int s = lane + 32 * i;
+    mv[i] = s < used ? p[s * st + HD] : -ZMLX_INF;
+    m = fmaxf(m, mv[i]);
+  }
+  m = warp_max(m);
+  float den = 0.0f;
+#pragma unroll
+  for (int i = 0; i < ATT_NB_MAX / 32; i++) {
+    const int s = lane + 32 * i;
+    if (s < used) {
+      const float w = mlx_exp(__fsub_rn(mv[i], m));
+      if (warp == 0) wsm[s] = w;
+      den = fmaf(w, p[s * st + HD + 1], den);
+    }
+  }
+  den = warp_sum(den);
+  __syncthreads();  // wsm visible
+  attn_combine_tail<D, HD>(p, st, wsm, used, den, y, hq);
+}
+
+// Long-context flash-decoding attention (chosen above ATT_SHORT_MAX_LEN), pass 1. Block (kv head h, split s) covers positions
 // [s*CHUNK, min((s+1)*CHUNK, len)) for the G query heads of h (GQA: q head i uses kv head
 // i / G). q is first scaled MLX-style: r(q * r(scale)). Scores and softmax in f32 (MLX exp),
 // partial output o = sum_t p_t v_t in f32. Writes [G][HD + 2] floats: o, max, sum.
@@ -92,7 +358,6 @@ __device__ __forceinline__ void kv_append_impl(const typename D::T* __restrict__
 // waits on memory about twice, not once per row.
 #define ATT_CHUNK 128
 #define ATT_GMAX 16
-#define ATT_THREADS 256
 template <class D> __device__ __forceinline__ void load2(const typename D::T* p, float& a, float& b);
 template <> __device__ __forceinline__ void load2<DtBF16>(const u16* p, float& a, float& b) {
   u32 w = __ldg(reinterpret_cast<const u32*>(p)); a = __uint_as_float(w << 16); b = __uint_as_float(w & 0xffff0000u);
@@ -105,7 +370,7 @@ template <> __device__ __forceinline__ void load2<DtF32>(const float* p, float& 
 }
 
 template <class D, int HD>
-__device__ __forceinline__ void attn_split_legacy_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
+__device__ __forceinline__ void attn_split_long_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
                                                 const typename D::T* __restrict__ vc, float* __restrict__ part,
                                                 const int* __restrict__ len_ptr, int len_add, int G, int max_len,
                                                 float scale) {
@@ -225,166 +490,14 @@ __device__ __forceinline__ void attn_split_legacy_impl(const typename D::T* __re
   }
 }
 
-template <class D, int HD>
-__device__ __forceinline__ void attn_item_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
-                                               const typename D::T* __restrict__ vc, float* __restrict__ part,
-                                               int len, int h, int s, int S, int g0, int GN, int G, int max_len,
-                                               float scale, float* qs, float* sc) {
-  // One work item: kv head h, split s, query heads g0 .. g0+GN-1 of that kv head. Every
-  // (head, position) value is computed by the same code as when a block takes all G heads,
-  // so the partials do not depend on GN.
-  const int t0 = s * ATT_CHUNK;
-  if (t0 >= len) return;
-  const int n = min(ATT_CHUNK, len - t0);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int NW = ATT_THREADS / 32;
-  const float scale_r = D::rnd(scale);
-  for (int i = tid; i < GN * HD; i += ATT_THREADS)
-    qs[i] = D::rnd(__fmul_rn(D::ld(q[((long long)h * G + g0) * HD + i]), scale_r));
-  const typename D::T* kbase = kc + ((long long)h * max_len + t0) * HD;
-  const typename D::T* vbase = vc + ((long long)h * max_len + t0) * HD;
-  // Scores: LPR lanes per key row, 8 features per lane; IT row-iterations per warp.
-  {
-    const int LPR = HD / 8, RPW = 32 / LPR, IT = ATT_CHUNK / (NW * RPW);
-    const int sub = lane / LPR, e0 = (lane % LPR) * 8;
-    float kv[IT][8];
-#pragma unroll
-    for (int it = 0; it < IT; it++) {
-      const int t = (it * NW + warp) * RPW + sub;
-      if (t < n) load8<D>(kbase + (long long)t * HD + e0, kv[it]);
-      else {
-#pragma unroll
-        for (int j = 0; j < 8; j++) kv[it][j] = 0.0f;
-      }
-    }
-    __syncthreads();  // qs ready
-    // g outer, rows inner: each q slice is read from shared memory once (2 x 16 B).
-#pragma unroll
-    for (int g = 0; g < ATT_GMAX; g++) {
-      if (g < GN) {
-        const float4 qa = *reinterpret_cast<const float4*>(&qs[g * HD + e0]);
-        const float4 qb = *reinterpret_cast<const float4*>(&qs[g * HD + e0 + 4]);
-#pragma unroll
-        for (int it = 0; it < IT; it++) {
-          const int t = (it * NW + warp) * RPW + sub;
-          float p = qa.x * kv[it][0];
-          p = fmaf(qa.y, kv[it][1], p);
-          p = fmaf(qa.z, kv[it][2], p);
-          p = fmaf(qa.w, kv[it][3], p);
-          p = fmaf(qb.x, kv[it][4], p);
-          p = fmaf(qb.y, kv[it][5], p);
-          p = fmaf(qb.z, kv[it][6], p);
-          p = fmaf(qb.w, kv[it][7], p);
-#pragma unroll
-          for (int o = LPR / 2; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
-          if ((lane % LPR) == 0 && t < n) sc[g * ATT_CHUNK + t] = p;
-        }
-      }
-    }
-  }
-  // Issue this thread's V loads now; they land while the softmax runs.
-  const int TPR = HD / 2, NG = ATT_THREADS / TPR, RPG = ATT_CHUNK / NG;
-  const int grp = tid / TPR, d0 = (tid % TPR) * 2;
-  float v0[RPG], v1[RPG];
-#pragma unroll
-  for (int i = 0; i < RPG; i++) {
-    const int t = grp + NG * i;
-    if (t < n) load2<D>(vbase + (long long)t * HD + d0, v0[i], v1[i]);
-    else { v0[i] = 0.0f; v1[i] = 0.0f; }
-  }
-  __syncthreads();
-  float* out = part + ((((long long)h * S + s) * G) + g0) * (HD + 2);
-  for (int g = warp; g < GN; g += NW) {
-    float m = -ZMLX_INF;
-    for (int t = lane; t < n; t += 32) m = fmaxf(m, sc[g * ATT_CHUNK + t]);
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int t = lane; t < ATT_CHUNK; t += 32) {
-      float p = t < n ? mlx_exp(__fsub_rn(sc[g * ATT_CHUNK + t], m)) : 0.0f;
-      sc[g * ATT_CHUNK + t] = p;
-      l += p;
-    }
-    l = warp_sum(l);
-    if (lane == 0) { out[g * (HD + 2) + HD] = m; out[g * (HD + 2) + HD + 1] = l; }
-  }
-  __syncthreads();
-  float acc0[ATT_GMAX], acc1[ATT_GMAX];
-#pragma unroll
-  for (int g = 0; g < ATT_GMAX; g++) { acc0[g] = 0.0f; acc1[g] = 0.0f; }
-#pragma unroll
-  for (int i = 0; i < RPG; i++) {
-    const int t = grp + NG * i;
-#pragma unroll
-    for (int g = 0; g < ATT_GMAX; g++) {
-      if (g < GN) {
-        const float p = sc[g * ATT_CHUNK + t];  // 0 past n
-        acc0[g] = fmaf(p, v0[i], acc0[g]);
-        acc1[g] = fmaf(p, v1[i], acc1[g]);
-      }
-    }
-  }
-  // Deterministic cross-group sum: groups add into group 0's registers one at a time.
-  for (int r = 1; r < NG; r++) {
-    __syncthreads();
-    if (grp == r) {
-#pragma unroll
-      for (int g = 0; g < ATT_GMAX; g++)
-        if (g < GN) { sc[g * HD + d0] = acc0[g]; sc[g * HD + d0 + 1] = acc1[g]; }
-    }
-    __syncthreads();
-    if (grp == 0) {
-#pragma unroll
-      for (int g = 0; g < ATT_GMAX; g++)
-        if (g < GN) { acc0[g] += sc[g * HD + d0]; acc1[g] += sc[g * HD + d0 + 1]; }
-    }
-  }
-  if (grp == 0) {
-#pragma unroll
-    for (int g = 0; g < ATT_GMAX; g++)
-      if (g < GN) { out[g * (HD + 2) + d0] = acc0[g]; out[g * (HD + 2) + d0 + 1] = acc1[g]; }
-  }
-}
 
-// Pass 1 over a fixed grid of B blocks (sized from max_len, so one captured graph serves
-// every length): the active work is n_kv x used splits x NGRP head groups, NGRP chosen from
-// the current length so the items fill the grid (short contexts split the G query heads of
-// a kv head over several blocks; long ones give each block all G heads and several splits).
-// Blocks with no item exit at once. Results do not depend on the item mapping.
-template <class D, int HD>
-__device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
-                                                const typename D::T* __restrict__ vc, float* __restrict__ part,
-                                                const int* __restrict__ len_ptr, int len_add, int G, int max_len,
-                                                float scale, int n_kv, int S) {
-  __shared__ float qs[ATT_GMAX * HD];
-  __shared__ float sc[ATT_GMAX * ATT_CHUNK];
-  const int len = min(*len_ptr + len_add, max_len);
-  if (len <= 0) return;
-  const int used = (len + ATT_CHUNK - 1) / ATT_CHUNK;
-  const int B = gridDim.x;
-  const int base = n_kv * used;
-  int ng = min(max(B / base, 1), G);
-  const int GB = (G + ng - 1) / ng;
-  ng = (G + GB - 1) / GB;
-  const int items = base * ng;
-  for (int it = blockIdx.x; it < items; it += B) {
-    const int h = it % n_kv, rest = it / n_kv, s = rest % used, gi = rest / used;
-    const int g0 = gi * GB;
-    __syncthreads();  // shared memory of the previous item
-    attn_item_impl<D, HD>(q, kc, vc, part, len, h, s, S, g0, min(GB, G - g0), G, max_len, scale, qs, sc);
-  }
-}
-
-// Pass 2: merge the splits of each query head; out = r(sum_s w_s o_s / sum_s w_s l_s),
-// w_s = exp(m_s - max_s m_s). One block (256 threads) per q head: split weights computed
-// in parallel into shared memory, then NSUB thread groups sum disjoint split subsets
-// (independent loads in flight) and are added in a fixed order (deterministic).
+// Pass 2 of the long-context attention: up to ATT_MAX_SPLITS splits of ATT_CHUNK rows.
 #define ATT_MAX_SPLITS 2048
 template <class D, int HD>
-__device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part, typename D::T* __restrict__ y,
+__device__ __forceinline__ void attn_combine_long_impl(const float* __restrict__ part, typename D::T* __restrict__ y,
                                                   const int* __restrict__ len_ptr, int len_add, int G, int S, int max_len) {
   __shared__ float wsm[ATT_MAX_SPLITS];
   __shared__ float red[32];
-  __shared__ float acc_s[256];
   const int hq = blockIdx.x, h = hq / G, g = hq - h * G;
   const int len = min(*len_ptr + len_add, max_len);
   const int used = min((len + ATT_CHUNK - 1) / ATT_CHUNK, ATT_MAX_SPLITS);
@@ -400,25 +513,7 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
     den = fmaf(w, p[s * st + HD + 1], den);
   }
   den = block_sum(den, red);  // ends with barriers: wsm visible
-  const int NSUB = 256 / HD, d = threadIdx.x % HD, sub = threadIdx.x / HD;
-  float num = 0.0f;
-  if (sub < NSUB) {
-    int s = sub;
-    for (; s + 3 * NSUB < used; s += 4 * NSUB) {
-      const float a0 = p[s * st + d], a1 = p[(s + NSUB) * st + d], a2 = p[(s + 2 * NSUB) * st + d], a3 = p[(s + 3 * NSUB) * st + d];
-      num = fmaf(wsm[s], a0, num);
-      num = fmaf(wsm[s + NSUB], a1, num);
-      num = fmaf(wsm[s + 2 * NSUB], a2, num);
-      num = fmaf(wsm[s + 3 * NSUB], a3, num);
-    }
-    for (; s < used; s += NSUB) num = fmaf(wsm[s], p[s * st + d], num);
-    acc_s[threadIdx.x] = num;
-  }
-  __syncthreads();
-  if (sub == 0) {
-    for (int r = 1; r < NSUB; r++) num += acc_s[r * HD + d];
-    y[(long long)hq * HD + d] = D::st(__fdiv_rn(num, den));
-  }
+  attn_combine_tail<D, HD>(p, st, wsm, used, den, y, hq);
 }
 
 // Router, as mlx-lm's Qwen3 MoE: p = softmax(precise=True) over E logits per row (f32
@@ -867,7 +962,7 @@ __device__ __forceinline__ u64 zmix64(u64 z) {
   return z ^ (z >> 31);
 }
 // u32 words: the high half of h_i.
-extern "C" __global__ void fill_random_u32(u32* __restrict__ p, u64 n, u64 seed) {
+extern "C" __global__ void fill_random_u32(u32* __restrict__ p, u64 n, u64 seed) { ZMLX_GRID_DEP();
   const u64 base = zmix64(seed);
   for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
     p[i] = (u32)(zmix64(base + (i + 1ull) * 0x9e3779b97f4a7c15ull) >> 32);
@@ -964,7 +1059,7 @@ __device__ __forceinline__ void embed_dense_impl(const typename D::T* __restrict
 }
 
 // Vectorized device copy (16 bytes per thread per step), for the bandwidth baseline.
-extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restrict__ dst, long long n16) {
+extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restrict__ dst, long long n16) { ZMLX_GRID_DEP();
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n16; i += (long long)gridDim.x * blockDim.x)
     dst[i] = __ldg(src + i);
 }
@@ -973,28 +1068,37 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
 #define ZMLX_ATTN_HD(DT, DN, HD)                                                                               \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_##DN##_d##HD(                          \
       const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
-      int max_len, float scale, int n_kv, int S) {                                                             \
-    attn_split_impl<DT, HD>(q, kc, vc, part, len, len_add, G, max_len, scale, n_kv, S);                        \
+      int max_len, float scale) { ZMLX_GRID_DEP();                                                                              \
+    attn_split_impl<DT, HD, 16>(q, kc, vc, part, len, len_add, G, max_len, scale);                             \
   }                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_legacy_##DN##_d##HD(                   \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split8_##DN##_d##HD(                         \
       const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
-      int max_len, float scale) {                                                                              \
-    attn_split_legacy_impl<DT, HD>(q, kc, vc, part, len, len_add, G, max_len, scale);                          \
+      int max_len, float scale) { ZMLX_GRID_DEP();                                                                              \
+    attn_split_impl<DT, HD, 8>(q, kc, vc, part, len, len_add, G, max_len, scale);                              \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_long_##DN##_d##HD(                     \
+      const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
+      int max_len, float scale) { ZMLX_GRID_DEP();                                                                              \
+    attn_split_long_impl<DT, HD>(q, kc, vc, part, len, len_add, G, max_len, scale);                            \
+  }                                                                                                            \
+  extern "C" __global__ void attn_combine_long_##DN##_d##HD(const float* part, DT::T* y, const int* len,       \
+                                                            int len_add, int G, int S, int max_len) { ZMLX_GRID_DEP();          \
+    attn_combine_long_impl<DT, HD>(part, y, len, len_add, G, S, max_len);                                      \
   }                                                                                                            \
   extern "C" __global__ void attn_combine_##DN##_d##HD(const float* part, DT::T* y, const int* len,            \
-                                                       int len_add, int G, int S, int max_len) {               \
+                                                       int len_add, int G, int S, int max_len) { ZMLX_GRID_DEP();               \
     attn_combine_impl<DT, HD>(part, y, len, len_add, G, S, max_len);                                           \
   }
 
 #define ZMLX_OPS(DT, DN)                                                                                       \
   extern "C" __global__ void rms_norm_##DN(const DT::T* x, const DT::T* w, DT::T* y, int n, float eps,         \
-                                           float inv_n) { rms_norm_impl<DT>(x, w, y, n, eps, inv_n); }         \
+                                           float inv_n) { ZMLX_GRID_DEP(); rms_norm_impl<DT>(x, w, y, n, eps, inv_n); }         \
   extern "C" __global__ void rope_##DN(const DT::T* x, DT::T* y, const int* pos, int pos_add, int rows, int hd, \
-                                       int dims, float step, float scale) {                                    \
+                                       int dims, float step, float scale) { ZMLX_GRID_DEP();                                    \
     rope_impl<DT>(x, y, pos, pos_add, rows, hd, dims, step, scale);                                            \
   }                                                                                                            \
   extern "C" __global__ void kv_append_##DN(const DT::T* k, const DT::T* v, DT::T* kc, DT::T* vc,             \
-                                            const int* pos, int pos_add, int n_kv, int max_len, int hd) {      \
+                                            const int* pos, int pos_add, int n_kv, int max_len, int hd) { ZMLX_GRID_DEP();      \
     kv_append_impl<DT>(k, v, kc, vc, pos, pos_add, n_kv, max_len, hd);                                         \
   }                                                                                                            \
   ZMLX_ATTN_HD(DT, DN, 16)                                                                                     \
@@ -1002,52 +1106,52 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
   ZMLX_ATTN_HD(DT, DN, 64)                                                                                     \
   ZMLX_ATTN_HD(DT, DN, 128)                                                                                    \
   extern "C" __global__ void softmax_topk_##DN(const DT::T* logits, u32* ids, float* w, int E, int k,          \
-                                               int round_probs, int renorm) {                                  \
+                                               int round_probs, int renorm) { ZMLX_GRID_DEP();                                  \
     if (E <= 32 * STK_PER && k <= 32) softmax_topk_fast_impl<DT>(logits, ids, w, E, k, round_probs, renorm);   \
     else softmax_topk_impl<DT>(logits, ids, w, E, k, round_probs, renorm);                                     \
   }                                                                                                            \
   extern "C" __global__ void softmax_topk_legacy_##DN(const DT::T* logits, u32* ids, float* w, int E, int k,   \
-                                                      int round_probs, int renorm) {                           \
+                                                      int round_probs, int renorm) { ZMLX_GRID_DEP();                           \
     softmax_topk_impl<DT>(logits, ids, w, E, k, round_probs, renorm);                                          \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(32 * QNR_WARPS) qk_norm_rope_append_##DN(                       \
       DT::T* q, DT::T* k, const DT::T* v, const DT::T* qw, const DT::T* kw, DT::T* kc, DT::T* vc,              \
-      const int* pos, int hq, int hkv, int hd, int max_len, float eps, float inv_n, float step, float scale) { \
+      const int* pos, int hq, int hkv, int hd, int max_len, float eps, float inv_n, float step, float scale) { ZMLX_GRID_DEP(); \
     qk_norm_rope_append_impl<DT>(q, k, v, qw, kw, kc, vc, pos, hq, hkv, hd, max_len, eps, inv_n, step, scale); \
   }                                                                                                            \
-  extern "C" __global__ void moe_combine_##DN(const DT::T* y, const float* w, DT::T* out, int k, int n) {      \
+  extern "C" __global__ void moe_combine_##DN(const DT::T* y, const float* w, DT::T* out, int k, int n) { ZMLX_GRID_DEP();      \
     moe_combine_impl<DT>(y, w, out, k, n);                                                                     \
   }                                                                                                            \
-  extern "C" __global__ void swiglu_##DN(const DT::T* g, const DT::T* u, DT::T* out, int n) {                  \
+  extern "C" __global__ void swiglu_##DN(const DT::T* g, const DT::T* u, DT::T* out, int n) { ZMLX_GRID_DEP();                  \
     swiglu_impl<DT>(g, u, out, n);                                                                             \
   }                                                                                                            \
-  extern "C" __global__ void add_##DN(const DT::T* a, const DT::T* b, DT::T* out, int n) {                     \
+  extern "C" __global__ void add_##DN(const DT::T* a, const DT::T* b, DT::T* out, int n) { ZMLX_GRID_DEP();                     \
     add_impl<DT>(a, b, out, n);                                                                                \
   }                                                                                                            \
   extern "C" __global__ void embed_##DN(const u32* w, const DT::T* s, const DT::T* b, const u32* id,           \
-                                        DT::T* out, int dim, int bits, int gs) {                               \
+                                        DT::T* out, int dim, int bits, int gs) { ZMLX_GRID_DEP();                               \
     embed_impl<DT>(w, s, b, id, out, dim, bits, gs);                                                           \
   }                                                                                                            \
-  extern "C" __global__ void argmax_##DN(const DT::T* x, u32* out, u64* ws, int n) { argmax_impl<DT>(x, out, ws, n); } \
+  extern "C" __global__ void argmax_##DN(const DT::T* x, u32* out, u64* ws, int n) { ZMLX_GRID_DEP(); argmax_impl<DT>(x, out, ws, n); } \
   extern "C" __global__ void __launch_bounds__(LPA_THREADS) lpa_max_##DN(const DT::T* x, u32* ws, int n,        \
-                                                                          int chunk) {                         \
+                                                                          int chunk) { ZMLX_GRID_DEP();                         \
     lpa_max_impl<DT>(x, ws, n, chunk);                                                                         \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(LPA_THREADS) lpa_select_##DN(const DT::T* x, u32* ws, u32* out, \
-                                                                             int n, int chunk) {               \
+                                                                             int n, int chunk) { ZMLX_GRID_DEP();               \
     lpa_select_impl<DT>(x, ws, out, n, chunk);                                                                 \
   }                                                                                                            \
-  extern "C" __global__ void fill_random_uniform_##DN(DT::T* p, u64 n, u64 seed, float lo, float hi) {         \
+  extern "C" __global__ void fill_random_uniform_##DN(DT::T* p, u64 n, u64 seed, float lo, float hi) { ZMLX_GRID_DEP();         \
     fill_uniform_impl<DT>(p, n, seed, lo, hi);                                                                 \
   }                                                                                                            \
-  extern "C" __global__ void affine_##DN(const DT::T* x, DT::T* y, u64 n, float a, float b) {                   \
+  extern "C" __global__ void affine_##DN(const DT::T* x, DT::T* y, u64 n, float a, float b) { ZMLX_GRID_DEP();                   \
     affine_impl<DT>(x, y, n, a, b);                                                                            \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(MVD_ROWS) mv_dense_##DN(const DT::T* w, const DT::T* x,         \
                                                                        DT::T* y, const u32* ids, int N, int K, \
-                                                                       int x_stride) {                         \
+                                                                       int x_stride) { ZMLX_GRID_DEP();                         \
     mv_dense_impl<DT>(w, x, y, ids, N, K, x_stride);                                                           \
   }                                                                                                            \
-  extern "C" __global__ void embed_dense_##DN(const DT::T* t, const u32* id, DT::T* out, int dim) {            \
+  extern "C" __global__ void embed_dense_##DN(const DT::T* t, const u32* id, DT::T* out, int dim) { ZMLX_GRID_DEP();            \
     embed_dense_impl<DT>(t, id, out, dim);                                                                     \
   }

@@ -187,7 +187,7 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
 #define ZMLX_QMV(DT, DN, BITS, GS, R)                                                                      \
   extern "C" __global__ void __launch_bounds__(256) qmv_##DN##_b##BITS##_g##GS##_r##R(                     \
       const u32* w, const DT::T* scales, const DT::T* biases, const DT::T* x, DT::T* y, const u32* ids,    \
-      int N, int K, int x_stride, u32 qmask) {                                                             \
+      int N, int K, int x_stride, u32 qmask) { ZMLX_GRID_DEP();                                                             \
     qmv_impl<DT, BITS, GS, R>(w, scales, biases, x, y, ids, N, K, x_stride, qmask);                        \
   }
 #define ZMLX_QMV_R(DT, DN, BITS, GS) ZMLX_QMV(DT, DN, BITS, GS, 1) ZMLX_QMV(DT, DN, BITS, GS, 4)
