@@ -16,6 +16,8 @@ if [ "${SKIP_KERNEL_BENCH:-0}" != 1 ]; then
   grep -E "attn|attention|lm_head|qmv .*N=151936|combine|swiglu" "$OUT/kernels_bench.txt" | head -40
 fi
 for pdl in ${PDL_LIST:-0 1}; do
-  ZMLX_PDL=$pdl $Z validate --model $M --dummy-weights --device cuda --max-tokens ${TOKENS:-128} --runs 3 --json > "$OUT/validate_pdl$pdl.txt" 2>&1
-  echo "PDL=$pdl rc=$? $(grep -E '^fidelity|^Patched|speedup|tok/s' "$OUT/validate_pdl$pdl.txt" | tr '\n' ' ')"
+  for n in ${TOKENS:-128}; do
+    ZMLX_PDL=$pdl $Z validate --model $M --dummy-weights --device cuda --max-tokens $n --runs ${RUNS:-3} --json > "$OUT/validate_pdl${pdl}_$n.txt" 2>&1
+    echo "PDL=$pdl tokens=$n rc=$? $(grep -v '^{' "$OUT/validate_pdl${pdl}_$n.txt" | grep -E '^fidelity|^Patched|speedup|tok/s|launches' | tr '\n' ' ')"
+  done
 done

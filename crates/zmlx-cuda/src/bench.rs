@@ -140,6 +140,20 @@ fn run_benchmarks_inner(dev: &CudaDevice) -> Result<Vec<BenchRow>> {
         let nb = set.ws.len();
         let us = time_graph(dev, nb.max(4), &|d, i| ops::qmv(d, bf, &set.ws[i % nb], xs.ptr(), act.ptr()))?;
         rows.push(row("qmv", format!("{label} N={n} K={k} b{bits} g{gs} bf16"), bytes, us, copy));
+        if label == "lm_head" {
+            let us = time_graph(dev, nb.max(4), &|d, i| ops::qmv_rows(d, bf, &set.ws[i % nb], xs.ptr(), act.ptr(), 8))?;
+            rows.push(row("qmv r8", format!("{label} N={n} K={k} b{bits} g{gs} bf16"), bytes, us, copy));
+        }
+        if label == "o_proj" {
+            let res = act.ptr() + (32 << 20);
+            let us = time_graph(dev, nb.max(4), &|d, i| {
+                ops::qmv(d, bf, &set.ws[i % nb], xs.ptr(), act.ptr())?;
+                ops::add(d, bf, res, act.ptr(), res, n)
+            })?;
+            rows.push(row("qmv + add", format!("{label} N={n} K={k} b{bits} g{gs} bf16 (2 launches)"), bytes, us, copy));
+            let us = time_graph(dev, nb.max(4), &|d, i| ops::qmv_add(d, bf, &set.ws[i % nb], xs.ptr(), res, res))?;
+            rows.push(row("qmv_add", format!("{label} N={n} K={k} b{bits} g{gs} bf16"), bytes, us, copy));
+        }
     }
 
     // MoE experts: 8 of 128, gate/up (shared x) and down (x per expert).
@@ -389,7 +403,7 @@ fn latency_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Ben
         .collect::<Result<_>>()?;
     let ws = dev.alloc(s.workspace_bytes())?;
     let lenb = dev.alloc(4)?;
-    for &len in &[1usize, 256, 1024, 2048, 3072, 4096, 16384, 32768] {
+    for &len in &[1usize, 128, 256, 512, 768, 1024, 2048, 4096, 16384, 32768] {
         dev.write(lenb.ptr(), &[len as i32])?;
         let bytes = (2 * hkv * len * hd * 2 + 2 * hq * hd * 2) as u64;
         for kernel in AttnKernel::ALL {

@@ -53,15 +53,19 @@ impl QuantWeight {
     }
 }
 
-fn qmv_launch(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64, ids: u64, slots: usize, x_stride: usize) -> Result<()> {
+/// Rows per warp of qmv launches with many rows (the lm_head, big projections).
+pub const QMV_ROWS_BIG: u32 = 4;
+
+#[allow(clippy::too_many_arguments)]
+fn qmv_launch(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64, ids: u64, slots: usize, x_stride: usize, residual: u64, rows_big: u32) -> Result<()> {
     wq.validate()?;
     aligned(x, 16, "x")?;
     let tag = dtype_tag(dt)?;
     let n = wq.n as u32;
-    // Many rows: 4 rows per warp, 8 warps (loads of 4 rows in flight per lane). Few rows:
+    // Many rows: R rows per warp, 8 warps (loads of R rows in flight per lane). Few rows:
     // 1 row per warp, 4 warps, so the grid still covers every SM.
     let big = (n as u64).div_ceil(32) * slots as u64 >= 2 * dev.sm_count() as u64;
-    let (r, threads) = if big { (4u32, 256u32) } else { (1, 128) };
+    let (r, threads) = if big { (rows_big, 256u32) } else { (1, 128) };
     let rows_per_block = r * threads / 32;
     let grid = (n.div_ceil(rows_per_block), slots as u32, 1);
     dev.launch(
@@ -80,6 +84,7 @@ fn qmv_launch(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64, ids
             Arg::I32(wq.k as i32),
             Arg::I32(x_stride as i32),
             Arg::I32(((1u32 << wq.bits) - 1) as i32), // qmask: must be 2^bits - 1
+            Arg::Ptr(residual),
         ],
     )
 }
@@ -87,7 +92,24 @@ fn qmv_launch(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64, ids
 /// y[N] = W·x for a quantized W [N, K]; x [K], y [N] in `dt`. f32 accumulation, output
 /// rounded to `dt`.
 pub fn qmv(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64) -> Result<()> {
-    qmv_launch(dev, dt, wq, x, y, 0, 1, 0)
+    qmv_launch(dev, dt, wq, x, y, 0, 1, 0, 0, QMV_ROWS_BIG)
+}
+
+/// [`qmv`] with `rows` (1, 4 or 8) rows per warp when the matrix is large (benchmarks).
+pub fn qmv_rows(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64, rows: u32) -> Result<()> {
+    if !crate::catalog::QMV_ROWS.contains(&rows) {
+        return Err(inv(format!("qmv rows per warp must be one of {:?}", crate::catalog::QMV_ROWS)));
+    }
+    qmv_launch(dev, dt, wq, x, y, 0, 1, 0, 0, rows)
+}
+
+/// y = residual + W·x in one launch, bitwise `qmv` then `add` (r(res + r(W·x))). y may be
+/// the residual buffer itself (each row is read, then written, by one thread).
+pub fn qmv_add(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, residual: u64, y: u64) -> Result<()> {
+    if residual == 0 {
+        return Err(inv("qmv_add needs a residual".into()));
+    }
+    qmv_launch(dev, dt, wq, x, y, 0, 1, 0, residual, QMV_ROWS_BIG)
 }
 
 /// MoE expert matmuls in one launch: for slot i in 0..k, y[i] = W[ids[i]]·x_i with W
@@ -97,7 +119,7 @@ pub fn gather_qmv(dev: &CudaDevice, dt: DType, wq: &QuantWeight, ids: u64, k: us
     if ids == 0 || k == 0 {
         return Err(inv("gather_qmv needs expert ids and k > 0".into()));
     }
-    qmv_launch(dev, dt, wq, x, y, ids, k, if x_per_slot { wq.k } else { 0 })
+    qmv_launch(dev, dt, wq, x, y, ids, k, if x_per_slot { wq.k } else { 0 }, 0, QMV_ROWS_BIG)
 }
 
 /// RMSNorm over `rows` rows of `n`: y = r(r(x * 1/sqrt(mean(x²)+eps)) * w). In place allowed.
@@ -168,17 +190,21 @@ pub const ATT_NB_MAX: usize = 128;
 pub const ATT_CHUNK: usize = 128;
 /// Largest supported cache length (the long kernel's combine merges ≤ 2048 splits).
 pub const ATT_MAX_LEN: usize = 262144;
-/// Longest attention the short-context kernel is chosen for (see [`AttnKernel::for_len`]).
+/// Longest attention the single-launch kernel is chosen for (see [`AttnKernel::for_len`]).
+pub const ATT_SINGLE_MAX_LEN: usize = 512;
+/// Longest attention the split short-context kernel is chosen for.
 pub const ATT_SHORT_MAX_LEN: usize = 512;
 
-/// Which decode-attention kernel pair runs. Both compute the same function (f32 scores,
-/// MLX exp, f32 sums; they differ only in summation order) for any length ≤ max_len; the
-/// choice is speed. `Short`: online softmax over a dynamic row loop, a grid that shrinks
-/// with max_len, one cheap combine (few fixed costs; instruction-bound at long lengths).
-/// `Long`: one block per 128 positions with all K/V loads in flight (more blocks, more
-/// bandwidth at long lengths, ~13 µs fixed cost at short ones). Measured in docs/kernels.md.
+/// Which decode-attention kernel runs. All compute the same function (f32 scores, MLX exp,
+/// f32 sums; they differ only in summation order) for any length ≤ max_len; the choice is
+/// speed, measured in docs/kernels.md. `Single`: one launch, one block per query head
+/// walking the length in 512-row chunks (least fixed cost; one block per head limits it at
+/// long lengths). `Short`: online softmax over a dynamic row loop on a grid that shrinks
+/// with max_len, then a combine launch. `Long`: one block per 128 positions with all K/V
+/// loads in flight (most bandwidth at long lengths), then a combine launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKernel {
+    Single,
     Short,
     Long,
 }
@@ -186,18 +212,21 @@ pub enum AttnKernel {
 impl AttnKernel {
     /// The faster kernel for a step whose attention covers at most `len` positions.
     pub fn for_len(len: usize) -> Self {
-        if len <= ATT_SHORT_MAX_LEN {
+        if len <= ATT_SINGLE_MAX_LEN {
+            AttnKernel::Single
+        } else if len <= ATT_SHORT_MAX_LEN {
             AttnKernel::Short
         } else {
             AttnKernel::Long
         }
     }
-    pub const ALL: [AttnKernel; 2] = [AttnKernel::Short, AttnKernel::Long];
+    pub const ALL: [AttnKernel; 3] = [AttnKernel::Single, AttnKernel::Short, AttnKernel::Long];
 }
 
 impl AttnShape {
     fn splits(&self, kernel: AttnKernel) -> usize {
         match kernel {
+            AttnKernel::Single => 0,
             AttnKernel::Short => self.max_len.div_ceil(ATT_RMIN).clamp(1, ATT_NB_MAX),
             AttnKernel::Long => self.max_len.div_ceil(ATT_CHUNK),
         }
@@ -254,7 +283,8 @@ pub fn kv_append(dev: &CudaDevice, dt: DType, s: &AttnShape, k: u64, v: u64, k_c
 /// scores and softmax in f32, output rounded to `dt`. `workspace`: `s.workspace_bytes()`
 /// (need not be zeroed). Two launches on a grid fixed by `max_len` (so one captured graph
 /// serves every length; blocks past the length exit): pass 1 per (kv head, split), then
-/// the combine over the active splits. `kernel` picks the split layout ([`AttnKernel`]).
+/// the combine over the active splits; `AttnKernel::Single` is one launch on n_heads blocks.
+/// `kernel` picks the layout ([`AttnKernel`]).
 /// Short: grid n_kv × min(⌈max_len/32⌉, 128), the length picks the rows per split
 /// (max(32, multiple of 32 ≥ len/splits)); G ≤ 8 uses a variant with fewer registers.
 /// Long: grid n_kv × ⌈max_len/128⌉, 128 positions per split.
@@ -267,21 +297,23 @@ pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: Attn
     let tag = dtype_tag(dt)?;
     let g = (s.n_heads / s.n_kv_heads) as i32;
     let sp = s.splits(kernel) as u32;
-    let (split, combine) = match kernel {
-        AttnKernel::Short if g <= 8 => ("attn_split8", "attn_combine"),
-        AttnKernel::Short => ("attn_split", "attn_combine"),
-        AttnKernel::Long => ("attn_split_long", "attn_combine_long"),
+    // Pass 1 (the whole attention for Single, which writes `out` directly).
+    let (split, grid, dst) = match kernel {
+        AttnKernel::Single => ("attn_single", (s.n_heads as u32, 1, 1), out),
+        AttnKernel::Short if g <= 8 => ("attn_split8", (s.n_kv_heads as u32, sp, 1), workspace),
+        AttnKernel::Short => ("attn_split", (s.n_kv_heads as u32, sp, 1), workspace),
+        AttnKernel::Long => ("attn_split_long", (s.n_kv_heads as u32, sp, 1), workspace),
     };
     dev.launch(
         &format!("{split}_{tag}_d{}", s.head_dim),
-        (s.n_kv_heads as u32, sp, 1),
+        grid,
         (256, 1, 1),
         0,
         &[
             Arg::Ptr(q),
             Arg::Ptr(k_cache),
             Arg::Ptr(v_cache),
-            Arg::Ptr(workspace),
+            Arg::Ptr(dst),
             Arg::Ptr(len_ptr),
             Arg::I32(len_add),
             Arg::I32(g),
@@ -289,6 +321,11 @@ pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: Attn
             Arg::F32(scale),
         ],
     )?;
+    let combine = match kernel {
+        AttnKernel::Single => return Ok(()),
+        AttnKernel::Short => "attn_combine",
+        AttnKernel::Long => "attn_combine_long",
+    };
     dev.launch(
         &format!("{combine}_{tag}_d{}", s.head_dim),
         (s.n_heads as u32, 1, 1),

@@ -1170,6 +1170,43 @@ pub(crate) mod fused_tests {
         })
     }
 
+    /// qmv_add vs qmv then add (bitwise, out of place and in place), and qmv with 1, 4 and
+    /// 8 rows per warp against each other (bitwise) and the f64 reference.
+    pub fn test_qmv_add(dev: &CudaDevice, rng: &mut Rng, dt: DType, n: usize, k: usize, bits: u32, gs: usize) -> Result<TestRow> {
+        let sz = dt.size_bytes();
+        let wq = qdata(rng, dt, 1, n, k, bits, gs);
+        let wb = q_up(dev, dt, &wq)?;
+        let w = qw(&wb, 1, n, k, bits, gs);
+        let x = rng.vec(k, -1.0, 1.0, dt);
+        let res = rng.vec(n, -4.0, 4.0, dt);
+        let (xb, rb) = (up(dev, dt, &x)?, up(dev, dt, &res)?);
+        let (y, sum, fused_out) = (poisoned(dev, n * sz)?, poisoned(dev, n * sz)?, poisoned(dev, n * sz)?);
+        ops::qmv(dev, dt, &w, xb.ptr(), y.ptr())?;
+        ops::add(dev, dt, rb.ptr(), y.ptr(), sum.ptr(), n)?;
+        ops::qmv_add(dev, dt, &w, xb.ptr(), rb.ptr(), fused_out.ptr())?;
+        let expect = bytes(dev, sum.ptr(), n * sz)?;
+        let mut bad = diff(&expect, &bytes(dev, fused_out.ptr(), n * sz)?, sz);
+        let inplace = up(dev, dt, &res)?;
+        ops::qmv_add(dev, dt, &w, xb.ptr(), inplace.ptr(), inplace.ptr())?;
+        bad += diff(&expect, &bytes(dev, inplace.ptr(), n * sz)?, sz);
+        let plain = bytes(dev, y.ptr(), n * sz)?;
+        for rows in crate::catalog::QMV_ROWS {
+            let yr = poisoned(dev, n * sz)?;
+            ops::qmv_rows(dev, dt, &w, xb.ptr(), yr.ptr(), rows)?;
+            bad += diff(&plain, &bytes(dev, yr.ptr(), n * sz)?, sz);
+        }
+        let refs: Vec<f64> = re::qmv(&wq.words, &wq.scales, &wq.biases, &x, 0, n, k, bits, gs).iter().zip(&res).map(|(y, &r)| y.v + r as f64).collect();
+        let (rn, nb) = rel(&down(dev, dt, fused_out.ptr(), n)?, &refs);
+        Ok(TestRow {
+            name: "qmv_add".into(),
+            shape: format!("{} N={n} K={k} b{bits} g{gs}", dtn(dt)),
+            passed: bad == 0 && nb == 0 && rn <= rel_bound(dt),
+            worst: bad as f64,
+            rel_norm: rn,
+            note: format!("{bad} bitwise diffs vs qmv+add (out of place, in place) and qmv rows 1/4/8"),
+        })
+    }
+
     pub fn run(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
         let mut rows = Vec::new();
         let mut push = |name: &str, r: Result<TestRow>| match r {
@@ -1196,6 +1233,9 @@ pub(crate) mod fused_tests {
             push("fused_add_rms_norm", test_add_rms_norm(dev, rng, dt, 2048));
             push("fused_add_rms_norm", test_add_rms_norm(dev, rng, dt, 4096 + 7));
             push("fused_add_rms_norm", test_add_rms_norm(dev, rng, dt, 9000));
+            push("qmv_add", test_qmv_add(dev, rng, dt, 2048, 4096, 4, 64));
+            push("qmv_add", test_qmv_add(dev, rng, dt, 3000 + 5, 1024, 3, 32));
+            push("qmv_add", test_qmv_add(dev, rng, dt, 8192, 768, 6, 128));
         }
         rows
     }

@@ -272,6 +272,7 @@ struct DevLayer {
     fused_swiglu_mlp: bool,
     fused_add_norm: bool,
     fused_qkv: bool,
+    fused_o_add: bool,
     fused_qk_rope: bool,
     q: DevLinear,
     k: DevLinear,
@@ -334,7 +335,7 @@ pub struct CudaQwen3Moe {
     _buffers: Vec<DevBuf>,
     _arena: Arena,
     /// One captured step per attention kernel (the length picks which one replays).
-    graphs: [Option<CudaGraph>; 2],
+    graphs: [Option<CudaGraph>; 3],
     use_graph: bool,
     /// Tokens in the KV cache.
     len: usize,
@@ -385,6 +386,7 @@ impl CudaQwen3Moe {
                 fused_swiglu_mlp: false,
                 fused_add_norm: false,
                 fused_qkv: false,
+                fused_o_add: false,
                 fused_qk_rope: false,
                 q: src.linear(&format!("{sa}.q_proj"), &[a.num_attention_heads * hd], d)?,
                 k: src.linear(&format!("{sa}.k_proj"), &[a.num_key_value_heads * hd], d)?,
@@ -462,7 +464,7 @@ impl CudaQwen3Moe {
             s,
             _buffers: bufs,
             _arena: arena,
-            graphs: [None, None],
+            graphs: [None, None, None],
             use_graph,
             len: 0,
             weight_bytes,
@@ -496,13 +498,21 @@ impl CudaQwen3Moe {
                 ops::kv_append(dev, dt, &self.attn, s.k, s.v, l.k_cache, l.v_cache, s.pos, 0)?;
             }
             ops::attention_decode(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
-            l.o.mv(dev, dt, s.attn, s.o)?;
             // h = x + attn; xn = post_attention_layernorm(h)
-            if l.fused_add_norm {
-                fused::add_rms_norm(dev, dt, s.x, s.o, l.post_norm, s.x, s.xn, d, eps)?;
-            } else {
-                ops::add(dev, dt, s.x, s.o, s.x, d)?;
-                ops::rms_norm(dev, dt, s.x, l.post_norm, s.xn, 1, d, eps)?;
+            match (l.fused_o_add, l.o.quant()) {
+                (true, Some(o)) => {
+                    ops::qmv_add(dev, dt, o, s.attn, s.x, s.x)?;
+                    ops::rms_norm(dev, dt, s.x, l.post_norm, s.xn, 1, d, eps)?;
+                }
+                _ => {
+                    l.o.mv(dev, dt, s.attn, s.o)?;
+                    if l.fused_add_norm {
+                        fused::add_rms_norm(dev, dt, s.x, s.o, l.post_norm, s.x, s.xn, d, eps)?;
+                    } else {
+                        ops::add(dev, dt, s.x, s.o, s.x, d)?;
+                        ops::rms_norm(dev, dt, s.x, l.post_norm, s.xn, 1, d, eps)?;
+                    }
+                }
             }
             // The feed-forward block leaves its output in ff_out, or adds it into x itself.
             let mut added = false;
@@ -591,6 +601,10 @@ impl CudaQwen3Moe {
             if l.fused_add_norm {
                 report.add("add_rms_norm");
             }
+            l.fused_o_add = on(Pattern::OProjAdd) && l.o.quant().is_some();
+            if l.fused_o_add {
+                report.add("o_proj_add");
+            }
             l.fused_qkv = on(Pattern::QkvProj) && l.q.quant().is_some() && l.k.quant().is_some() && l.v.quant().is_some();
             if l.fused_qkv {
                 report.add("qkv_proj");
@@ -600,7 +614,7 @@ impl CudaQwen3Moe {
                 report.add("qk_norm_rope");
             }
         }
-        self.graphs = [None, None];
+        self.graphs = [None, None, None];
         self.len = 0;
         report
     }
@@ -623,14 +637,16 @@ impl CudaQwen3Moe {
             .collect())
     }
 
-    /// Kernel launches in one decode step, counted from the variants in place.
+    /// Kernel launches in one decode step at the current length, counted from the variants
+    /// in place (the attention kernel depends on the length).
     pub fn launches_per_token(&self) -> usize {
+        let attn_launches = if AttnKernel::for_len(self.len + 1) == AttnKernel::Single { 1 } else { 2 };
         let per_layer: usize = self
             .layers
             .iter()
             .map(|l| {
-                let attn = (if l.fused_qkv { 1 } else { 3 }) + (if l.fused_qk_rope { 1 } else { 5 }) + 3;
-                let post_attn = if l.fused_add_norm { 1 } else { 2 };
+                let attn = (if l.fused_qkv { 1 } else { 3 }) + (if l.fused_qk_rope { 1 } else { 5 }) + attn_launches + 1;
+                let post_attn = if l.fused_o_add || l.fused_add_norm { 1 } else { 2 };
                 let (ff, added) = match &l.ff {
                     DevFeedForward::Sparse { .. } => {
                         let m = l.moe;

@@ -24,9 +24,11 @@ pub enum Pattern {
     QkNormRope,
     /// The q, k and v projections in one launch.
     QkvProj,
+    /// Attention output projection + residual add, one launch.
+    OProjAdd,
 }
 
-pub const ALL_PATTERNS: [Pattern; 8] = [
+pub const ALL_PATTERNS: [Pattern; 9] = [
     Pattern::MoeMlp,
     Pattern::MoeGating,
     Pattern::GatherQmmSwiglu,
@@ -35,6 +37,7 @@ pub const ALL_PATTERNS: [Pattern; 8] = [
     Pattern::AddRmsNorm,
     Pattern::QkNormRope,
     Pattern::QkvProj,
+    Pattern::OProjAdd,
 ];
 
 impl Pattern {
@@ -48,6 +51,7 @@ impl Pattern {
             Pattern::AddRmsNorm => "add_rms_norm",
             Pattern::QkNormRope => "qk_norm_rope",
             Pattern::QkvProj => "qkv_proj",
+            Pattern::OProjAdd => "o_proj_add",
         }
     }
 
@@ -61,6 +65,7 @@ impl Pattern {
             Pattern::AddRmsNorm => "residual add + rms_norm",
             Pattern::QkNormRope => "q/k rms_norm + rope + kv append",
             Pattern::QkvProj => "q, k, v projections (one qmv launch)",
+            Pattern::OProjAdd => "attention o_proj qmv + residual add",
         }
     }
 
@@ -146,6 +151,8 @@ pub fn preset(model_type: &str, backend: Backend) -> Vec<PresetEntry> {
                 (true, Backend::Cpu, QkvProj) => (false, "CPU: three matmuls over one input; nothing to fuse"),
                 (true, Backend::Cuda, QkNormRope) => (true, "bitwise identical to the 5-launch chain; 3.1 vs 7.7 us on H100"),
                 (true, Backend::Cuda, QkvProj) => (true, "bitwise identical to three qmv; 6.9 vs 10.3 us on H100"),
+                (true, Backend::Cpu, OProjAdd) => (false, "CPU: the add is one pass over the hidden vector; nothing to fuse"),
+                (true, Backend::Cuda, OProjAdd) => (true, "bitwise identical to qmv then add; one launch fewer per layer"),
             };
             PresetEntry { pattern, on, why }
         })

@@ -516,6 +516,95 @@ __device__ __forceinline__ void attn_combine_long_impl(const float* __restrict__
   attn_combine_tail<D, HD>(p, st, wsm, used, den, y, hq);
 }
 
+// Single-launch decode attention for short contexts (AttnKernel::Single): one block per
+// query head walks the whole length in chunks of ATS_CH rows, so there is no workspace and no
+// second launch. Per chunk: scores with one thread per row (q·k in feature order, q from
+// shared memory, all of the row's loads issued first), the chunk max against the running
+// max, p = MLX exp(s - max) and their block sum, then P·V by row streams (LPR lanes × FPL
+// features per row; stream s takes rows ≡ s mod NSTR), the accumulators rescaled by
+// exp(old max - new max) when a later chunk raises the max (online softmax across chunks).
+// Streams are added in fixed order; out = r(num / den). Correct for any length ≤ max_len;
+// the host picks it where it is fastest (AttnKernel::for_len).
+#define ATS_CH 512
+template <class D, int N> __device__ __forceinline__ void load_n(const typename D::T* p, float* o) {
+  if constexpr (N == 4) load4<D>(p, o);
+  else if constexpr (N == 2) load2<D>(p, o[0], o[1]);
+  else o[0] = D::ld(p[0]);
+}
+template <class D, int HD>
+__device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
+                                                 const typename D::T* __restrict__ vc, typename D::T* __restrict__ y,
+                                                 const int* __restrict__ len_ptr, int len_add, int G, int max_len,
+                                                 float scale) {
+  constexpr int FPL = HD >= 128 ? 4 : (HD >= 64 ? 2 : 1);
+  constexpr int LPR = HD / FPL, RPW = 32 / LPR, NSTR = (ATT_THREADS / 32) * RPW;
+  __shared__ float qs[HD];
+  __shared__ float sc[ATS_CH];
+  __shared__ float red[32];
+  __shared__ float accs[NSTR * HD];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int hq = blockIdx.x, h = hq / G;
+  const float scale_r = D::rnd(scale);
+  for (int i = tid; i < HD; i += ATT_THREADS) qs[i] = D::rnd(__fmul_rn(D::ld(q[(long long)hq * HD + i]), scale_r));
+  const int len = min(*len_ptr + len_add, max_len);
+  const typename D::T* kb = kc + (long long)h * max_len * HD;
+  const typename D::T* vb = vc + (long long)h * max_len * HD;
+  const int stream = warp * RPW + lane / LPR, f0 = (lane % LPR) * FPL;
+  float acc[FPL];
+#pragma unroll
+  for (int i = 0; i < FPL; i++) acc[i] = 0.0f;
+  float m_run = -ZMLX_INF, l_run = 0.0f;
+  __syncthreads();  // qs ready
+  for (int c0 = 0; c0 < len; c0 += ATS_CH) {
+    const int n = min(ATS_CH, len - c0);
+    float cmax = -ZMLX_INF;
+    for (int t = tid; t < n; t += ATT_THREADS) {
+      const typename D::T* kr = kb + (long long)(c0 + t) * HD;
+      constexpr int KC = HD < 64 ? HD : 64;  // features loaded at once (registers)
+      float s = 0.0f;
+#pragma unroll
+      for (int e0 = 0; e0 < HD; e0 += KC) {
+        float kv[KC];
+#pragma unroll
+        for (int e = 0; e < KC; e += 8) load8<D>(kr + e0 + e, kv + e);
+#pragma unroll
+        for (int e = 0; e < KC; e++) s = fmaf(qs[e0 + e], kv[e], s);
+      }
+      sc[t] = s;
+      cmax = fmaxf(cmax, s);
+    }
+    const float m_new = fmaxf(m_run, block_max(cmax, red));  // its barriers publish sc
+    const float alpha = mlx_exp(__fsub_rn(m_run, m_new));     // 0 on the first chunk
+    float lsum = 0.0f;
+    for (int t = tid; t < n; t += ATT_THREADS) {
+      const float p = mlx_exp(__fsub_rn(sc[t], m_new));
+      sc[t] = p;
+      lsum += p;
+    }
+    l_run = fmaf(l_run, alpha, block_sum(lsum, red));  // its barriers publish p
+#pragma unroll
+    for (int i = 0; i < FPL; i++) acc[i] = __fmul_rn(acc[i], alpha);
+#pragma unroll 4
+    for (int t = stream; t < n; t += NSTR) {
+      float v[FPL];
+      load_n<D, FPL>(vb + (long long)(c0 + t) * HD + f0, v);
+      const float p = sc[t];
+#pragma unroll
+      for (int i = 0; i < FPL; i++) acc[i] = fmaf(p, v[i], acc[i]);
+    }
+    m_run = m_new;
+    __syncthreads();  // sc is rewritten by the next chunk
+  }
+#pragma unroll
+  for (int i = 0; i < FPL; i++) accs[stream * HD + f0 + i] = acc[i];
+  __syncthreads();
+  for (int d = tid; d < HD; d += ATT_THREADS) {
+    float num = 0.0f;
+    for (int s = 0; s < NSTR; s++) num += accs[s * HD + d];
+    y[(long long)hq * HD + d] = D::st(__fdiv_rn(num, l_run));
+  }
+}
+
 // Router, as mlx-lm's Qwen3 MoE: p = softmax(precise=True) over E logits per row (f32
 // max, MLX exp, ONE f32 accumulator summed in element order from 0 like MLX's CPU
 // softmax, times r32(1/sum)), rounded to the dtype when round_probs (MLX returns the
@@ -1075,6 +1164,11 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
       const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
       int max_len, float scale) { ZMLX_GRID_DEP();                                                                              \
     attn_split_impl<DT, HD, 8>(q, kc, vc, part, len, len_add, G, max_len, scale);                              \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_single_##DN##_d##HD(                         \
+      const DT::T* q, const DT::T* kc, const DT::T* vc, DT::T* y, const int* len, int len_add, int G,           \
+      int max_len, float scale) { ZMLX_GRID_DEP();                                                             \
+    attn_single_impl<DT, HD>(q, kc, vc, y, len, len_add, G, max_len, scale);                                   \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_long_##DN##_d##HD(                     \
       const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \

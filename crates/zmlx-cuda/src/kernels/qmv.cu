@@ -6,7 +6,8 @@
 // 32 codes is exactly BITS u32 words, and lies in one quantization group (GS >= 32).
 //
 // Contract: y[n] = round_dtype( sum_groups( s*sum(q*x) + b*sum(x) ) ), every product
-// and sum in f32 (FMA allowed): f32 accumulation, output rounded once to the dtype.
+// and sum in f32 (FMA allowed): f32 accumulation, output rounded once to the dtype; with a
+// residual, y[n] = round_dtype(res[n] + that), exactly the unfused qmv then add.
 // Each warp owns R rows; lane l walks the 32-code chunks l, l+32, ... of those rows,
 // loading the x chunk once for all R rows. blockIdx.y is the slot (expert) index.
 
@@ -148,7 +149,7 @@ template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typename D::T* __restrict__ scales,
                                          const typename D::T* __restrict__ biases, const typename D::T* __restrict__ x,
                                          typename D::T* __restrict__ y, const u32* __restrict__ ids, int N, int K,
-                                         int x_stride, u32 qmask) {
+                                         int x_stride, u32 qmask, const typename D::T* __restrict__ residual) {
   const int slot = blockIdx.y;
   const long long words_per_row = (long long)K * BITS / 32;
   const int groups = K / GS;
@@ -180,17 +181,19 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
 #pragma unroll
   for (int r = 0; r < R; r++) {
     float v = warp_sum(acc[r]);
-    if (lane == 0 && row0 + r < N) y[row0 + r] = D::st(v);
+    // Optional residual epilogue, as the unfused add: r(res + r(v)).
+    if (lane == 0 && row0 + r < N)
+      y[row0 + r] = residual ? D::st(__fadd_rn(D::ld(residual[row0 + r]), D::rnd(v))) : D::st(v);
   }
 }
 
 #define ZMLX_QMV(DT, DN, BITS, GS, R)                                                                      \
   extern "C" __global__ void __launch_bounds__(256) qmv_##DN##_b##BITS##_g##GS##_r##R(                     \
       const u32* w, const DT::T* scales, const DT::T* biases, const DT::T* x, DT::T* y, const u32* ids,    \
-      int N, int K, int x_stride, u32 qmask) { ZMLX_GRID_DEP();                                                             \
-    qmv_impl<DT, BITS, GS, R>(w, scales, biases, x, y, ids, N, K, x_stride, qmask);                        \
+      int N, int K, int x_stride, u32 qmask, const DT::T* residual) { ZMLX_GRID_DEP();                     \
+    qmv_impl<DT, BITS, GS, R>(w, scales, biases, x, y, ids, N, K, x_stride, qmask, residual);              \
   }
-#define ZMLX_QMV_R(DT, DN, BITS, GS) ZMLX_QMV(DT, DN, BITS, GS, 1) ZMLX_QMV(DT, DN, BITS, GS, 4)
+#define ZMLX_QMV_R(DT, DN, BITS, GS) ZMLX_QMV(DT, DN, BITS, GS, 1) ZMLX_QMV(DT, DN, BITS, GS, 4) ZMLX_QMV(DT, DN, BITS, GS, 8)
 #define ZMLX_QMV_G(DT, DN, BITS) ZMLX_QMV_R(DT, DN, BITS, 32) ZMLX_QMV_R(DT, DN, BITS, 64) ZMLX_QMV_R(DT, DN, BITS, 128)
 #define ZMLX_QMV_ALL(DT, DN)                                                                               \
   ZMLX_QMV_G(DT, DN, 2) ZMLX_QMV_G(DT, DN, 3) ZMLX_QMV_G(DT, DN, 4) ZMLX_QMV_G(DT, DN, 5)                 \
