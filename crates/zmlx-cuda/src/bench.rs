@@ -140,10 +140,6 @@ fn run_benchmarks_inner(dev: &CudaDevice) -> Result<Vec<BenchRow>> {
         let nb = set.ws.len();
         let us = time_graph(dev, nb.max(4), &|d, i| ops::qmv(d, bf, &set.ws[i % nb], xs.ptr(), act.ptr()))?;
         rows.push(row("qmv", format!("{label} N={n} K={k} b{bits} g{gs} bf16"), bytes, us, copy));
-        if label == "lm_head" {
-            let us = time_graph(dev, nb.max(4), &|d, i| ops::qmv_rows(d, bf, &set.ws[i % nb], xs.ptr(), act.ptr(), 8))?;
-            rows.push(row("qmv r8", format!("{label} N={n} K={k} b{bits} g{gs} bf16"), bytes, us, copy));
-        }
         if label == "o_proj" {
             let res = act.ptr() + (32 << 20);
             let us = time_graph(dev, nb.max(4), &|d, i| {
@@ -420,7 +416,7 @@ fn latency_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Ben
         dev.write(lenb.ptr(), &[256i32])?;
         let us = time_graph(dev, 8, &|dv, i| {
             let (k, v) = &caches[i % 2];
-            ops::attention_decode(dv, bf, &s2, AttnKernel::Short, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
+            ops::attention_decode(dv, bf, &s2, AttnKernel::Single, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
         })?;
         rows.push(row("attn_decode", "H=32 KV=4 D=128 len=256 max_len=256".into(), (2 * hkv * 256 * hd * 2) as u64, us, copy));
     }

@@ -12,7 +12,7 @@ pub const FUSED: &str = include_str!("kernels/fused.cu");
 
 pub const QMV_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 pub const QMV_GROUPS: [u32; 3] = [32, 64, 128];
-pub const QMV_ROWS: [u32; 3] = [1, 4, 8];
+pub const QMV_ROWS: [u32; 2] = [1, 4];
 /// Head dims with attention kernels (`attn_split_<dt>_d<HD>`, `attn_combine_<dt>_d<HD>`).
 pub const ATTN_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
@@ -81,16 +81,16 @@ pub fn module_spec(name: &str) -> Option<ModuleSpec> {
         }
         "ops" => {
             let functions = [
-                "rms_norm", "rope", "kv_append", "attn_split", "attn_combine", "softmax_topk", "moe_combine",
+                "rms_norm", "rope", "kv_append", "attn_single", "attn_split_long", "attn_combine_long", "softmax_topk", "moe_combine",
                 "swiglu", "add", "embed", "argmax", "copy_u4",
                 // logprobs_argmax, dummy-weight fills, dense matvec
                 "lpa_max", "lpa_select", "fill_random_u32", "fill_random_uniform", "affine", "mv_dense", "embed_dense",
                 // decode-latency kernels: one-launch q/k norm + rope + append; legacy paths for the tests
-                "qk_norm_rope_append", "softmax_topk_legacy", "attn_split8", "attn_split_long", "attn_combine_long", "attn_single",
+                "qk_norm_rope_append", "softmax_topk_legacy",
             ]
             .iter()
             .flat_map(|k| match *k {
-                "attn_split" | "attn_combine" | "attn_split8" | "attn_split_long" | "attn_combine_long" | "attn_single" => ATTN_HEAD_DIMS.iter().map(|d| format!("{k}_{tag}_d{d}")).collect(),
+                "attn_single" | "attn_split_long" | "attn_combine_long" => ATTN_HEAD_DIMS.iter().map(|d| format!("{k}_{tag}_d{d}")).collect(),
                 "copy_u4" | "fill_random_u32" => vec![k.to_string()],
                 _ => vec![format!("{k}_{tag}")],
             })

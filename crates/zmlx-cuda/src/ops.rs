@@ -95,7 +95,7 @@ pub fn qmv(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64) -> Res
     qmv_launch(dev, dt, wq, x, y, 0, 1, 0, 0, QMV_ROWS_BIG)
 }
 
-/// [`qmv`] with `rows` (1, 4 or 8) rows per warp when the matrix is large (benchmarks).
+/// [`qmv`] with `rows` (1 or 4) rows per warp when the matrix is large (tests, benchmarks).
 pub fn qmv_rows(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64, rows: u32) -> Result<()> {
     if !crate::catalog::QMV_ROWS.contains(&rows) {
         return Err(inv(format!("qmv rows per warp must be one of {:?}", crate::catalog::QMV_ROWS)));
@@ -181,31 +181,23 @@ pub struct AttnShape {
     pub max_len: usize,
 }
 
-/// Minimum positions per split of the short-context attention (the kernel's ATT_RMIN).
-pub const ATT_RMIN: usize = 32;
-/// Most splits per kv head of the short-context attention (the kernel's ATT_NB_MAX): its
-/// first pass's grid is n_kv × min(⌈max_len/32⌉, 128); the length picks the rows per split.
-pub const ATT_NB_MAX: usize = 128;
 /// Positions per split of the long-context attention (the kernel's ATT_CHUNK).
 pub const ATT_CHUNK: usize = 128;
 /// Largest supported cache length (the long kernel's combine merges ≤ 2048 splits).
 pub const ATT_MAX_LEN: usize = 262144;
-/// Longest attention the single-launch kernel is chosen for (see [`AttnKernel::for_len`]).
-pub const ATT_SINGLE_MAX_LEN: usize = 512;
-/// Longest attention the split short-context kernel is chosen for.
-pub const ATT_SHORT_MAX_LEN: usize = 512;
+/// Longest attention the single-launch kernel is chosen for (H100, Qwen3-30B shapes: it
+/// wins up to ~800 positions, docs/kernels.md).
+pub const ATT_SINGLE_MAX_LEN: usize = 768;
 
-/// Which decode-attention kernel runs. All compute the same function (f32 scores, MLX exp,
+/// Which decode-attention kernel runs. Both compute the same function (f32 scores, MLX exp,
 /// f32 sums; they differ only in summation order) for any length ≤ max_len; the choice is
-/// speed, measured in docs/kernels.md. `Single`: one launch, one block per query head
-/// walking the length in 512-row chunks (least fixed cost; one block per head limits it at
-/// long lengths). `Short`: online softmax over a dynamic row loop on a grid that shrinks
-/// with max_len, then a combine launch. `Long`: one block per 128 positions with all K/V
-/// loads in flight (most bandwidth at long lengths), then a combine launch.
+/// speed. `Single`: one launch, one block per query head walking the length in 512-row
+/// chunks with an online softmax (smallest fixed cost; one block per head limits it at long
+/// lengths). `Long`: flash-decoding, one block per (kv head, 128 positions) with all K/V
+/// loads in flight, then a combine launch (most bandwidth at long lengths).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKernel {
     Single,
-    Short,
     Long,
 }
 
@@ -214,27 +206,20 @@ impl AttnKernel {
     pub fn for_len(len: usize) -> Self {
         if len <= ATT_SINGLE_MAX_LEN {
             AttnKernel::Single
-        } else if len <= ATT_SHORT_MAX_LEN {
-            AttnKernel::Short
         } else {
             AttnKernel::Long
         }
     }
-    pub const ALL: [AttnKernel; 3] = [AttnKernel::Single, AttnKernel::Short, AttnKernel::Long];
+    pub const ALL: [AttnKernel; 2] = [AttnKernel::Single, AttnKernel::Long];
 }
 
 impl AttnShape {
-    fn splits(&self, kernel: AttnKernel) -> usize {
-        match kernel {
-            AttnKernel::Single => 0,
-            AttnKernel::Short => self.max_len.div_ceil(ATT_RMIN).clamp(1, ATT_NB_MAX),
-            AttnKernel::Long => self.max_len.div_ceil(ATT_CHUNK),
-        }
+    fn splits(&self) -> usize {
+        self.max_len.div_ceil(ATT_CHUNK)
     }
-    /// f32 scratch either attention kernel needs (reusable across layers).
+    /// f32 scratch the attention needs (reusable across layers; unused by `Single`).
     pub fn workspace_bytes(&self) -> usize {
-        let splits = self.splits(AttnKernel::Short).max(self.splits(AttnKernel::Long));
-        self.n_kv_heads * splits * (self.n_heads / self.n_kv_heads) * (self.head_dim + 2) * 4
+        self.n_kv_heads * self.splits() * (self.n_heads / self.n_kv_heads) * (self.head_dim + 2) * 4
     }
     fn validate(&self) -> Result<()> {
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
@@ -280,14 +265,11 @@ pub fn kv_append(dev: &CudaDevice, dt: DType, s: &AttnShape, k: u64, v: u64, k_c
 
 /// Single-token attention: q `[n_heads, head_dim]` against the first `*len_ptr + len_add`
 /// cached positions; out `[n_heads, head_dim]`. q is scaled as MLX does (`r(q * r(scale))`),
-/// scores and softmax in f32, output rounded to `dt`. `workspace`: `s.workspace_bytes()`
-/// (need not be zeroed). Two launches on a grid fixed by `max_len` (so one captured graph
-/// serves every length; blocks past the length exit): pass 1 per (kv head, split), then
-/// the combine over the active splits; `AttnKernel::Single` is one launch on n_heads blocks.
-/// `kernel` picks the layout ([`AttnKernel`]).
-/// Short: grid n_kv × min(⌈max_len/32⌉, 128), the length picks the rows per split
-/// (max(32, multiple of 32 ≥ len/splits)); G ≤ 8 uses a variant with fewer registers.
-/// Long: grid n_kv × ⌈max_len/128⌉, 128 positions per split.
+/// scores and softmax in f32, output rounded to `dt`. The length is read on the device, so
+/// one captured graph serves every length. `kernel` ([`AttnKernel`]): `Single` is one launch
+/// on n_heads blocks; `Long` runs pass 1 on a grid of n_kv × ⌈max_len/128⌉ blocks (blocks
+/// past the length exit) into `workspace` (`s.workspace_bytes()`, need not be zeroed),
+/// then the combine over the active splits.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: AttnKernel, q: u64, k_cache: u64, v_cache: u64, len_ptr: u64, len_add: i32, scale: f32, workspace: u64, out: u64) -> Result<()> {
     s.validate()?;
@@ -296,12 +278,10 @@ pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: Attn
     aligned(v_cache, 16, "v_cache")?;
     let tag = dtype_tag(dt)?;
     let g = (s.n_heads / s.n_kv_heads) as i32;
-    let sp = s.splits(kernel) as u32;
+    let sp = s.splits() as u32;
     // Pass 1 (the whole attention for Single, which writes `out` directly).
     let (split, grid, dst) = match kernel {
         AttnKernel::Single => ("attn_single", (s.n_heads as u32, 1, 1), out),
-        AttnKernel::Short if g <= 8 => ("attn_split8", (s.n_kv_heads as u32, sp, 1), workspace),
-        AttnKernel::Short => ("attn_split", (s.n_kv_heads as u32, sp, 1), workspace),
         AttnKernel::Long => ("attn_split_long", (s.n_kv_heads as u32, sp, 1), workspace),
     };
     dev.launch(
@@ -321,13 +301,11 @@ pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: Attn
             Arg::F32(scale),
         ],
     )?;
-    let combine = match kernel {
-        AttnKernel::Single => return Ok(()),
-        AttnKernel::Short => "attn_combine",
-        AttnKernel::Long => "attn_combine_long",
-    };
+    if kernel == AttnKernel::Single {
+        return Ok(());
+    }
     dev.launch(
-        &format!("{combine}_{tag}_d{}", s.head_dim),
+        &format!("attn_combine_long_{tag}_d{}", s.head_dim),
         (s.n_heads as u32, 1, 1),
         (256, 1, 1),
         0,

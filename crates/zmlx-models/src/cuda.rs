@@ -335,7 +335,7 @@ pub struct CudaQwen3Moe {
     _buffers: Vec<DevBuf>,
     _arena: Arena,
     /// One captured step per attention kernel (the length picks which one replays).
-    graphs: [Option<CudaGraph>; 3],
+    graphs: [Option<CudaGraph>; 2],
     use_graph: bool,
     /// Tokens in the KV cache.
     len: usize,
@@ -464,7 +464,7 @@ impl CudaQwen3Moe {
             s,
             _buffers: bufs,
             _arena: arena,
-            graphs: [None, None, None],
+            graphs: [None, None],
             use_graph,
             len: 0,
             weight_bytes,
@@ -614,7 +614,7 @@ impl CudaQwen3Moe {
                 report.add("qk_norm_rope");
             }
         }
-        self.graphs = [None, None, None];
+        self.graphs = [None, None];
         self.len = 0;
         report
     }

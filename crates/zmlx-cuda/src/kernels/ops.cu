@@ -84,25 +84,8 @@ __device__ __forceinline__ void kv_append_impl(const typename D::T* __restrict__
   vc[o] = v[idx];
 }
 
-// Flash-decoding attention, pass 1. Grid (n_kv, NB), NB = gridDim.y fixed by max_len (so one
-// captured graph serves every length); the current length picks the rows per split
-// rps = max(32, roundup32(ceil(len/NB))), and block (h, s) covers positions
-// [s*rps, min((s+1)*rps, len)) for the G query heads of kv head h (GQA: q head i uses kv
-// head i / G); blocks past len exit. q is first scaled MLX-style: r(q * r(scale)).
-// Inside a block, "streams" of LPR = HD/4 lanes (4 features per lane, q of all G heads in
-// registers) take rows stream, stream + NSTR, ... in a dynamic loop, U rows at a time with
-// the next U rows' K/V loads issued before the current ones are used; scores in f32
-// (xor-butterfly over the LPR lanes), online softmax per stream (running max/sum, MLX exp),
-// P.V in registers. Streams are merged in a fixed order (shuffles within a warp, then
-// shared memory across warps). Writes [G][HD + 2] floats: o (relative to max), max, sum.
 #define ATT_THREADS 256
-#define ATT_RMIN 32
-#define ATT_NB_MAX 128
-#define ATT_U 2
-__device__ __forceinline__ int attn_rows_per_split(int len, int nb) {
-  const int r = (len + nb - 1) / nb;
-  return max(ATT_RMIN, (r + ATT_RMIN - 1) / ATT_RMIN * ATT_RMIN);
-}
+// Load 4 consecutive values (one 8-byte load for 16-bit dtypes).
 template <class D> __device__ __forceinline__ void load4(const typename D::T* p, float* o);
 template <> __device__ __forceinline__ void load4<DtBF16>(const u16* p, float* o) {
   uint2 w = __ldg(reinterpret_cast<const uint2*>(p));
@@ -119,170 +102,7 @@ template <> __device__ __forceinline__ void load4<DtF32>(const float* p, float* 
   o[0] = w.x; o[1] = w.y; o[2] = w.z; o[3] = w.w;
 }
 
-template <class D, int HD, int GM>
-__device__ __forceinline__ void attn_split_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
-                                                const typename D::T* __restrict__ vc, float* __restrict__ part,
-                                                const int* __restrict__ len_ptr, int len_add, int G, int max_len,
-                                                float scale) {
-  constexpr int NW = ATT_THREADS / 32, LPR = HD / 4, RPW = 32 / LPR, NSTR = NW * RPW, GC = GM < 8 ? GM : 8;
-  __shared__ float buf[NW * GC * HD];
-  __shared__ float wm[NW * GM], wl[NW * GM], cw[NW * GM];
-  const int h = blockIdx.x, s = blockIdx.y, NB = gridDim.y;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int sub = lane / LPR, e0 = (lane % LPR) * 4, stream = warp * RPW + sub;
-  // q (independent of the length): issue first.
-  const float scale_r = D::rnd(scale);
-  float qv[GM][4];
-#pragma unroll
-  for (int g = 0; g < GM; g++) {
-    if (g < G) {
-      load4<D>(q + ((long long)h * G + g) * HD + e0, qv[g]);
-#pragma unroll
-      for (int i = 0; i < 4; i++) qv[g][i] = D::rnd(__fmul_rn(qv[g][i], scale_r));
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4; i++) qv[g][i] = 0.0f;
-    }
-  }
-  const int len = min(*len_ptr + len_add, max_len);
-  const int rps = attn_rows_per_split(len, NB);
-  const int t0 = s * rps;
-  if (t0 >= len) return;  // the combine pass never reads this split
-  const int n = min(rps, len - t0);
-  const typename D::T* kbase = kc + ((long long)h * max_len + t0) * HD + e0;
-  const typename D::T* vbase = vc + ((long long)h * max_len + t0) * HD + e0;
-  float m[GM], l[GM], acc[GM][4];
-#pragma unroll
-  for (int g = 0; g < GM; g++) {
-    m[g] = -ZMLX_INF; l[g] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 4; i++) acc[g][i] = 0.0f;
-  }
-  float ka[ATT_U][4], va[ATT_U][4];
-#pragma unroll
-  for (int u = 0; u < ATT_U; u++) {
-    const int t = stream + u * NSTR;
-    if (t < n) { load4<D>(kbase + (long long)t * HD, ka[u]); load4<D>(vbase + (long long)t * HD, va[u]); }
-    else {
-#pragma unroll
-      for (int i = 0; i < 4; i++) { ka[u][i] = 0.0f; va[u][i] = 0.0f; }
-    }
-  }
-  // Warp-uniform loop (all lanes take part in the shuffles); rows past n are skipped.
-  for (int j0 = 0; warp * RPW + j0 * NSTR < n; j0 += ATT_U) {
-    float kb[ATT_U][4], vb[ATT_U][4];
-#pragma unroll
-    for (int u = 0; u < ATT_U; u++) {
-      const int t = stream + (j0 + ATT_U + u) * NSTR;
-      if (t < n) { load4<D>(kbase + (long long)t * HD, kb[u]); load4<D>(vbase + (long long)t * HD, vb[u]); }
-      else {
-#pragma unroll
-        for (int i = 0; i < 4; i++) { kb[u][i] = 0.0f; vb[u][i] = 0.0f; }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < ATT_U; u++) {
-      const bool valid = stream + (j0 + u) * NSTR < n;
-#pragma unroll
-      for (int g = 0; g < GM; g++) {
-        if (g < G) {
-          float p = qv[g][0] * ka[u][0];
-          p = fmaf(qv[g][1], ka[u][1], p);
-          p = fmaf(qv[g][2], ka[u][2], p);
-          p = fmaf(qv[g][3], ka[u][3], p);
-#pragma unroll
-          for (int o = LPR / 2; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
-          if (valid) {
-            if (p > m[g]) {
-              const float c = mlx_exp(__fsub_rn(m[g], p));  // 0 when m = -inf
-              l[g] = __fmul_rn(l[g], c);
-#pragma unroll
-              for (int i = 0; i < 4; i++) acc[g][i] = __fmul_rn(acc[g][i], c);
-              m[g] = p;
-            }
-            const float e = mlx_exp(__fsub_rn(p, m[g]));
-            l[g] = __fadd_rn(l[g], e);
-#pragma unroll
-            for (int i = 0; i < 4; i++) acc[g][i] = fmaf(e, va[u][i], acc[g][i]);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < ATT_U; u++) {
-#pragma unroll
-      for (int i = 0; i < 4; i++) { ka[u][i] = kb[u][i]; va[u][i] = vb[u][i]; }
-    }
-  }
-  // Merge the RPW streams of a warp (xor butterfly; symmetric arithmetic, so every lane
-  // of the warp ends with the same state for its features).
-#pragma unroll
-  for (int o = LPR; o < 32; o <<= 1) {
-#pragma unroll
-    for (int g = 0; g < GM; g++) {
-      if (g < G) {
-        const float mo = __shfl_xor_sync(0xffffffffu, m[g], o);
-        const float lo = __shfl_xor_sync(0xffffffffu, l[g], o);
-        const float mx = fmaxf(m[g], mo);
-        const float cs = m[g] == -ZMLX_INF ? 0.0f : mlx_exp(__fsub_rn(m[g], mx));
-        const float co = mo == -ZMLX_INF ? 0.0f : mlx_exp(__fsub_rn(mo, mx));
-        l[g] = __fadd_rn(__fmul_rn(l[g], cs), __fmul_rn(lo, co));
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-          const float ao = __shfl_xor_sync(0xffffffffu, acc[g][i], o);
-          acc[g][i] = __fadd_rn(__fmul_rn(acc[g][i], cs), __fmul_rn(ao, co));
-        }
-        m[g] = mx;
-      }
-    }
-  }
-  // Merge the warps in warp order through shared memory.
-  if (lane == 0) {
-#pragma unroll
-    for (int g = 0; g < GM; g++)
-      if (g < G) { wm[warp * GM + g] = m[g]; wl[warp * GM + g] = l[g]; }
-  }
-  __syncthreads();
-  float* out = part + (((long long)h * NB + s) * G) * (HD + 2);
-  if (tid < G) {
-    float mx = -ZMLX_INF;
-#pragma unroll
-    for (int w = 0; w < NW; w++) mx = fmaxf(mx, wm[w * GM + tid]);
-    float lt = 0.0f;
-#pragma unroll
-    for (int w = 0; w < NW; w++) {
-      const float mw = wm[w * GM + tid];
-      const float c = mw == -ZMLX_INF ? 0.0f : mlx_exp(__fsub_rn(mw, mx));
-      cw[w * GM + tid] = c;
-      lt = fmaf(c, wl[w * GM + tid], lt);
-    }
-    out[tid * (HD + 2) + HD] = mx;
-    out[tid * (HD + 2) + HD + 1] = lt;
-  }
-  for (int gc = 0; gc < G; gc += GC) {
-    if (lane < LPR) {
-#pragma unroll
-      for (int g = 0; g < GM; g++) {
-        if (g >= gc && g < gc + GC && g < G) {
-#pragma unroll
-          for (int i = 0; i < 4; i++) buf[(warp * GC + (g - gc)) * HD + e0 + i] = acc[g][i];
-        }
-      }
-    }
-    __syncthreads();  // buf and cw ready
-    const int ng = min(GC, G - gc);
-    for (int e = tid; e < ng * HD; e += ATT_THREADS) {
-      const int gg = e / HD, d = e - gg * HD;
-      float a = 0.0f;
-#pragma unroll
-      for (int w = 0; w < NW; w++) a = fmaf(cw[w * GM + gc + gg], buf[(w * GC + gg) * HD + d], a);
-      out[(gc + gg) * (HD + 2) + d] = a;
-    }
-    __syncthreads();  // buf reused
-  }
-}
-
-// Both combines end here: out = r(sum_s w_s o_s / den), the splits summed by NSUB thread groups
+// The combine's tail: out = r(sum_s w_s o_s / den), the splits summed by NSUB thread groups
 // (4 independent loads in flight) and the groups added in fixed order. Needs wsm visible.
 template <class D, int HD>
 __device__ __forceinline__ void attn_combine_tail(const float* __restrict__ p, long long st, const float* wsm, int used,
@@ -310,47 +130,7 @@ __device__ __forceinline__ void attn_combine_tail(const float* __restrict__ p, l
 }
 
 
-// Pass 2: merge the splits of each query head; out = r(sum_s w_s o_s / sum_s w_s l_s),
-// w_s = exp(m_s - max_s m_s). One block (256 threads) per q head; every warp computes the
-// max and the denominator itself (same lanes, same order: identical in all warps), warp 0
-// stores the weights, then 256/HD thread groups sum disjoint split subsets, added in a
-// fixed order. Two barriers.
-template <class D, int HD>
-__device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part, typename D::T* __restrict__ y,
-                                                  const int* __restrict__ len_ptr, int len_add, int G, int S, int max_len) {
-  __shared__ float wsm[ATT_NB_MAX];
-  const int hq = blockIdx.x, h = hq / G, g = hq - h * G;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int len = min(*len_ptr + len_add, max_len);
-  const int rps = attn_rows_per_split(len, S);
-  const int used = min((len + rps - 1) / rps, S);
-  const float* p = part + ((long long)h * S * G + g) * (HD + 2);
-  const long long st = (long long)G * (HD + 2);
-  float mv[ATT_NB_MAX / 32];
-  float m = -ZMLX_INF;
-#pragma unroll
-  for (int i = 0; i < ATT_NB_MAX / 32; i++) {
-    const int s = lane + 32 * i;
-    mv[i] = s < used ? p[s * st + HD] : -ZMLX_INF;
-    m = fmaxf(m, mv[i]);
-  }
-  m = warp_max(m);
-  float den = 0.0f;
-#pragma unroll
-  for (int i = 0; i < ATT_NB_MAX / 32; i++) {
-    const int s = lane + 32 * i;
-    if (s < used) {
-      const float w = mlx_exp(__fsub_rn(mv[i], m));
-      if (warp == 0) wsm[s] = w;
-      den = fmaf(w, p[s * st + HD + 1], den);
-    }
-  }
-  den = warp_sum(den);
-  __syncthreads();  // wsm visible
-  attn_combine_tail<D, HD>(p, st, wsm, used, den, y, hq);
-}
-
-// Long-context flash-decoding attention (chosen above ATT_SHORT_MAX_LEN), pass 1. Block (kv head h, split s) covers positions
+// Long-context flash-decoding attention (chosen above ATT_SINGLE_MAX_LEN), pass 1. Block (kv head h, split s) covers positions
 // [s*CHUNK, min((s+1)*CHUNK, len)) for the G query heads of h (GQA: q head i uses kv head
 // i / G). q is first scaled MLX-style: r(q * r(scale)). Scores and softmax in f32 (MLX exp),
 // partial output o = sum_t p_t v_t in f32. Writes [G][HD + 2] floats: o, max, sum.
@@ -1153,18 +933,8 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
     dst[i] = __ldg(src + i);
 }
 
-// Attention for one head_dim: attn_split_<dt>_d<HD>, attn_combine_<dt>_d<HD>.
+// Attention for one head_dim: attn_single_<dt>_d<HD>, attn_split_long_<dt>_d<HD>, attn_combine_long_<dt>_d<HD>.
 #define ZMLX_ATTN_HD(DT, DN, HD)                                                                               \
-  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_##DN##_d##HD(                          \
-      const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
-      int max_len, float scale) { ZMLX_GRID_DEP();                                                                              \
-    attn_split_impl<DT, HD, 16>(q, kc, vc, part, len, len_add, G, max_len, scale);                             \
-  }                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split8_##DN##_d##HD(                         \
-      const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
-      int max_len, float scale) { ZMLX_GRID_DEP();                                                                              \
-    attn_split_impl<DT, HD, 8>(q, kc, vc, part, len, len_add, G, max_len, scale);                              \
-  }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_single_##DN##_d##HD(                         \
       const DT::T* q, const DT::T* kc, const DT::T* vc, DT::T* y, const int* len, int len_add, int G,           \
       int max_len, float scale) { ZMLX_GRID_DEP();                                                             \
@@ -1178,10 +948,6 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
   extern "C" __global__ void attn_combine_long_##DN##_d##HD(const float* part, DT::T* y, const int* len,       \
                                                             int len_add, int G, int S, int max_len) { ZMLX_GRID_DEP();          \
     attn_combine_long_impl<DT, HD>(part, y, len, len_add, G, S, max_len);                                      \
-  }                                                                                                            \
-  extern "C" __global__ void attn_combine_##DN##_d##HD(const float* part, DT::T* y, const int* len,            \
-                                                       int len_add, int G, int S, int max_len) { ZMLX_GRID_DEP();               \
-    attn_combine_impl<DT, HD>(part, y, len, len_add, G, S, max_len);                                           \
   }
 
 #define ZMLX_OPS(DT, DN)                                                                                       \

@@ -193,7 +193,7 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
       int N, int K, int x_stride, u32 qmask, const DT::T* residual) { ZMLX_GRID_DEP();                     \
     qmv_impl<DT, BITS, GS, R>(w, scales, biases, x, y, ids, N, K, x_stride, qmask, residual);              \
   }
-#define ZMLX_QMV_R(DT, DN, BITS, GS) ZMLX_QMV(DT, DN, BITS, GS, 1) ZMLX_QMV(DT, DN, BITS, GS, 4) ZMLX_QMV(DT, DN, BITS, GS, 8)
+#define ZMLX_QMV_R(DT, DN, BITS, GS) ZMLX_QMV(DT, DN, BITS, GS, 1) ZMLX_QMV(DT, DN, BITS, GS, 4)
 #define ZMLX_QMV_G(DT, DN, BITS) ZMLX_QMV_R(DT, DN, BITS, 32) ZMLX_QMV_R(DT, DN, BITS, 64) ZMLX_QMV_R(DT, DN, BITS, 128)
 #define ZMLX_QMV_ALL(DT, DN)                                                                               \
   ZMLX_QMV_G(DT, DN, 2) ZMLX_QMV_G(DT, DN, 3) ZMLX_QMV_G(DT, DN, 4) ZMLX_QMV_G(DT, DN, 5)                 \
