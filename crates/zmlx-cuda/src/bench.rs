@@ -309,15 +309,16 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
         let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_combine_rows(dv, bf, &downw.ws[i % nd], idp(i), wts.ptr(), kk, actk.ptr(), h.ptr(), xn.ptr(), r))?;
         rows.push(row("gather_qmm_combine", format!("E=128 k=8 N=2048 K=768 b4 g64 +res r{r}"), bytes, us, copy));
     }
-    // router
-    let bytes = (pe_router + d * sz + kk * 8) as u64;
+    // norm + router + top-k
+    let bytes = (pe_router + 3 * d * sz + kk * 8) as u64;
     let us = time_graph(dev, 32, &|dv, i| {
-        ops::qmv(dv, bf, &router.ws[i % nr], x.ptr(), logits.ptr())?;
+        ops::rms_norm(dv, bf, h.ptr(), nw.ptr(), xn.ptr(), 1, d, 1e-6)?;
+        ops::qmv(dv, bf, &router.ws[i % nr], xn.ptr(), logits.ptr())?;
         ops::softmax_topk(dv, bf, logits.ptr(), 1, e, kk, true, true, gid.ptr(), gwt.ptr())
     })?;
-    rows.push(row("unfused router", "qmv+softmax_topk (2 launches)".into(), bytes, us, copy));
-    let us = time_graph(dev, 32, &|dv, i| fused::moe_gating(dv, bf, &router.ws[i % nr], x.ptr(), kk, true, true, gid.ptr(), gwt.ptr(), gws.ptr()))?;
-    rows.push(row("moe_gating", "E=128 k=8 K=2048 b8 g64".into(), bytes, us, copy));
+    rows.push(row("unfused router", "rms_norm+qmv+softmax_topk (3 launches)".into(), bytes, us, copy));
+    let us = time_graph(dev, 32, &|dv, i| fused::moe_gating(dv, bf, &router.ws[i % nr], h.ptr(), nw.ptr(), 1e-6, xn.ptr(), kk, true, true, gid.ptr(), gwt.ptr(), gws.ptr()))?;
+    rows.push(row("moe_gating", "rms_norm + E=128 k=8 K=2048 b8 g64".into(), bytes, us, copy));
     // add + rms_norm
     let bytes = (5 * d * sz) as u64;
     let us = time_graph(dev, 32, &|dv, _| {
@@ -346,12 +347,12 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
     })?;
     rows.push(row("MoE block unfused", "add,norm,router,topk,gate,up,swiglu,down,comb,add".into(), bytes, us, copy));
     let us = time_graph(dev, 16, &|dv, i| {
-        fused::add_rms_norm(dv, bf, hs.ptr(), delta.ptr(), nw.ptr(), hs.ptr(), xn.ptr(), d, 1e-6)?;
-        fused::moe_gating(dv, bf, &router.ws[i % nr], xn.ptr(), kk, true, true, gid.ptr(), gwt.ptr(), gws.ptr())?;
+        ops::add(dv, bf, hs.ptr(), delta.ptr(), hs.ptr(), d)?;
+        fused::moe_gating(dv, bf, &router.ws[i % nr], hs.ptr(), nw.ptr(), 1e-6, xn.ptr(), kk, true, true, gid.ptr(), gwt.ptr(), gws.ptr())?;
         fused::gather_qmm_swiglu(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], gid.ptr(), kk, xn.ptr(), act.ptr())?;
         fused::gather_qmm_combine(dv, bf, &downw.ws[i % nd], gid.ptr(), gwt.ptr(), kk, act.ptr(), hs.ptr(), hs.ptr())
     })?;
-    rows.push(row("MoE block fused", "add_rms_norm,moe_gating,swiglu,combine (4)".into(), bytes, us, copy));
+    rows.push(row("MoE block fused", "add,moe_gating(+norm),swiglu,combine (4)".into(), bytes, us, copy));
     let us = time_graph(dev, 16, &|dv, i| {
         ops::add(dv, bf, hs.ptr(), delta.ptr(), hs.ptr(), d)?;
         ops::rms_norm(dv, bf, hs.ptr(), nw.ptr(), xn.ptr(), 1, d, 1e-6)?;

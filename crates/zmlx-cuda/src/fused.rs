@@ -5,7 +5,7 @@
 use zmlx_core::DType;
 
 use crate::catalog::{dtype_tag, QMV_BITS, QMV_GROUPS};
-use crate::ops::{aligned, inv, QuantWeight};
+use crate::ops::{aligned, inv, rms_norm_inv_n, rms_norm_threads, QuantWeight};
 use crate::runtime::{Arg, CudaDevice};
 use crate::Result;
 
@@ -136,15 +136,13 @@ pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, 
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm(dev: &CudaDevice, dt: DType, x: u64, delta: u64, w: u64, h_out: u64, normed_out: u64, n: usize, eps: f32) -> Result<()> {
     let tag = dtype_tag(dt)?;
-    let inv_n = (1.0f64 / n as f64) as f32;
-    // Must match ops::rms_norm's block size: the reduction order depends on it.
-    let threads = (n.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32;
+    // rms_norm's block size: the reduction order depends on it.
     dev.launch(
         &format!("fused_add_rms_norm_{tag}"),
         (1, 1, 1),
-        (threads, 1, 1),
+        (rms_norm_threads(n), 1, 1),
         0,
-        &[Arg::Ptr(x), Arg::Ptr(delta), Arg::Ptr(w), Arg::Ptr(h_out), Arg::Ptr(normed_out), Arg::I32(n as i32), Arg::F32(eps), Arg::F32(inv_n)],
+        &[Arg::Ptr(x), Arg::Ptr(delta), Arg::Ptr(w), Arg::Ptr(h_out), Arg::Ptr(normed_out), Arg::I32(n as i32), Arg::F32(eps), Arg::F32(rms_norm_inv_n(n))],
     )
 }
 
@@ -154,40 +152,49 @@ pub fn moe_gating_workspace_bytes(e: usize) -> usize {
     16 + 4 * e
 }
 
-/// Router matvec + softmax + top-k (+ renorm) in one launch: logits = qmv(router, x)
+/// Largest hidden size [`moe_gating`] takes (its blocks are rms_norm's, ≤ 512 threads).
+pub const MOE_GATING_MAX_K: usize = 4096;
+
+/// Post-attention RMSNorm + router matvec + softmax + top-k (+ renorm) in one launch:
+/// `xn = rms_norm(h, norm_w)` (stored to `xn_out` for the experts), logits = qmv(router, xn)
 /// rounded to `dt`, then the last block to finish runs softmax_topk's exact code on them.
-/// E = `router.n`. ids: u32 `[k]`, weights: f32 `[k]`. Bitwise identical to qmv +
-/// softmax_topk(rows = 1, same `round_probs`, `renorm`).
+/// E = `router.n`, K = `router.k` (≤ [`MOE_GATING_MAX_K`]). ids: u32 `[k]`, weights: f32
+/// `[k]`. Bitwise identical to rms_norm + qmv + softmax_topk(rows = 1, same `round_probs`,
+/// `renorm`).
 #[allow(clippy::too_many_arguments)]
-pub fn moe_gating(dev: &CudaDevice, dt: DType, router: &QuantWeight, x: u64, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64, workspace: u64) -> Result<()> {
+pub fn moe_gating(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm_w: u64, eps: f32, xn_out: u64, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64, workspace: u64) -> Result<()> {
     check_q(router, "router")?;
-    aligned(x, 16, "x")?;
     aligned(workspace, 16, "gating workspace")?;
-    let e = router.n;
-    if k == 0 || k > 64 || k > e || e > 8192 {
-        return Err(inv(format!("moe_gating: k={k}, E={e} unsupported (k <= 64, E <= 8192)")));
+    let (e, kk) = (router.n, router.k);
+    if k == 0 || k > 64 || k > e || e > 8192 || kk > MOE_GATING_MAX_K {
+        return Err(inv(format!("moe_gating: k={k}, E={e}, K={kk} unsupported (k <= 64, E <= 8192, K <= {MOE_GATING_MAX_K})")));
     }
     let tag = dtype_tag(dt)?;
-    let threads = 128u32;
+    // rms_norm's block size for K: the prologue's reduction order depends on it.
+    let threads = rms_norm_threads(kk);
     dev.launch(
         &format!("fused_gating_{tag}_b{}_g{}", router.bits, router.group_size),
         ((e as u32).div_ceil(threads / 32), 1, 1),
         (threads, 1, 1),
-        (e * 4) as u32,
+        (e.max(kk) * 4) as u32,
         &[
             Arg::Ptr(router.w),
             Arg::Ptr(router.scales),
             Arg::Ptr(router.biases),
-            Arg::Ptr(x),
+            Arg::Ptr(h),
+            Arg::Ptr(norm_w),
+            Arg::Ptr(xn_out),
             Arg::Ptr(ids),
             Arg::Ptr(weights),
             Arg::Ptr(workspace),
             Arg::I32(e as i32),
-            Arg::I32(router.k as i32),
+            Arg::I32(kk as i32),
             Arg::I32(k as i32),
             Arg::I32(round_probs as i32),
             Arg::I32(renorm as i32),
             Arg::I32(((1u32 << router.bits) - 1) as i32),
+            Arg::F32(eps),
+            Arg::F32(rms_norm_inv_n(kk)),
         ],
     )
 }

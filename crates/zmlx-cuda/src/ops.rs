@@ -125,16 +125,24 @@ pub fn gather_qmv(dev: &CudaDevice, dt: DType, wq: &QuantWeight, ids: u64, k: us
 /// RMSNorm over `rows` rows of `n`: y = r(r(x * 1/sqrt(mean(x²)+eps)) * w). In place allowed.
 pub fn rms_norm(dev: &CudaDevice, dt: DType, x: u64, w: u64, y: u64, rows: usize, n: usize, eps: f32) -> Result<()> {
     let tag = dtype_tag(dt)?;
-    let inv_n = (1.0f64 / n as f64) as f32;
-    // ≤ 8 values per thread (kept in registers) up to n = 8192; one warp minimum.
-    let threads = (n.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32;
     dev.launch(
         &format!("rms_norm_{tag}"),
         (rows as u32, 1, 1),
-        (threads, 1, 1),
+        (rms_norm_threads(n), 1, 1),
         0,
-        &[Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(y), Arg::I32(n as i32), Arg::F32(eps), Arg::F32(inv_n)],
+        &[Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(y), Arg::I32(n as i32), Arg::F32(eps), Arg::F32(rms_norm_inv_n(n))],
     )
+}
+
+/// rms_norm's block size for rows of `n`: ≤ 8 values per thread (kept in registers) up to
+/// n = 8192; one warp minimum. Kernels that reproduce rms_norm bitwise use the same count.
+pub(crate) fn rms_norm_threads(n: usize) -> u32 {
+    (n.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+/// The f32 1/n rms_norm's mean uses.
+pub(crate) fn rms_norm_inv_n(n: usize) -> f32 {
+    (1.0f64 / n as f64) as f32
 }
 
 /// The f32 `ln(base) / (dims/2)` step MLX's RoPE fallback uses (zmlx-core `rope_tables`).
@@ -335,7 +343,7 @@ pub fn qk_norm_rope_append(dev: &CudaDevice, dt: DType, q: u64, k: u64, v: u64, 
     }
     let tag = dtype_tag(dt)?;
     let rows = (shape.n_heads + shape.n_kv_heads) as u32;
-    let inv_n = (1.0f64 / hd as f64) as f32;
+    let inv_n = rms_norm_inv_n(hd);
     dev.launch(
         &format!("qk_norm_rope_append_{tag}"),
         (rows.div_ceil(4), 1, 1),

@@ -1007,9 +1007,9 @@ pub(crate) mod fused_tests {
         g / (1.0 + (-g).exp())
     }
 
-    /// One MoE block: unfused (qmv router, softmax_topk, gather gate, gather up, swiglu,
-    /// gather down, moe_combine, add) vs fused (moe_gating, gather_qmm_swiglu,
-    /// gather_qmm_combine with the residual, in place).
+    /// One MoE block: unfused (rms_norm, qmv router, softmax_topk, gather gate, gather up,
+    /// swiglu, gather down, moe_combine, add) vs fused (moe_gating with the norm,
+    /// gather_qmm_swiglu, gather_qmm_combine with the residual, in place).
     #[allow(clippy::too_many_arguments)]
     pub fn test_moe_block(dev: &CudaDevice, rng: &mut Rng, dt: DType, e: usize, d: usize, f: usize, k: usize, bits: u32, gs: usize, rbits: u32, r: u32) -> Result<TestRow> {
         let sz = dt.size_bytes();
@@ -1018,12 +1018,14 @@ pub(crate) mod fused_tests {
         let dq = qdata(rng, dt, e, d, f, bits, gs);
         let rq = qdata(rng, dt, 1, e, d, rbits, 64.min(gs.max(32)));
         let rgs = 64.min(gs.max(32));
-        let x = rng.vec(d, -0.25, 0.25, dt);
         let h = rng.vec(d, -2.0, 2.0, dt);
+        let nw = up(dev, dt, &rng.vec(d, 0.05, 0.2, dt))?;
         let (gb, ub, db, rb) = (q_up(dev, dt, &gq)?, q_up(dev, dt, &uq)?, q_up(dev, dt, &dq)?, q_up(dev, dt, &rq)?);
         let (gw, uw, dw, rw) = (qw(&gb, e, f, d, bits, gs), qw(&ub, e, f, d, bits, gs), qw(&db, e, d, f, bits, gs), qw(&rb, 1, e, d, rbits, rgs));
-        let (xb, hb) = (up(dev, dt, &x)?, up(dev, dt, &h)?);
+        let (xb, hb) = (poisoned(dev, d * sz)?, up(dev, dt, &h)?);
         // unfused
+        ops::rms_norm(dev, dt, hb.ptr(), nw.ptr(), xb.ptr(), 1, d, 1e-6)?;
+        let x = down(dev, dt, xb.ptr(), d)?;
         let logits = poisoned(dev, e * sz)?;
         let (ids, wts) = (poisoned(dev, k * 4)?, poisoned(dev, k * 4)?);
         let (g, u, act, y, ff) = (poisoned(dev, k * f * sz)?, poisoned(dev, k * f * sz)?, poisoned(dev, k * f * sz)?, poisoned(dev, k * d * sz)?, poisoned(dev, d * sz)?);
@@ -1039,12 +1041,13 @@ pub(crate) mod fused_tests {
         // fused (twice: the gating counter must come back to zero; the second run is in place)
         let ws = dev.alloc(fused::moe_gating_workspace_bytes(e))?;
         dev.memset(ws.ptr(), 0, fused::moe_gating_workspace_bytes(e))?;
-        let mut bad = [0usize; 5];
+        let mut bad = [0usize; 6];
         let mut act_f = Vec::new();
         for it in 0..2 {
-            let (ids2, wts2, act2) = (poisoned(dev, k * 4)?, poisoned(dev, k * 4)?, poisoned(dev, k * f * sz)?);
-            fused::moe_gating(dev, dt, &rw, xb.ptr(), k, true, true, ids2.ptr(), wts2.ptr(), ws.ptr())?;
-            fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids2.ptr(), k, xb.ptr(), act2.ptr(), if it == 0 { r } else { 3 - r }, if it == 0 { 128 } else { 256 })?;
+            let (ids2, wts2, act2, xn2) = (poisoned(dev, k * 4)?, poisoned(dev, k * 4)?, poisoned(dev, k * f * sz)?, poisoned(dev, d * sz)?);
+            fused::moe_gating(dev, dt, &rw, hb.ptr(), nw.ptr(), 1e-6, xn2.ptr(), k, true, true, ids2.ptr(), wts2.ptr(), ws.ptr())?;
+            bad[5] += diff(&bytes(dev, xb.ptr(), d * sz)?, &bytes(dev, xn2.ptr(), d * sz)?, sz);
+            fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids2.ptr(), k, xn2.ptr(), act2.ptr(), if it == 0 { r } else { 3 - r }, if it == 0 { 128 } else { 256 })?;
             let out2 = if it == 0 { poisoned(dev, d * sz)? } else { up(dev, dt, &h)? };
             let resid = if it == 0 { hb.ptr() } else { out2.ptr() };
             fused::gather_qmm_combine_rows(dev, dt, &dw, ids2.ptr(), wts2.ptr(), k, act2.ptr(), resid, out2.ptr(), if it == 0 { 2 } else { 4 })?;
@@ -1085,8 +1088,8 @@ pub(crate) mod fused_tests {
             worst: bad.iter().sum::<usize>() as f64,
             rel_norm: ra.max(ro),
             note: format!(
-                "bitwise diffs ids/w/act/out/combine-only = {}/{}/{}/{}/{} (x2 runs, in place); gating ws {gws}; f64 rel act {ra:.1e} out {ro:.1e}",
-                bad[0], bad[1], bad[2], bad[3], bad[4]
+                "bitwise diffs ids/w/act/out/combine-only/xn = {}/{}/{}/{}/{}/{} (x2 runs, in place); gating ws {gws}; f64 rel act {ra:.1e} out {ro:.1e}",
+                bad[0], bad[1], bad[2], bad[3], bad[4], bad[5]
             ),
         })
     }

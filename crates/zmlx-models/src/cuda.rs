@@ -498,21 +498,23 @@ impl CudaQwen3Moe {
                 ops::kv_append(dev, dt, &self.attn, s.k, s.v, l.k_cache, l.v_cache, s.pos, 0)?;
             }
             ops::attention_decode(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
-            // h = x + attn; xn = post_attention_layernorm(h)
+            // h = x + attn; xn = post_attention_layernorm(h) (inside moe_gating when fused).
+            let norm_in_gating = matches!(l.ff, DevFeedForward::Sparse { .. }) && l.moe.fused_gating;
+            let mut normed = norm_in_gating;
             match (l.fused_o_add, l.o.quant()) {
-                (true, Some(o)) => {
-                    ops::qmv_add(dev, dt, o, s.attn, s.x, s.x)?;
-                    ops::rms_norm(dev, dt, s.x, l.post_norm, s.xn, 1, d, eps)?;
-                }
+                (true, Some(o)) => ops::qmv_add(dev, dt, o, s.attn, s.x, s.x)?,
                 _ => {
                     l.o.mv(dev, dt, s.attn, s.o)?;
-                    if l.fused_add_norm {
+                    if l.fused_add_norm && !normed {
                         fused::add_rms_norm(dev, dt, s.x, s.o, l.post_norm, s.x, s.xn, d, eps)?;
+                        normed = true;
                     } else {
                         ops::add(dev, dt, s.x, s.o, s.x, d)?;
-                        ops::rms_norm(dev, dt, s.x, l.post_norm, s.xn, 1, d, eps)?;
                     }
                 }
+            }
+            if !normed {
+                ops::rms_norm(dev, dt, s.x, l.post_norm, s.xn, 1, d, eps)?;
             }
             // The feed-forward block leaves its output in ff_out, or adds it into x itself.
             let mut added = false;
@@ -522,7 +524,7 @@ impl CudaQwen3Moe {
                     let (ids, weights) = (s.ids + (i * k * 4) as u64, s.weights + (i * k * 4) as u64);
                     // `patch` sets a fused variant only where every weight it reads is quantized.
                     match (l.moe.fused_gating, router.quant()) {
-                        (true, Some(r)) => fused::moe_gating(dev, dt, r, s.xn, k, true, *renorm, ids, weights, s.gating_ws)?,
+                        (true, Some(r)) => fused::moe_gating(dev, dt, r, s.x, l.post_norm, eps, s.xn, k, true, *renorm, ids, weights, s.gating_ws)?,
                         _ => {
                             router.mv(dev, dt, s.xn, s.router)?;
                             ops::softmax_topk(dev, dt, s.router, 1, router.n(), k, true, *renorm, ids, weights)?;
@@ -582,7 +584,10 @@ impl CudaQwen3Moe {
             // Safety rule: the fused kernels read MLX-quantized weights only.
             match &l.ff {
                 DevFeedForward::Sparse { router, experts, .. } => {
-                    let gating = on(Pattern::MoeGating) && router.quant().is_some();
+                    let gating = on(Pattern::MoeGating) && router.quant().is_some_and(|r| r.k <= fused::MOE_GATING_MAX_K);
+                    if on(Pattern::MoeGating) && !gating {
+                        report.skip(Pattern::MoeGating, format!("router not quantized or hidden size > {}", fused::MOE_GATING_MAX_K));
+                    }
                     let q = experts.all_quantized();
                     if !q && (on(Pattern::GatherQmmSwiglu) || on(Pattern::GatherQmmCombine)) {
                         report.skip(Pattern::MoeMlp, "a layer with unquantized experts".into());
@@ -646,7 +651,13 @@ impl CudaQwen3Moe {
             .iter()
             .map(|l| {
                 let attn = (if l.fused_qkv { 1 } else { 3 }) + (if l.fused_qk_rope { 1 } else { 5 }) + attn_launches + 1;
-                let post_attn = if l.fused_o_add || l.fused_add_norm { 1 } else { 2 };
+                // o_proj (+ add) is counted with the attention; then add and/or norm.
+                let gating_norm = matches!(l.ff, DevFeedForward::Sparse { .. }) && l.moe.fused_gating;
+                let post_attn = match (l.fused_o_add, gating_norm, l.fused_add_norm) {
+                    (true, true, _) => 0,
+                    (true, false, _) | (false, true, _) | (false, false, true) => 1,
+                    (false, false, false) => 2,
+                };
                 let (ff, added) = match &l.ff {
                     DevFeedForward::Sparse { .. } => {
                         let m = l.moe;

@@ -48,7 +48,7 @@ __device__ __forceinline__ void gqs_impl(const u32* __restrict__ wg, const typen
   }
   float acc[2 * R];
   const typename D::T* xr[1] = {x};
-  qmv_lane_partials<D, BITS, GS, 2 * R, false>(wr, sr, br, xr, chunks, lane, qmask, acc);
+  qmv_lane_partials<D, BITS, GS, 2 * R, false>(wr, sr, br, XGlobal<D>{xr}, chunks, lane, qmask, acc);
 #pragma unroll
   for (int r = 0; r < R; r++) {
     const float g = D::rnd(warp_sum(acc[r]));
@@ -88,7 +88,7 @@ __device__ __forceinline__ void gqc_impl(const u32* __restrict__ w, const typena
     }
     const typename D::T* xr[1] = {act + (long long)j * K};
     float acc[R];
-    qmv_lane_partials<D, BITS, GS, R, false>(wr, sr, br, xr, chunks, lane, qmask, acc);
+    qmv_lane_partials<D, BITS, GS, R, false>(wr, sr, br, XGlobal<D>{xr}, chunks, lane, qmask, acc);
 #pragma unroll
     for (int r = 0; r < R; r++) {
       const float y = D::rnd(warp_sum(acc[r]));
@@ -156,17 +156,38 @@ __device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const 
   }
 }
 
-// 4. moe_gating: router logits (qmv rows, one per warp, rounded to the dtype as qmv stores
-// them) into ws, then the last block to finish (threadfence + counter, reset for the next
-// call) runs softmax_topk_impl's exact single-warp code on them. Replaces qmv + softmax_topk.
-// ws: u32 counter (zero before the first call; left zero), then E f32 logits at ws + 16 B.
+// 4. moe_gating: post-attention RMSNorm + router + softmax + top-k in one launch. Every block
+// normalises h itself with rms_norm's register-path code (launched with rms_norm's thread
+// count for K, so xn is bitwise rms_norm's), keeps xn in f32 in shared memory for its router
+// rows (one per warp, qmv's per-row code, logits rounded to the dtype as qmv stores them,
+// into ws), and block 0 also stores xn for the experts. The last block to finish
+// (threadfence + counter, reset for the next call) runs softmax_topk's exact code on the
+// logits, with the same fast/general dispatch as the softmax_topk kernel. Replaces
+// rms_norm + qmv + softmax_topk. ws: u32 counter (zero before the first call; left zero),
+// then E logits at ws + 16 B. Dynamic shared memory: max(K, E) floats.
 template <class D, int BITS, int GS>
 __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const typename D::T* __restrict__ sc,
-                                                const typename D::T* __restrict__ bi, const typename D::T* __restrict__ x,
+                                                const typename D::T* __restrict__ bi, const typename D::T* __restrict__ h,
+                                                const typename D::T* __restrict__ nw, typename D::T* __restrict__ xn,
                                                 u32* __restrict__ ids, float* __restrict__ wout, u32* ws, int E, int K,
-                                                int k, int round_probs, int renorm, u32 qmask) {
+                                                int k, int round_probs, int renorm, u32 qmask, float eps, float inv_n) {
+  extern __shared__ float xs[];  // xn in f32 (later softmax_topk's scratch, in the last block)
+  __shared__ float red[32];
   __shared__ bool last;
   typename D::T* logits = reinterpret_cast<typename D::T*>(ws + 4);
+  {
+    float out[8];
+    rms_norm_regs<D>(h, nw, K, eps, inv_n, red, out);
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const int i = threadIdx.x + j * blockDim.x;
+      if (i < K) {
+        xs[i] = D::rnd(out[j]);
+        if (blockIdx.x == 0) xn[i] = D::st(out[j]);
+      }
+    }
+  }
+  __syncthreads();
   const long long wpr = (long long)K * BITS / 32;
   const int groups = K / GS;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -175,9 +196,8 @@ __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const
     const u32* wr[1] = {w + row * wpr};
     const typename D::T* sr[1] = {sc + (long long)row * groups};
     const typename D::T* br[1] = {bi + (long long)row * groups};
-    const typename D::T* xr[1] = {x};
     float acc[1];
-    qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, xr, K >> 5, lane, qmask, acc);
+    qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, XSharedF32{xs}, K >> 5, lane, qmask, acc);
     const float v = warp_sum(acc[0]);
     if (lane == 0) {
       logits[row] = D::st(v);
@@ -194,11 +214,11 @@ __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const
   if (!last || warp != 0) return;
   __threadfence();
   if (lane == 0) ws[0] = 0u;  // ready for the next call / graph replay
-  // softmax_topk_impl itself (one warp, lane = threadIdx.x), so the router tail is that
-  // kernel's code by construction; it offsets its pointers by blockIdx.x rows, which the
-  // pointers passed here undo.
+  // softmax_topk's own code (one warp, lane = threadIdx.x); it offsets its pointers by
+  // blockIdx.x rows, which the pointers passed here undo.
   const long long o = blockIdx.x;
-  softmax_topk_impl<D>(logits - o * E, ids - o * k, wout - o * k, E, k, round_probs, renorm);
+  if (E <= 32 * STK_PER && k <= 32) softmax_topk_fast_impl<D>(logits - o * E, ids - o * k, wout - o * k, E, k, round_probs, renorm);
+  else softmax_topk_impl<D>(logits - o * E, ids - o * k, wout - o * k, E, k, round_probs, renorm);
 }
 
 // 5. qmv_multi: up to three quantized matrices with the same K (q, k, v projections) in
@@ -217,7 +237,7 @@ __device__ __forceinline__ void qmulti_row(const u32* __restrict__ w, const type
   const typename D::T* br[1] = {bi + (long long)row * groups};
   const typename D::T* xr[1] = {x};
   float acc[1];
-  qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, xr, K >> 5, lane, qmask, acc);
+  qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, XGlobal<D>{xr}, K >> 5, lane, qmask, acc);
   const float v = warp_sum(acc[0]);
   if (lane == 0) y[row] = D::st(v);
 }
@@ -266,10 +286,12 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__
     gqs_impl<DT, BITS, GS, 2>(wg, sg, bg, wu, su, bu, ids, x, act, N, K, qmask);                               \
   }                                                                                                            \
   ZMLX_FUSED_C(DT, DN, BITS, GS, 1) ZMLX_FUSED_C(DT, DN, BITS, GS, 2) ZMLX_FUSED_C(DT, DN, BITS, GS, 4)          \
-  extern "C" __global__ void __launch_bounds__(256) fused_gating_##DN##_b##BITS##_g##GS(                       \
-      const u32* w, const DT::T* s, const DT::T* b, const DT::T* x, u32* ids, float* wout, u32* ws, int E,     \
-      int K, int k, int round_probs, int renorm, u32 qmask) { ZMLX_GRID_DEP();                                                  \
-    moe_gating_impl<DT, BITS, GS>(w, s, b, x, ids, wout, ws, E, K, k, round_probs, renorm, qmask);             \
+  extern "C" __global__ void __launch_bounds__(512) fused_gating_##DN##_b##BITS##_g##GS(                       \
+      const u32* w, const DT::T* s, const DT::T* b, const DT::T* h, const DT::T* nw, DT::T* xn, u32* ids,      \
+      float* wout, u32* ws, int E, int K, int k, int round_probs, int renorm, u32 qmask, float eps,            \
+      float inv_n) { ZMLX_GRID_DEP();                                                                          \
+    moe_gating_impl<DT, BITS, GS>(w, s, b, h, nw, xn, ids, wout, ws, E, K, k, round_probs, renorm, qmask, eps, \
+                                  inv_n);                                                                      \
   }
 #define ZMLX_FUSED_G(DT, DN, BITS) ZMLX_FUSED_Q(DT, DN, BITS, 32) ZMLX_FUSED_Q(DT, DN, BITS, 64) ZMLX_FUSED_Q(DT, DN, BITS, 128)
 #define ZMLX_FUSED_ALL(DT, DN)                                                                                 \

@@ -3,6 +3,29 @@
 
 // rms_norm over rows of length n: f32 sum of squares (tree order), mean = sum * inv_n,
 // r = 1/sqrt(mean + eps), out = r(r(x*r) * w).
+// The register path (n <= 8 * blockDim.x; the launcher's thread count makes it the path for
+// n <= 8192): thread t holds x[t + j*nt], j < 8; out[j] gets the f32 value before the final
+// rounding (stored as D::st(out[j])). Shared with moe_gating's prologue, so its xn is
+// bitwise this kernel's when launched with the same thread count.
+template <class D>
+__device__ __forceinline__ void rms_norm_regs(const typename D::T* __restrict__ x, const typename D::T* __restrict__ w,
+                                              int n, float eps, float inv_n, float* red, float* out) {
+  const int nt = blockDim.x;
+  float v[8], wv[8];
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const int i = threadIdx.x + j * nt;
+    v[j] = i < n ? D::ld(x[i]) : 0.0f;
+    wv[j] = i < n ? D::ld(w[i]) : 0.0f;
+  }
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; j++) ss = fmaf(v[j], v[j], ss);
+  ss = block_sum(ss, red);
+  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
+#pragma unroll
+  for (int j = 0; j < 8; j++) out[j] = __fmul_rn(D::rnd(__fmul_rn(v[j], r)), wv[j]);
+}
 template <class D>
 __device__ __forceinline__ void rms_norm_impl(const typename D::T* __restrict__ x, const typename D::T* __restrict__ w,
                                               typename D::T* __restrict__ y, int n, float eps, float inv_n) {
@@ -11,22 +34,12 @@ __device__ __forceinline__ void rms_norm_impl(const typename D::T* __restrict__ 
   y += (long long)blockIdx.x * n;
   const int nt = blockDim.x;
   if (n <= 8 * nt) {  // all loads in flight at once, values stay in registers
-    float v[8], wv[8];
+    float out[8];
+    rms_norm_regs<D>(x, w, n, eps, inv_n, red, out);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       const int i = threadIdx.x + j * nt;
-      v[j] = i < n ? D::ld(x[i]) : 0.0f;
-      wv[j] = i < n ? D::ld(w[i]) : 0.0f;
-    }
-    float ss = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 8; j++) ss = fmaf(v[j], v[j], ss);
-    ss = block_sum(ss, red);
-    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-      const int i = threadIdx.x + j * nt;
-      if (i < n) y[i] = D::st(__fmul_rn(D::rnd(__fmul_rn(v[j], r)), wv[j]));
+      if (i < n) y[i] = D::st(out[j]);
     }
     return;
   }

@@ -67,18 +67,39 @@ template <int BITS> __device__ __forceinline__ float chunk_dot(const u32* q, con
   return a0 + a1;
 }
 
+// Where qmv_lane_partials reads x: 32 values (as f32) of chunk c, of row r's x when XR.
+// XGlobal: x in the dtype in global memory, xr[0] shared or xr[r] per row.
+// XSharedF32: one x already in f32 in shared memory (the same values XGlobal would give).
+template <class D> struct XGlobal {
+  const typename D::T* const* xr;
+  __device__ __forceinline__ void operator()(int r, int c, float* xv) const {
+#pragma unroll
+    for (int i = 0; i < 4; i++) load8<D>(xr[r] + c * 32 + 8 * i, xv + 8 * i);
+  }
+};
+struct XSharedF32 {
+  const float* x;
+  __device__ __forceinline__ void operator()(int, int c, float* xv) const {
+    const float4* p = reinterpret_cast<const float4*>(x + c * 32);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+      const float4 v = p[i];
+      xv[4 * i] = v.x; xv[4 * i + 1] = v.y; xv[4 * i + 2] = v.z; xv[4 * i + 3] = v.w;
+    }
+  }
+};
+
 // One warp's per-lane partial dot products for R rows (the qmv contract's inner loop,
 // shared with the fused kernels so their dot products are bitwise those of qmv): lane
 // `lane` walks the 32-code chunks lane, lane+32, ... of every row; row r's result is
-// warp_sum(acc[r]). wr/sr/br: the rows' words, scales and biases; xr[0] is the shared x
-// (XR false, loaded once per chunk for all rows) or xr[r] the x of row r (XR true).
+// warp_sum(acc[r]). wr/sr/br: the rows' words, scales and biases; `xl` loads x: one x
+// shared by all rows (XR false, loaded once per chunk) or row r's own x (XR true).
 // The per-row arithmetic is the same in both cases: xs = (even sum) + (odd sum),
 // acc = fma(s, chunk_dot, fma(b, xs, acc)).
-template <class D, int BITS, int GS, int R, bool XR>
+template <class D, int BITS, int GS, int R, bool XR, class XL>
 __device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const typename D::T* const* sr,
-                                                  const typename D::T* const* br,
-                                                  const typename D::T* const* xr, int chunks, int lane,
-                                                  u32 qmask, float* acc) {
+                                                  const typename D::T* const* br, const XL& xl, int chunks,
+                                                  int lane, u32 qmask, float* acc) {
 #pragma unroll
   for (int r = 0; r < R; r++) acc[r] = 0.0f;
   // Software pipeline: the next chunk's words, scales and biases are in flight while
@@ -110,8 +131,7 @@ __device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const ty
 #pragma unroll
       for (int r = 0; r < R; r++) {
         float xv[32];
-#pragma unroll
-        for (int i = 0; i < 4; i++) load8<D>(xr[r] + c * 32 + 8 * i, xv + 8 * i);
+        xl(r, c, xv);
         float xs0 = 0.0f, xs1 = 0.0f;
 #pragma unroll
         for (int j = 0; j < 32; j += 2) { xs0 += xv[j]; xs1 += xv[j + 1]; }
@@ -121,8 +141,7 @@ __device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const ty
       }
     } else {
       float xv[32];
-#pragma unroll
-      for (int i = 0; i < 4; i++) load8<D>(xr[0] + c * 32 + 8 * i, xv + 8 * i);
+      xl(0, c, xv);
       float xs0 = 0.0f, xs1 = 0.0f;
 #pragma unroll
       for (int j = 0; j < 32; j += 2) { xs0 += xv[j]; xs1 += xv[j + 1]; }
@@ -177,7 +196,7 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
     br[r] = biases + (long long)row * groups;
   }
   const typename D::T* xr[1] = {x};
-  qmv_lane_partials<D, BITS, GS, R, false>(wr, sr, br, xr, chunks, lane, qmask, acc);
+  qmv_lane_partials<D, BITS, GS, R, false>(wr, sr, br, XGlobal<D>{xr}, chunks, lane, qmask, acc);
 #pragma unroll
   for (int r = 0; r < R; r++) {
     float v = warp_sum(acc[r]);
