@@ -225,7 +225,8 @@ __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const
 // one launch; warp `gw` of the grid owns row gw of the concatenation [N0 | N1 | N2] and
 // computes it with qmv's per-row code (qmv_lane_partials, warp_sum, one rounding), so each
 // output is bitwise qmv's (whose per-row value does not depend on its rows per warp). Each
-// matrix has its own bits and group size (a warp-uniform switch).
+// matrix has its own bits and group size (a warp-uniform switch). Each warp issues its first
+// weight loads before waiting for the previous kernel (the weights are constant).
 template <class D, int BITS, int GS>
 __device__ __forceinline__ void qmulti_row(const u32* __restrict__ w, const typename D::T* __restrict__ sc,
                                            const typename D::T* __restrict__ bi, const typename D::T* __restrict__ x,
@@ -237,7 +238,7 @@ __device__ __forceinline__ void qmulti_row(const u32* __restrict__ w, const type
   const typename D::T* br[1] = {bi + (long long)row * groups};
   const typename D::T* xr[1] = {x};
   float acc[1];
-  qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, XGlobal<D>{xr}, K >> 5, lane, qmask, acc);
+  qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, XGlobal<D>{xr}, K >> 5, lane, qmask, acc, true);
   const float v = warp_sum(acc[0]);
   if (lane == 0) y[row] = D::st(v);
 }
@@ -300,7 +301,7 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__
   extern "C" __global__ void __launch_bounds__(128) fused_qmv_multi_##DN(                                      \
       const DT::T* x, int K, const u32* w0, const DT::T* s0, const DT::T* b0, DT::T* y0, int n0, int f0,        \
       const u32* w1, const DT::T* s1, const DT::T* b1, DT::T* y1, int n1, int f1, const u32* w2,               \
-      const DT::T* s2, const DT::T* b2, DT::T* y2, int n2, int f2) { ZMLX_GRID_DEP();                                           \
+      const DT::T* s2, const DT::T* b2, DT::T* y2, int n2, int f2) {                                           \
     qmv_multi_impl<DT>(x, K, w0, s0, b0, y0, n0, f0, w1, s1, b1, y1, n1, f1, w2, s2, b2, y2, n2, f2);           \
   }                                                                                                            \
   extern "C" __global__ void fused_add_rms_norm_##DN(const DT::T* x, const DT::T* delta, const DT::T* w,       \

@@ -96,10 +96,13 @@ struct XSharedF32 {
 // shared by all rows (XR false, loaded once per chunk) or row r's own x (XR true).
 // The per-row arithmetic is the same in both cases: xs = (even sum) + (odd sum),
 // acc = fma(s, chunk_dot, fma(b, xs, acc)).
+// dep_after_prefetch: the kernel has not waited for the previous one yet (programmatic
+// dependent launch); wait after issuing the first chunk's weight loads, so that they overlap
+// the previous kernel's tail. Only for weights nothing in the stream writes.
 template <class D, int BITS, int GS, int R, bool XR, class XL>
 __device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const typename D::T* const* sr,
                                                   const typename D::T* const* br, const XL& xl, int chunks,
-                                                  int lane, u32 qmask, float* acc) {
+                                                  int lane, u32 qmask, float* acc, bool dep_after_prefetch = false) {
 #pragma unroll
   for (int r = 0; r < R; r++) acc[r] = 0.0f;
   // Software pipeline: the next chunk's words, scales and biases are in flight while
@@ -115,6 +118,7 @@ __device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const ty
       b16[r] = br[r][(c * 32) / GS];
     }
   }
+  if (dep_after_prefetch) ZMLX_GRID_DEP();
   for (; c < chunks; c += 32) {
     const int cn = c + 32;
     u32 qn[R][BITS];
@@ -169,6 +173,9 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
                                          const typename D::T* __restrict__ biases, const typename D::T* __restrict__ x,
                                          typename D::T* __restrict__ y, const u32* __restrict__ ids, int N, int K,
                                          int x_stride, u32 qmask, const typename D::T* __restrict__ residual) {
+  // Plain matrices: the weights are prefetched before waiting for the previous kernel.
+  const bool late_dep = ids == 0;
+  if (!late_dep) ZMLX_GRID_DEP();
   const int slot = blockIdx.y;
   const long long words_per_row = (long long)K * BITS / 32;
   const int groups = K / GS;
@@ -196,7 +203,7 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
     br[r] = biases + (long long)row * groups;
   }
   const typename D::T* xr[1] = {x};
-  qmv_lane_partials<D, BITS, GS, R, false>(wr, sr, br, XGlobal<D>{xr}, chunks, lane, qmask, acc);
+  qmv_lane_partials<D, BITS, GS, R, false>(wr, sr, br, XGlobal<D>{xr}, chunks, lane, qmask, acc, late_dep);
 #pragma unroll
   for (int r = 0; r < R; r++) {
     float v = warp_sum(acc[r]);
@@ -209,7 +216,7 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
 #define ZMLX_QMV(DT, DN, BITS, GS, R)                                                                      \
   extern "C" __global__ void __launch_bounds__(256) qmv_##DN##_b##BITS##_g##GS##_r##R(                     \
       const u32* w, const DT::T* scales, const DT::T* biases, const DT::T* x, DT::T* y, const u32* ids,    \
-      int N, int K, int x_stride, u32 qmask, const DT::T* residual) { ZMLX_GRID_DEP();                     \
+      int N, int K, int x_stride, u32 qmask, const DT::T* residual) {                                      \
     qmv_impl<DT, BITS, GS, R>(w, scales, biases, x, y, ids, N, K, x_stride, qmask, residual);              \
   }
 #define ZMLX_QMV_R(DT, DN, BITS, GS) ZMLX_QMV(DT, DN, BITS, GS, 1) ZMLX_QMV(DT, DN, BITS, GS, 4)
