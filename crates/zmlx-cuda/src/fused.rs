@@ -91,6 +91,9 @@ pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, u
 /// order from 0. One warp per output row computes its k dot products with qmv's per-row
 /// code. `weights`: f32 `[k]`; `act`: `[k, K]`; in place (`out == residual`) allowed.
 /// Bitwise identical to gather_qmv down + moe_combine (+ add).
+/// `ids` must not be written by the kernel launched just before this one (the kernel reads
+/// them, and requests the experts' weights, before waiting for that kernel; the MoE order
+/// top-k → gather_qmm_swiglu → gather_qmm_combine satisfies it).
 #[allow(clippy::too_many_arguments)]
 pub fn gather_qmm_combine(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64) -> Result<()> {
     // 4 output rows per block: 8.69 µs vs 11.6 (2 rows) on H100 for Qwen3-30B (docs/kernels.md).

@@ -63,6 +63,9 @@ __device__ __forceinline__ void gqs_impl(const u32* __restrict__ wg, const typen
 // Block: NW warps x R output rows; warp w computes the R rows of slots w, w+NW, ... with x =
 // act_slot shared by its R rows (qmv's code), into shared memory; then R threads fold the
 // k values of their row in slot order. Dynamic shared memory: k*R floats.
+// Programmatic dependent launch: ids are read and the first expert weights requested before
+// waiting for the previous kernel, so ids must come from an earlier kernel (the engine's
+// order: top-k, gather_qmm_swiglu, this); act, wts and residual are read after the wait.
 template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void gqc_impl(const u32* __restrict__ w, const typename D::T* __restrict__ s,
                                          const typename D::T* __restrict__ b, const u32* __restrict__ ids,
@@ -88,13 +91,14 @@ __device__ __forceinline__ void gqc_impl(const u32* __restrict__ w, const typena
     }
     const typename D::T* xr[1] = {act + (long long)j * K};
     float acc[R];
-    qmv_lane_partials<D, BITS, GS, R, false>(wr, sr, br, XGlobal<D>{xr}, chunks, lane, qmask, acc);
+    qmv_lane_partials<D, BITS, GS, R, false>(wr, sr, br, XGlobal<D>{xr}, chunks, lane, qmask, acc, true);
 #pragma unroll
     for (int r = 0; r < R; r++) {
       const float y = D::rnd(warp_sum(acc[r]));
       if (lane == r) ys[j * R + r] = y;
     }
   }
+  ZMLX_GRID_DEP();  // (again) for warps without a slot: wts and residual come next
   __syncthreads();
   const int t = threadIdx.x;
   if (t < R && n0 + t < N) {
@@ -272,7 +276,7 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__
 #define ZMLX_FUSED_C(DT, DN, BITS, GS, R)                                                                      \
   extern "C" __global__ void __launch_bounds__(256) fused_combine_##DN##_b##BITS##_g##GS##_r##R(               \
       const u32* w, const DT::T* s, const DT::T* b, const u32* ids, const float* wts, int k, const DT::T* act,  \
-      const DT::T* residual, DT::T* out, int N, int K, u32 qmask) { ZMLX_GRID_DEP();                                            \
+      const DT::T* residual, DT::T* out, int N, int K, u32 qmask) {                                            \
     gqc_impl<DT, BITS, GS, R>(w, s, b, ids, wts, k, act, residual, out, N, K, qmask);                          \
   }
 #define ZMLX_FUSED_Q(DT, DN, BITS, GS)                                                                         \
