@@ -193,7 +193,7 @@ fn run_benchmarks_inner(dev: &CudaDevice) -> Result<Vec<BenchRow>> {
                 let (k, v) = &caches[i % copies];
                 ops::attention_decode(d, bf, &s, kernel, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
             })?;
-            rows.push(row("attention_decode", format!("{kernel:?} H=32 KV=4 D=128 len={len} bf16 (2 launches)"), bytes, us, copy));
+            rows.push(row("attention_decode", format!("{kernel:?} H=32 KV=4 D=128 len={len} bf16"), bytes, us, copy));
         }
     }
 
