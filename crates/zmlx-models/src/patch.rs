@@ -143,16 +143,16 @@ pub fn preset(model_type: &str, backend: Backend) -> Vec<PresetEntry> {
                 (false, _, _) => (false, "no preset for this family yet"),
                 (true, Backend::Cpu, MoeGating) => (false, "CPU: routing is already a single pass; nothing to fuse"),
                 (true, Backend::Cuda, MoeGating) => (false, "identical, but slower on H100: 9.4 vs 6.9 us for rms_norm + qmv + softmax_topk (the last-block handoff costs more than two launches)"),
-                (true, Backend::Cuda, AddRmsNorm) => (false, "identical, but measured slower on H100 (4.3 vs 3.0 us unfused, docs/kernels.md)"),
+                (true, Backend::Cuda, AddRmsNorm) => (false, "identical, but measured slower on H100 (4.0 vs 2.5 us for add + rms_norm, docs/kernels.md)"),
                 (true, _, MoeMlp | GatherQmmSwiglu | GatherQmmCombine | SwigluMlp | AddRmsNorm) => {
                     (true, "bitwise identical to the unfused chain (tested on random inputs and on every fixture)")
                 }
                 (true, Backend::Cpu, QkNormRope) => (false, "no CPU implementation yet"),
                 (true, Backend::Cpu, QkvProj) => (false, "CPU: three matmuls over one input; nothing to fuse"),
-                (true, Backend::Cuda, QkNormRope) => (true, "bitwise identical to the 5-launch chain; 3.1 vs 7.7 us on H100"),
-                (true, Backend::Cuda, QkvProj) => (true, "bitwise identical to three qmv; 6.9 vs 10.3 us on H100"),
+                (true, Backend::Cuda, QkNormRope) => (true, "bitwise identical to the 5-launch chain; 2.8 vs 6.6 us on H100"),
+                (true, Backend::Cuda, QkvProj) => (true, "bitwise identical to three qmv; 6.2 vs 8.6 us on H100"),
                 (true, Backend::Cpu, OProjAdd) => (false, "CPU: the add is one pass over the hidden vector; nothing to fuse"),
-                (true, Backend::Cuda, OProjAdd) => (true, "bitwise identical to qmv then add; one launch fewer per layer"),
+                (true, Backend::Cuda, OProjAdd) => (true, "bitwise identical to qmv then add; 5.05 vs 5.60 us on H100"),
             };
             PresetEntry { pattern, on, why }
         })
