@@ -400,10 +400,19 @@ fn latency_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Ben
         .collect::<Result<_>>()?;
     let ws = dev.alloc(s.workspace_bytes())?;
     let lenb = dev.alloc(4)?;
-    for &len in &[1usize, 128, 256, 512, 768, 1024, 2048, 4096, 16384, 32768] {
+    for &len in &[1usize, 128, 256, 512, 768, 1024, 1536, 2048, 4096, 8192, 16384, 32768] {
         dev.write(lenb.ptr(), &[len as i32])?;
         let bytes = (2 * hkv * len * hd * 2 + 2 * hq * hd * 2) as u64;
-        for kernel in AttnKernel::ALL {
+        // Single, the split the engine picks (and half / double it), Long.
+        let s0 = (len.div_ceil(ops::ATT_SPLIT_ROWS).next_power_of_two() as u32).clamp(2, ops::ATT_SPLIT_MAX as u32);
+        let mut kernels = vec![AttnKernel::Single, AttnKernel::Split(s0), AttnKernel::Long];
+        if s0 > 2 {
+            kernels.push(AttnKernel::Split(s0 / 2));
+        }
+        if s0 < ops::ATT_SPLIT_MAX as u32 {
+            kernels.push(AttnKernel::Split(s0 * 2));
+        }
+        for kernel in kernels {
             let us = time_graph(dev, 8, &|dv, i| {
                 let (k, v) = &caches[i % 2];
                 ops::attention_decode(dv, bf, &s, kernel, xs.ptr(), k.ptr(), v.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())

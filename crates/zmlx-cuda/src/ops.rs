@@ -193,32 +193,49 @@ pub struct AttnShape {
 pub const ATT_CHUNK: usize = 128;
 /// Largest supported cache length (the long kernel's combine merges ≤ 2048 splits).
 pub const ATT_MAX_LEN: usize = 262144;
-/// Longest attention the single-launch kernel is chosen for (H100, Qwen3-30B shapes: it
-/// wins up to ~800 positions, docs/kernels.md).
+/// Longest attention the single-launch kernel is chosen for (H100, Qwen3-30B shapes,
+/// docs/kernels.md).
 pub const ATT_SINGLE_MAX_LEN: usize = 768;
+/// Positions per block the split kernel aims at (the rows of one shared-memory chunk).
+pub const ATT_SPLIT_ROWS: usize = 512;
+/// Most splits per head of the split kernel.
+pub const ATT_SPLIT_MAX: usize = 64;
 
-/// Which decode-attention kernel runs. Both compute the same function (f32 scores, MLX exp,
+/// Which decode-attention kernel runs. All compute the same function (f32 scores, MLX exp,
 /// f32 sums; they differ only in summation order) for any length ≤ max_len; the choice is
 /// speed. `Single`: one launch, one block per query head walking the length in 512-row
-/// chunks with an online softmax (smallest fixed cost; one block per head limits it at long
-/// lengths). `Long`: flash-decoding, one block per (kv head, 128 positions) with all K/V
-/// loads in flight, then a combine launch (most bandwidth at long lengths).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// chunks with an online softmax (smallest fixed cost). `Split(s)`: the same kernel on s
+/// blocks per query head (each ⌈len/s⌉ rows, rounded up to 32) writing partials, then a
+/// combine launch. `Long`: flash-decoding, one block per (kv head, 128 positions) with all K/V
+/// loads in flight, then the combine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AttnKernel {
     Single,
+    Split(u32),
     Long,
 }
 
 impl AttnKernel {
-    /// The faster kernel for a step whose attention covers at most `len` positions.
+    /// The kernel for a step whose attention covers at most `len` positions: Single up to
+    /// [`ATT_SINGLE_MAX_LEN`], then Split with a power-of-two number of splits giving about
+    /// [`ATT_SPLIT_ROWS`] rows per block (at most [`ATT_SPLIT_MAX`]). Few distinct choices, so
+    /// a decode captures few graphs.
     pub fn for_len(len: usize) -> Self {
         if len <= ATT_SINGLE_MAX_LEN {
-            AttnKernel::Single
+            return AttnKernel::Single;
+        }
+        AttnKernel::Split(len.div_ceil(ATT_SPLIT_ROWS).next_power_of_two().clamp(2, ATT_SPLIT_MAX) as u32)
+    }
+    /// One of each, for tests.
+    pub const ALL: [AttnKernel; 4] = [AttnKernel::Single, AttnKernel::Split(3), AttnKernel::Split(16), AttnKernel::Long];
+    /// Kernel launches it takes.
+    pub fn launches(self) -> usize {
+        if self == AttnKernel::Single {
+            1
         } else {
-            AttnKernel::Long
+            2
         }
     }
-    pub const ALL: [AttnKernel; 2] = [AttnKernel::Single, AttnKernel::Long];
 }
 
 impl AttnShape {
@@ -227,7 +244,7 @@ impl AttnShape {
     }
     /// f32 scratch the attention needs (reusable across layers; unused by `Single`).
     pub fn workspace_bytes(&self) -> usize {
-        self.n_kv_heads * self.splits() * (self.n_heads / self.n_kv_heads) * (self.head_dim + 2) * 4
+        self.n_heads * self.splits().max(ATT_SPLIT_MAX) * (self.head_dim + 2) * 4
     }
     fn validate(&self) -> Result<()> {
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
@@ -275,9 +292,9 @@ pub fn kv_append(dev: &CudaDevice, dt: DType, s: &AttnShape, k: u64, v: u64, k_c
 /// cached positions; out `[n_heads, head_dim]`. q is scaled as MLX does (`r(q * r(scale))`),
 /// scores and softmax in f32, output rounded to `dt`. The length is read on the device, so
 /// one captured graph serves every length. `kernel` ([`AttnKernel`]): `Single` is one launch
-/// on n_heads blocks; `Long` runs pass 1 on a grid of n_kv × ⌈max_len/128⌉ blocks (blocks
-/// past the length exit) into `workspace` (`s.workspace_bytes()`, need not be zeroed),
-/// then the combine over the active splits.
+/// on n_heads blocks; `Split(s)` runs it on n_heads × s blocks and `Long` on n_kv ×
+/// ⌈max_len/128⌉ blocks (blocks past the length exit), both into `workspace`
+/// (`s.workspace_bytes()`, need not be zeroed), then the combine over the active splits.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: AttnKernel, q: u64, k_cache: u64, v_cache: u64, len_ptr: u64, len_add: i32, scale: f32, workspace: u64, out: u64) -> Result<()> {
     s.validate()?;
@@ -288,27 +305,24 @@ pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: Attn
     let g = (s.n_heads / s.n_kv_heads) as i32;
     let sp = s.splits() as u32;
     // Pass 1 (the whole attention for Single, which writes `out` directly).
-    let (split, grid, dst) = match kernel {
-        AttnKernel::Single => ("attn_single", (s.n_heads as u32, 1, 1), out),
-        AttnKernel::Long => ("attn_split_long", (s.n_kv_heads as u32, sp, 1), workspace),
+    let (split, grid, splits, chunk) = match kernel {
+        AttnKernel::Single => ("attn_single", (s.n_heads as u32, 1, 1), 1, 0),
+        AttnKernel::Split(n) => {
+            if !(2..=ATT_SPLIT_MAX as u32).contains(&n) {
+                return Err(inv(format!("attention splits {n} must be in 2..={ATT_SPLIT_MAX}")));
+            }
+            ("attn_single", (s.n_heads as u32, n, 1), n, 0)
+        }
+        AttnKernel::Long => ("attn_split_long", (s.n_kv_heads as u32, sp, 1), sp, ATT_CHUNK as i32),
     };
-    dev.launch(
-        &format!("{split}_{tag}_d{}", s.head_dim),
-        grid,
-        (256, 1, 1),
-        0,
-        &[
-            Arg::Ptr(q),
-            Arg::Ptr(k_cache),
-            Arg::Ptr(v_cache),
-            Arg::Ptr(dst),
-            Arg::Ptr(len_ptr),
-            Arg::I32(len_add),
-            Arg::I32(g),
-            Arg::I32(s.max_len as i32),
-            Arg::F32(scale),
-        ],
-    )?;
+    let mut args = vec![Arg::Ptr(q), Arg::Ptr(k_cache), Arg::Ptr(v_cache)];
+    if kernel == AttnKernel::Long {
+        args.push(Arg::Ptr(workspace));
+    } else {
+        args.extend([Arg::Ptr(out), Arg::Ptr(workspace)]);
+    }
+    args.extend([Arg::Ptr(len_ptr), Arg::I32(len_add), Arg::I32(g), Arg::I32(s.max_len as i32), Arg::F32(scale)]);
+    dev.launch(&format!("{split}_{tag}_d{}", s.head_dim), grid, (256, 1, 1), 0, &args)?;
     if kernel == AttnKernel::Single {
         return Ok(());
     }
@@ -323,8 +337,9 @@ pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: Attn
             Arg::Ptr(len_ptr),
             Arg::I32(len_add),
             Arg::I32(g),
-            Arg::I32(sp as i32),
+            Arg::I32(splits as i32),
             Arg::I32(s.max_len as i32),
+            Arg::I32(chunk),
         ],
     )
 }

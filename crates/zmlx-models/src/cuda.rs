@@ -3,6 +3,7 @@
 //! weighted sum), one token per step, with every buffer preallocated and the step
 //! captured once into a CUDA graph that is replayed for each token.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use zmlx_core::DType;
@@ -335,7 +336,7 @@ pub struct CudaQwen3Moe {
     _buffers: Vec<DevBuf>,
     _arena: Arena,
     /// One captured step per attention kernel (the length picks which one replays).
-    graphs: [Option<CudaGraph>; 2],
+    graphs: HashMap<AttnKernel, CudaGraph>,
     use_graph: bool,
     /// Tokens in the KV cache.
     len: usize,
@@ -464,7 +465,7 @@ impl CudaQwen3Moe {
             s,
             _buffers: bufs,
             _arena: arena,
-            graphs: [None, None],
+            graphs: HashMap::new(),
             use_graph,
             len: 0,
             weight_bytes,
@@ -619,7 +620,7 @@ impl CudaQwen3Moe {
                 report.add("qk_norm_rope");
             }
         }
-        self.graphs = [None, None];
+        self.graphs.clear();
         self.len = 0;
         report
     }
@@ -645,7 +646,7 @@ impl CudaQwen3Moe {
     /// Kernel launches in one decode step at the current length, counted from the variants
     /// in place (the attention kernel depends on the length).
     pub fn launches_per_token(&self) -> usize {
-        let attn_launches = if AttnKernel::for_len(self.len + 1) == AttnKernel::Single { 1 } else { 2 };
+        let attn_launches = AttnKernel::for_len(self.len + 1).launches();
         let per_layer: usize = self
             .layers
             .iter()
@@ -681,12 +682,12 @@ impl CudaQwen3Moe {
         self.dev.write(self.s.pos, &[self.len as i32]).map_err(cuda_err)?;
         let attn_kernel = AttnKernel::for_len(self.len + 1);
         if self.use_graph {
-            let slot = attn_kernel as usize;
-            if self.graphs[slot].is_none() {
+            if !self.graphs.contains_key(&attn_kernel) {
                 let dev = self.dev.clone();
-                self.graphs[slot] = Some(dev.capture(|d| self.enqueue_step(d, attn_kernel)).map_err(cuda_err)?);
+                let graph = dev.capture(|d| self.enqueue_step(d, attn_kernel)).map_err(cuda_err)?;
+                self.graphs.insert(attn_kernel, graph);
             }
-            self.graphs[slot].as_ref().unwrap().replay().map_err(cuda_err)?;
+            self.graphs[&attn_kernel].replay().map_err(cuda_err)?;
         } else {
             self.enqueue_step(&self.dev, attn_kernel).map_err(cuda_err)?;
         }

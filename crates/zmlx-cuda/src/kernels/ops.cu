@@ -98,6 +98,11 @@ __device__ __forceinline__ void kv_append_impl(const typename D::T* __restrict__
 }
 
 #define ATT_THREADS 256
+// Rows per split of the split single kernel: ⌈len/splits⌉ rounded up to 32 (at least 32).
+__device__ __forceinline__ int attn_rows_per_split(int len, int splits) {
+  const int r = (len + splits - 1) / splits;
+  return max(32, (r + 31) / 32 * 32);
+}
 // Load 4 consecutive values (one 8-byte load for 16-bit dtypes).
 template <class D> __device__ __forceinline__ void load4(const typename D::T* p, float* o);
 template <> __device__ __forceinline__ void load4<DtBF16>(const u16* p, float* o) {
@@ -288,12 +293,16 @@ __device__ __forceinline__ void attn_split_long_impl(const typename D::T* __rest
 #define ATT_MAX_SPLITS 2048
 template <class D, int HD>
 __device__ __forceinline__ void attn_combine_long_impl(const float* __restrict__ part, typename D::T* __restrict__ y,
-                                                  const int* __restrict__ len_ptr, int len_add, int G, int S, int max_len) {
+                                                  const int* __restrict__ len_ptr, int len_add, int G, int S, int max_len,
+                                                  int chunk) {
   __shared__ float wsm[ATT_MAX_SPLITS];
   __shared__ float red[32];
   const int hq = blockIdx.x, h = hq / G, g = hq - h * G;
   const int len = min(*len_ptr + len_add, max_len);
-  const int used = min((len + ATT_CHUNK - 1) / ATT_CHUNK, ATT_MAX_SPLITS);
+  // Rows per split: fixed (the long kernel's ATT_CHUNK) or, chunk == 0, the split single
+  // kernel's attn_rows_per_split(len, S).
+  const int rps = chunk > 0 ? chunk : attn_rows_per_split(len, S);
+  const int used = min((len + rps - 1) / rps, ATT_MAX_SPLITS);
   const float* p = part + ((long long)h * S * G + g) * (HD + 2);
   const long long st = (long long)G * (HD + 2);
   float m = -ZMLX_INF;
@@ -309,10 +318,11 @@ __device__ __forceinline__ void attn_combine_long_impl(const float* __restrict__
   attn_combine_tail<D, HD>(p, st, wsm, used, den, y, hq);
 }
 
-// Single-launch decode attention for short contexts (AttnKernel::Single): one block per
-// query head walks the whole length in chunks of ATS_CH rows, so there is no workspace and no
-// second launch. Per chunk: scores with one thread per row (q·k in feature order, q from
-// shared memory, all of the row's loads issued first), the chunk max against the running
+// Decode attention by query head (AttnKernel::Single / Split): one block per query head
+// (Single: one launch, no workspace) or per (query head, split) walks its rows in chunks of
+// ATS_CH rows; splits write partials for attn_combine_long. Per chunk: scores with one thread
+// per row (q·k in feature order, q from shared memory, all of the row's loads issued first),
+// the chunk max against the running
 // max, p = MLX exp(s - max) and their block sum, then P·V by row streams (LPR lanes × FPL
 // features per row; stream s takes rows ≡ s mod NSTR), the accumulators rescaled by
 // exp(old max - new max) when a later chunk raises the max (online softmax across chunks).
@@ -327,8 +337,8 @@ template <class D, int N> __device__ __forceinline__ void load_n(const typename 
 template <class D, int HD>
 __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
                                                  const typename D::T* __restrict__ vc, typename D::T* __restrict__ y,
-                                                 const int* __restrict__ len_ptr, int len_add, int G, int max_len,
-                                                 float scale) {
+                                                 float* __restrict__ part, const int* __restrict__ len_ptr, int len_add,
+                                                 int G, int max_len, float scale) {
   constexpr int FPL = HD >= 128 ? 4 : (HD >= 64 ? 2 : 1);
   constexpr int LPR = HD / FPL, RPW = 32 / LPR, NSTR = (ATT_THREADS / 32) * RPW;
   __shared__ float qs[HD];
@@ -340,16 +350,23 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict
   const float scale_r = D::rnd(scale);
   for (int i = tid; i < HD; i += ATT_THREADS) qs[i] = D::rnd(__fmul_rn(D::ld(q[(long long)hq * HD + i]), scale_r));
   const int len = min(*len_ptr + len_add, max_len);
-  const typename D::T* kb = kc + (long long)h * max_len * HD;
-  const typename D::T* vb = vc + (long long)h * max_len * HD;
+  // Split over gridDim.y blocks per head: rows [r0, r1) (attn_rows_per_split; blocks past the
+  // length exit, the combine never reads them).
+  const int S = gridDim.y, split = blockIdx.y;
+  const int rps = S == 1 ? len : attn_rows_per_split(len, S);
+  const int r0 = split * rps, r1 = min(len, r0 + rps);
+  if (S > 1 && r0 >= len) return;
+  const typename D::T* kb = kc + ((long long)h * max_len + r0) * HD;
+  const typename D::T* vb = vc + ((long long)h * max_len + r0) * HD;
+  const int nrows = r1 - r0;
   const int stream = warp * RPW + lane / LPR, f0 = (lane % LPR) * FPL;
   float acc[FPL];
 #pragma unroll
   for (int i = 0; i < FPL; i++) acc[i] = 0.0f;
   float m_run = -ZMLX_INF, l_run = 0.0f;
   __syncthreads();  // qs ready
-  for (int c0 = 0; c0 < len; c0 += ATS_CH) {
-    const int n = min(ATS_CH, len - c0);
+  for (int c0 = 0; c0 < nrows; c0 += ATS_CH) {
+    const int n = min(ATS_CH, nrows - c0);
     float cmax = -ZMLX_INF;
     for (int t = tid; t < n; t += ATT_THREADS) {
       const typename D::T* kr = kb + (long long)(c0 + t) * HD;
@@ -377,7 +394,7 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict
     l_run = fmaf(l_run, alpha, block_sum(lsum, red));  // its barriers publish p
 #pragma unroll
     for (int i = 0; i < FPL; i++) acc[i] = __fmul_rn(acc[i], alpha);
-#pragma unroll 4
+#pragma unroll 16
     for (int t = stream; t < n; t += NSTR) {
       float v[FPL];
       load_n<D, FPL>(vb + (long long)(c0 + t) * HD + f0, v);
@@ -391,11 +408,16 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict
 #pragma unroll
   for (int i = 0; i < FPL; i++) accs[stream * HD + f0 + i] = acc[i];
   __syncthreads();
+  // One block per head: the output. Split: the partial (o relative to the split's max, max,
+  // sum) in attn_split_long's layout [kv head][split][G][HD + 2], for attn_combine_long.
+  float* out = S > 1 ? part + (((long long)h * S + split) * G + (hq - h * G)) * (HD + 2) : nullptr;
   for (int d = tid; d < HD; d += ATT_THREADS) {
     float num = 0.0f;
     for (int s = 0; s < NSTR; s++) num += accs[s * HD + d];
-    y[(long long)hq * HD + d] = D::st(__fdiv_rn(num, l_run));
+    if (S == 1) y[(long long)hq * HD + d] = D::st(__fdiv_rn(num, l_run));
+    else out[d] = num;
   }
+  if (S > 1 && tid == 0) { out[HD] = m_run; out[HD + 1] = l_run; }
 }
 
 // Router, as mlx-lm's Qwen3 MoE: p = softmax(precise=True) over E logits per row (f32
@@ -949,9 +971,9 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
 // Attention for one head_dim: attn_single_<dt>_d<HD>, attn_split_long_<dt>_d<HD>, attn_combine_long_<dt>_d<HD>.
 #define ZMLX_ATTN_HD(DT, DN, HD)                                                                               \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_single_##DN##_d##HD(                         \
-      const DT::T* q, const DT::T* kc, const DT::T* vc, DT::T* y, const int* len, int len_add, int G,           \
-      int max_len, float scale) { ZMLX_GRID_DEP();                                                             \
-    attn_single_impl<DT, HD>(q, kc, vc, y, len, len_add, G, max_len, scale);                                   \
+      const DT::T* q, const DT::T* kc, const DT::T* vc, DT::T* y, float* part, const int* len, int len_add,     \
+      int G, int max_len, float scale) { ZMLX_GRID_DEP();                                                      \
+    attn_single_impl<DT, HD>(q, kc, vc, y, part, len, len_add, G, max_len, scale);                             \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_long_##DN##_d##HD(                     \
       const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
@@ -959,8 +981,9 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
     attn_split_long_impl<DT, HD>(q, kc, vc, part, len, len_add, G, max_len, scale);                            \
   }                                                                                                            \
   extern "C" __global__ void attn_combine_long_##DN##_d##HD(const float* part, DT::T* y, const int* len,       \
-                                                            int len_add, int G, int S, int max_len) { ZMLX_GRID_DEP();          \
-    attn_combine_long_impl<DT, HD>(part, y, len, len_add, G, S, max_len);                                      \
+                                                            int len_add, int G, int S, int max_len, int chunk) {  \
+    ZMLX_GRID_DEP();                                                                                           \
+    attn_combine_long_impl<DT, HD>(part, y, len, len_add, G, S, max_len, chunk);                               \
   }
 
 #define ZMLX_OPS(DT, DN)                                                                                       \
