@@ -319,6 +319,11 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
     rows.push(row("unfused router", "rms_norm+qmv+softmax_topk (3 launches)".into(), bytes, us, copy));
     let us = time_graph(dev, 32, &|dv, i| fused::moe_gating(dv, bf, &router.ws[i % nr], h.ptr(), nw.ptr(), 1e-6, xn.ptr(), kk, true, true, gid.ptr(), gwt.ptr(), gws.ptr()))?;
     rows.push(row("moe_gating", "rms_norm + E=128 k=8 K=2048 b8 g64".into(), bytes, us, copy));
+    let us = time_graph(dev, 32, &|dv, i| {
+        fused::norm_router(dv, bf, &router.ws[i % nr], h.ptr(), nw.ptr(), 1e-6, xn.ptr(), logits.ptr())?;
+        ops::softmax_topk(dv, bf, logits.ptr(), 1, e, kk, true, true, gid.ptr(), gwt.ptr())
+    })?;
+    rows.push(row("norm_router+topk", "E=128 k=8 K=2048 b8 g64 (2 launches)".into(), bytes, us, copy));
     // add + rms_norm
     let bytes = (5 * d * sz) as u64;
     let us = time_graph(dev, 32, &|dv, _| {
@@ -404,12 +409,12 @@ fn latency_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Ben
         dev.write(lenb.ptr(), &[len as i32])?;
         let bytes = (2 * hkv * len * hd * 2 + 2 * hq * hd * 2) as u64;
         // Single, the split the engine picks (and half / double it), Long.
-        let s0 = (len.div_ceil(ops::ATT_SPLIT_ROWS).next_power_of_two() as u32).clamp(2, ops::ATT_SPLIT_MAX as u32);
+        let s0 = (len.div_ceil(ops::ATT_SPLIT_ROWS).next_power_of_two() as u32).clamp(2, ops::ATT_SPLIT_KERNEL_MAX as u32);
         let mut kernels = vec![AttnKernel::Single, AttnKernel::Split(s0), AttnKernel::Long];
         if s0 > 2 {
             kernels.push(AttnKernel::Split(s0 / 2));
         }
-        if s0 < ops::ATT_SPLIT_MAX as u32 {
+        if s0 < ops::ATT_SPLIT_KERNEL_MAX as u32 {
             kernels.push(AttnKernel::Split(s0 * 2));
         }
         for kernel in kernels {

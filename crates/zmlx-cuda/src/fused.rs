@@ -155,7 +155,7 @@ pub fn moe_gating_workspace_bytes(e: usize) -> usize {
     16 + 4 * e
 }
 
-/// Largest hidden size [`moe_gating`] takes (its blocks are rms_norm's, ≤ 512 threads).
+/// Largest hidden size [`moe_gating`] and [`norm_router`] take (their blocks are rms_norm's, ≤ 512 threads).
 pub const MOE_GATING_MAX_K: usize = 4096;
 
 /// Post-attention RMSNorm + router matvec + softmax + top-k (+ renorm) in one launch:
@@ -166,11 +166,31 @@ pub const MOE_GATING_MAX_K: usize = 4096;
 /// `renorm`).
 #[allow(clippy::too_many_arguments)]
 pub fn moe_gating(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm_w: u64, eps: f32, xn_out: u64, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64, workspace: u64) -> Result<()> {
-    check_q(router, "router")?;
     aligned(workspace, 16, "gating workspace")?;
+    let e = router.n;
+    if k == 0 || k > 64 || k > e {
+        return Err(inv(format!("moe_gating: k={k}, E={e} unsupported (k <= 64, k <= E)")));
+    }
+    gating_launch(dev, dt, router, h, norm_w, eps, xn_out, 0, k, round_probs, renorm, ids, weights, workspace)
+}
+
+/// Post-attention RMSNorm + router matvec in one launch (no grid-wide handoff; the top-k is
+/// the separate `ops::softmax_topk`): `xn = rms_norm(h, norm_w)` (to `xn_out`) and `logits =
+/// qmv(router, xn)` (to `logits_out`, `[E]` in `dt`). Bitwise identical to rms_norm + qmv.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_router(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm_w: u64, eps: f32, xn_out: u64, logits_out: u64) -> Result<()> {
+    if logits_out == 0 {
+        return Err(inv("norm_router needs a logits buffer".into()));
+    }
+    gating_launch(dev, dt, router, h, norm_w, eps, xn_out, logits_out, 1, true, false, 0, 0, 0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gating_launch(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm_w: u64, eps: f32, xn_out: u64, logits_out: u64, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64, workspace: u64) -> Result<()> {
+    check_q(router, "router")?;
     let (e, kk) = (router.n, router.k);
-    if k == 0 || k > 64 || k > e || e > 8192 || kk > MOE_GATING_MAX_K {
-        return Err(inv(format!("moe_gating: k={k}, E={e}, K={kk} unsupported (k <= 64, E <= 8192, K <= {MOE_GATING_MAX_K})")));
+    if e > 8192 || kk > MOE_GATING_MAX_K {
+        return Err(inv(format!("router E={e}, K={kk} unsupported (E <= 8192, K <= {MOE_GATING_MAX_K})")));
     }
     let tag = dtype_tag(dt)?;
     // rms_norm's block size for K: the prologue's reduction order depends on it.
@@ -187,6 +207,7 @@ pub fn moe_gating(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, nor
             Arg::Ptr(h),
             Arg::Ptr(norm_w),
             Arg::Ptr(xn_out),
+            Arg::Ptr(logits_out),
             Arg::Ptr(ids),
             Arg::Ptr(weights),
             Arg::Ptr(workspace),

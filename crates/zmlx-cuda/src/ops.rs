@@ -193,13 +193,17 @@ pub struct AttnShape {
 pub const ATT_CHUNK: usize = 128;
 /// Largest supported cache length (the long kernel's combine merges ≤ 2048 splits).
 pub const ATT_MAX_LEN: usize = 262144;
-/// Longest attention the single-launch kernel is chosen for (H100, Qwen3-30B shapes,
-/// docs/kernels.md).
-pub const ATT_SINGLE_MAX_LEN: usize = 768;
-/// Positions per block the split kernel aims at (the rows of one shared-memory chunk).
-pub const ATT_SPLIT_ROWS: usize = 512;
-/// Most splits per head of the split kernel.
-pub const ATT_SPLIT_MAX: usize = 64;
+/// Longest attention the single-launch kernel is chosen for; the split kernel up to
+/// [`ATT_SPLIT_MAX_LEN`], the 128-position flash-decoding kernel beyond (H100, Qwen3-30B
+/// shapes, crossovers measured in docs/kernels.md).
+pub const ATT_SINGLE_MAX_LEN: usize = 384;
+pub const ATT_SPLIT_MAX_LEN: usize = 6144;
+/// Positions per block the split kernel aims at.
+pub const ATT_SPLIT_ROWS: usize = 256;
+/// Most splits per head the engine picks (the kernel takes up to 64).
+pub const ATT_SPLIT_MAX: usize = 16;
+/// Most splits per head `attention_decode` takes (the workspace is sized for it).
+pub const ATT_SPLIT_KERNEL_MAX: usize = 64;
 
 /// Which decode-attention kernel runs. All compute the same function (f32 scores, MLX exp,
 /// f32 sums; they differ only in summation order) for any length ≤ max_len; the choice is
@@ -217,14 +221,17 @@ pub enum AttnKernel {
 
 impl AttnKernel {
     /// The kernel for a step whose attention covers at most `len` positions: Single up to
-    /// [`ATT_SINGLE_MAX_LEN`], then Split with a power-of-two number of splits giving about
-    /// [`ATT_SPLIT_ROWS`] rows per block (at most [`ATT_SPLIT_MAX`]). Few distinct choices, so
-    /// a decode captures few graphs.
+    /// [`ATT_SINGLE_MAX_LEN`], then Split with a power-of-two number of splits (4 to
+    /// [`ATT_SPLIT_MAX`]) giving about [`ATT_SPLIT_ROWS`] rows per block, then Long. Few
+    /// distinct choices (5), so a decode captures few graphs.
     pub fn for_len(len: usize) -> Self {
         if len <= ATT_SINGLE_MAX_LEN {
-            return AttnKernel::Single;
+            AttnKernel::Single
+        } else if len <= ATT_SPLIT_MAX_LEN {
+            AttnKernel::Split(len.div_ceil(ATT_SPLIT_ROWS).next_power_of_two().clamp(4, ATT_SPLIT_MAX) as u32)
+        } else {
+            AttnKernel::Long
         }
-        AttnKernel::Split(len.div_ceil(ATT_SPLIT_ROWS).next_power_of_two().clamp(2, ATT_SPLIT_MAX) as u32)
     }
     /// One of each, for tests.
     pub const ALL: [AttnKernel; 4] = [AttnKernel::Single, AttnKernel::Split(3), AttnKernel::Split(16), AttnKernel::Long];
@@ -244,7 +251,7 @@ impl AttnShape {
     }
     /// f32 scratch the attention needs (reusable across layers; unused by `Single`).
     pub fn workspace_bytes(&self) -> usize {
-        self.n_heads * self.splits().max(ATT_SPLIT_MAX) * (self.head_dim + 2) * 4
+        self.n_heads * self.splits().max(ATT_SPLIT_KERNEL_MAX) * (self.head_dim + 2) * 4
     }
     fn validate(&self) -> Result<()> {
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
@@ -308,8 +315,8 @@ pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: Attn
     let (split, grid, splits, chunk) = match kernel {
         AttnKernel::Single => ("attn_single", (s.n_heads as u32, 1, 1), 1, 0),
         AttnKernel::Split(n) => {
-            if !(2..=ATT_SPLIT_MAX as u32).contains(&n) {
-                return Err(inv(format!("attention splits {n} must be in 2..={ATT_SPLIT_MAX}")));
+            if !(2..=ATT_SPLIT_KERNEL_MAX as u32).contains(&n) {
+                return Err(inv(format!("attention splits {n} must be in 2..={ATT_SPLIT_KERNEL_MAX}")));
             }
             ("attn_single", (s.n_heads as u32, n, 1), n, 0)
         }

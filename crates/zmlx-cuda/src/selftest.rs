@@ -1173,6 +1173,38 @@ pub(crate) mod fused_tests {
         })
     }
 
+    /// norm_router vs rms_norm then qmv (bitwise xn and logits; run twice, the second time
+    /// over a poisoned xn), and an f64 check of the logits.
+    pub fn test_norm_router(dev: &CudaDevice, rng: &mut Rng, dt: DType, e: usize, d: usize, bits: u32, gs: usize) -> Result<TestRow> {
+        let sz = dt.size_bytes();
+        let rq = qdata(rng, dt, 1, e, d, bits, gs);
+        let rb = q_up(dev, dt, &rq)?;
+        let rw = qw(&rb, 1, e, d, bits, gs);
+        let h = up(dev, dt, &rng.vec(d, -3.0, 3.0, dt))?;
+        let nw = up(dev, dt, &rng.vec(d, 0.5, 1.5, dt))?;
+        let (xn, logits) = (poisoned(dev, d * sz)?, poisoned(dev, e * sz)?);
+        ops::rms_norm(dev, dt, h.ptr(), nw.ptr(), xn.ptr(), 1, d, 1e-6)?;
+        ops::qmv(dev, dt, &rw, xn.ptr(), logits.ptr())?;
+        let (want_x, want_l) = (bytes(dev, xn.ptr(), d * sz)?, bytes(dev, logits.ptr(), e * sz)?);
+        let mut bad = 0;
+        for _ in 0..2 {
+            let (xn2, logits2) = (poisoned(dev, d * sz)?, poisoned(dev, e * sz)?);
+            fused::norm_router(dev, dt, &rw, h.ptr(), nw.ptr(), 1e-6, xn2.ptr(), logits2.ptr())?;
+            bad += diff(&want_x, &bytes(dev, xn2.ptr(), d * sz)?, sz) + diff(&want_l, &bytes(dev, logits2.ptr(), e * sz)?, sz);
+        }
+        let x = down(dev, dt, xn.ptr(), d)?;
+        let refs: Vec<f64> = re::qmv(&rq.words, &rq.scales, &rq.biases, &x, 0, e, d, bits, gs).iter().map(|v| v.v).collect();
+        let (rn, nb) = rel(&down(dev, dt, logits.ptr(), e)?, &refs);
+        Ok(TestRow {
+            name: "norm_router".into(),
+            shape: format!("{} E={e} D={d} b{bits} g{gs}", dtn(dt)),
+            passed: bad == 0 && nb == 0 && rn <= rel_bound(dt),
+            worst: bad as f64,
+            rel_norm: rn,
+            note: format!("{bad} bitwise diffs vs rms_norm + qmv (xn and logits, 2 runs)"),
+        })
+    }
+
     /// qmv_add vs qmv then add (bitwise, out of place and in place), and qmv with 1 and 4
     /// rows per warp against each other (bitwise) and the f64 reference.
     pub fn test_qmv_add(dev: &CudaDevice, rng: &mut Rng, dt: DType, n: usize, k: usize, bits: u32, gs: usize) -> Result<TestRow> {
@@ -1237,6 +1269,9 @@ pub(crate) mod fused_tests {
             push("fused_add_rms_norm", test_add_rms_norm(dev, rng, dt, 4096 + 7));
             push("fused_add_rms_norm", test_add_rms_norm(dev, rng, dt, 9000));
             push("qmv_add", test_qmv_add(dev, rng, dt, 2048, 4096, 4, 64));
+            push("norm_router", test_norm_router(dev, rng, dt, 128, 2048, 8, 64));
+            push("norm_router", test_norm_router(dev, rng, dt, 60, 4096, 4, 32));
+            push("norm_router", test_norm_router(dev, rng, dt, 16, 640, 3, 128));
             push("qmv_add", test_qmv_add(dev, rng, dt, 3000 + 5, 1024, 3, 32));
             push("qmv_add", test_qmv_add(dev, rng, dt, 8192, 768, 6, 128));
         }

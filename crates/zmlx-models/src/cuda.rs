@@ -274,6 +274,7 @@ struct DevLayer {
     fused_add_norm: bool,
     fused_qkv: bool,
     fused_o_add: bool,
+    fused_norm_router: bool,
     fused_qk_rope: bool,
     q: DevLinear,
     k: DevLinear,
@@ -388,6 +389,7 @@ impl CudaQwen3Moe {
                 fused_add_norm: false,
                 fused_qkv: false,
                 fused_o_add: false,
+                fused_norm_router: false,
                 fused_qk_rope: false,
                 q: src.linear(&format!("{sa}.q_proj"), &[a.num_attention_heads * hd], d)?,
                 k: src.linear(&format!("{sa}.k_proj"), &[a.num_key_value_heads * hd], d)?,
@@ -500,7 +502,7 @@ impl CudaQwen3Moe {
             }
             ops::attention_decode(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
             // h = x + attn; xn = post_attention_layernorm(h) (inside moe_gating when fused).
-            let norm_in_gating = matches!(l.ff, DevFeedForward::Sparse { .. }) && l.moe.fused_gating;
+            let norm_in_gating = matches!(l.ff, DevFeedForward::Sparse { .. }) && (l.moe.fused_gating || l.fused_norm_router);
             let mut normed = norm_in_gating;
             match (l.fused_o_add, l.o.quant()) {
                 (true, Some(o)) => ops::qmv_add(dev, dt, o, s.attn, s.x, s.x)?,
@@ -524,8 +526,12 @@ impl CudaQwen3Moe {
                     let k = *top_k;
                     let (ids, weights) = (s.ids + (i * k * 4) as u64, s.weights + (i * k * 4) as u64);
                     // `patch` sets a fused variant only where every weight it reads is quantized.
-                    match (l.moe.fused_gating, router.quant()) {
-                        (true, Some(r)) => fused::moe_gating(dev, dt, r, s.x, l.post_norm, eps, s.xn, k, true, *renorm, ids, weights, s.gating_ws)?,
+                    match (l.moe.fused_gating, l.fused_norm_router, router.quant()) {
+                        (true, _, Some(r)) => fused::moe_gating(dev, dt, r, s.x, l.post_norm, eps, s.xn, k, true, *renorm, ids, weights, s.gating_ws)?,
+                        (false, true, Some(r)) => {
+                            fused::norm_router(dev, dt, r, s.x, l.post_norm, eps, s.xn, s.router)?;
+                            ops::softmax_topk(dev, dt, s.router, 1, router.n(), k, true, *renorm, ids, weights)?;
+                        }
                         _ => {
                             router.mv(dev, dt, s.xn, s.router)?;
                             ops::softmax_topk(dev, dt, s.router, 1, router.n(), k, true, *renorm, ids, weights)?;
@@ -588,6 +594,11 @@ impl CudaQwen3Moe {
                     let gating = on(Pattern::MoeGating) && router.quant().is_some_and(|r| r.k <= fused::MOE_GATING_MAX_K);
                     if on(Pattern::MoeGating) && !gating {
                         report.skip(Pattern::MoeGating, format!("router not quantized or hidden size > {}", fused::MOE_GATING_MAX_K));
+                    }
+                    // moe_gating (which includes the norm and the router) takes precedence.
+                    l.fused_norm_router = !gating && on(Pattern::NormRouter) && router.quant().is_some_and(|r| r.k <= fused::MOE_GATING_MAX_K);
+                    if l.fused_norm_router {
+                        report.add("norm_router");
                     }
                     let q = experts.all_quantized();
                     if !q && (on(Pattern::GatherQmmSwiglu) || on(Pattern::GatherQmmCombine)) {
@@ -653,7 +664,7 @@ impl CudaQwen3Moe {
             .map(|l| {
                 let attn = (if l.fused_qkv { 1 } else { 3 }) + (if l.fused_qk_rope { 1 } else { 5 }) + attn_launches + 1;
                 // o_proj (+ add) is counted with the attention; then add and/or norm.
-                let gating_norm = matches!(l.ff, DevFeedForward::Sparse { .. }) && l.moe.fused_gating;
+                let gating_norm = matches!(l.ff, DevFeedForward::Sparse { .. }) && (l.moe.fused_gating || l.fused_norm_router);
                 let post_attn = match (l.fused_o_add, gating_norm, l.fused_add_norm) {
                     (true, true, _) => 0,
                     (true, false, _) | (false, true, _) | (false, false, true) => 1,

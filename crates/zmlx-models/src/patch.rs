@@ -26,9 +26,11 @@ pub enum Pattern {
     QkvProj,
     /// Attention output projection + residual add, one launch.
     OProjAdd,
+    /// Post-attention RMSNorm + router matvec, one launch (the top-k stays separate).
+    NormRouter,
 }
 
-pub const ALL_PATTERNS: [Pattern; 9] = [
+pub const ALL_PATTERNS: [Pattern; 10] = [
     Pattern::MoeMlp,
     Pattern::MoeGating,
     Pattern::GatherQmmSwiglu,
@@ -38,6 +40,7 @@ pub const ALL_PATTERNS: [Pattern; 9] = [
     Pattern::QkNormRope,
     Pattern::QkvProj,
     Pattern::OProjAdd,
+    Pattern::NormRouter,
 ];
 
 impl Pattern {
@@ -52,6 +55,7 @@ impl Pattern {
             Pattern::QkNormRope => "qk_norm_rope",
             Pattern::QkvProj => "qkv_proj",
             Pattern::OProjAdd => "o_proj_add",
+            Pattern::NormRouter => "norm_router",
         }
     }
 
@@ -66,6 +70,7 @@ impl Pattern {
             Pattern::QkNormRope => "q/k rms_norm + rope + kv append",
             Pattern::QkvProj => "q, k, v projections (one qmv launch)",
             Pattern::OProjAdd => "attention o_proj qmv + residual add",
+            Pattern::NormRouter => "post-attention rms_norm + router qmv",
         }
     }
 
@@ -152,6 +157,8 @@ pub fn preset(model_type: &str, backend: Backend) -> Vec<PresetEntry> {
                 (true, Backend::Cuda, QkNormRope) => (true, "bitwise identical to the 5-launch chain; 2.8 vs 6.6 us on H100"),
                 (true, Backend::Cuda, QkvProj) => (true, "bitwise identical to three qmv; 6.2 vs 8.6 us on H100"),
                 (true, Backend::Cpu, OProjAdd) => (false, "CPU: the add is one pass over the hidden vector; nothing to fuse"),
+                (true, Backend::Cpu, NormRouter) => (false, "CPU: nothing to fuse"),
+                (true, Backend::Cuda, NormRouter) => (true, "bitwise identical to rms_norm then qmv; one launch fewer per MoE layer"),
                 (true, Backend::Cuda, OProjAdd) => (true, "bitwise identical to qmv then add; 5.05 vs 5.60 us on H100"),
             };
             PresetEntry { pattern, on, why }

@@ -169,12 +169,15 @@ __device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const 
 // logits, with the same fast/general dispatch as the softmax_topk kernel. Replaces
 // rms_norm + qmv + softmax_topk. ws: u32 counter (zero before the first call; left zero),
 // then E logits at ws + 16 B. Dynamic shared memory: max(K, E) floats.
+// With logits_out (norm_router), the logits go there and the kernel ends: rms_norm + router
+// qmv in one launch, bitwise the two kernels, and no grid-wide handoff.
 template <class D, int BITS, int GS>
 __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const typename D::T* __restrict__ sc,
                                                 const typename D::T* __restrict__ bi, const typename D::T* __restrict__ h,
                                                 const typename D::T* __restrict__ nw, typename D::T* __restrict__ xn,
-                                                u32* __restrict__ ids, float* __restrict__ wout, u32* ws, int E, int K,
-                                                int k, int round_probs, int renorm, u32 qmask, float eps, float inv_n) {
+                                                typename D::T* __restrict__ logits_out, u32* __restrict__ ids,
+                                                float* __restrict__ wout, u32* ws, int E, int K, int k, int round_probs,
+                                                int renorm, u32 qmask, float eps, float inv_n) {
   extern __shared__ float xs[];  // xn in f32 (later softmax_topk's scratch, in the last block)
   __shared__ float red[32];
   __shared__ bool last;
@@ -203,11 +206,13 @@ __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const
     float acc[1];
     qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, XSharedF32{xs}, K >> 5, lane, qmask, acc);
     const float v = warp_sum(acc[0]);
-    if (lane == 0) {
+    if (lane == 0 && logits_out != nullptr) logits_out[row] = D::st(v);
+    if (lane == 0 && logits_out == nullptr) {
       logits[row] = D::st(v);
       __threadfence();  // the writer's own fence: visible before the counter moves
     }
   }
+  if (logits_out != nullptr) return;  // norm_router: the top-k is a separate launch
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
@@ -292,11 +297,11 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__
   }                                                                                                            \
   ZMLX_FUSED_C(DT, DN, BITS, GS, 1) ZMLX_FUSED_C(DT, DN, BITS, GS, 2) ZMLX_FUSED_C(DT, DN, BITS, GS, 4)          \
   extern "C" __global__ void __launch_bounds__(512) fused_gating_##DN##_b##BITS##_g##GS(                       \
-      const u32* w, const DT::T* s, const DT::T* b, const DT::T* h, const DT::T* nw, DT::T* xn, u32* ids,      \
-      float* wout, u32* ws, int E, int K, int k, int round_probs, int renorm, u32 qmask, float eps,            \
-      float inv_n) { ZMLX_GRID_DEP();                                                                          \
-    moe_gating_impl<DT, BITS, GS>(w, s, b, h, nw, xn, ids, wout, ws, E, K, k, round_probs, renorm, qmask, eps, \
-                                  inv_n);                                                                      \
+      const u32* w, const DT::T* s, const DT::T* b, const DT::T* h, const DT::T* nw, DT::T* xn,                \
+      DT::T* logits_out, u32* ids, float* wout, u32* ws, int E, int K, int k, int round_probs, int renorm,     \
+      u32 qmask, float eps, float inv_n) { ZMLX_GRID_DEP();                                                    \
+    moe_gating_impl<DT, BITS, GS>(w, s, b, h, nw, xn, logits_out, ids, wout, ws, E, K, k, round_probs, renorm, \
+                                  qmask, eps, inv_n);                                                          \
   }
 #define ZMLX_FUSED_G(DT, DN, BITS) ZMLX_FUSED_Q(DT, DN, BITS, 32) ZMLX_FUSED_Q(DT, DN, BITS, 64) ZMLX_FUSED_Q(DT, DN, BITS, 128)
 #define ZMLX_FUSED_ALL(DT, DN)                                                                                 \
