@@ -293,9 +293,9 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
         ops::swiglu(dv, bf, g.ptr(), u.ptr(), act.ptr(), kk * f)
     })?;
     rows.push(row("unfused gate/up/swiglu", "gather+gather+swiglu (3 launches)".into(), bytes, us, copy));
-    for (r, t, m) in [(1u32, 128u32, 0u32), (1, 128, 8), (1, 128, 12), (1, 64, 0), (2, 128, 0)] {
-        let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_swiglu_rows(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], idp(i), kk, x.ptr(), act.ptr(), r, t, m))?;
-        rows.push(row("gather_qmm_swiglu", format!("E=128 k=8 N=768 K=2048 b4 g64 r{r} t{t} minblocks {m}"), bytes, us, copy));
+    for (r, t) in [(1u32, 128u32), (1, 64), (1, 256), (2, 128), (2, 64)] {
+        let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_swiglu_rows(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], idp(i), kk, x.ptr(), act.ptr(), r, t))?;
+        rows.push(row("gather_qmm_swiglu", format!("E=128 k=8 N=768 K=2048 b4 g64 r{r} t{t}"), bytes, us, copy));
     }
     // down + combine + residual add
     let bytes = (kk * pe_down + kk * f * sz + 2 * d * sz) as u64;
@@ -305,9 +305,9 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
         ops::add(dv, bf, h.ptr(), ff.ptr(), xn.ptr(), d)
     })?;
     rows.push(row("unfused down/comb/add", "gather+moe_combine+add (3 launches)".into(), bytes, us, copy));
-    for (r, m) in [(1u32, 0u32), (2, 0), (4, 0), (4, 3), (4, 4)] {
-        let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_combine_rows(dv, bf, &downw.ws[i % nd], idp(i), wts.ptr(), kk, actk.ptr(), h.ptr(), xn.ptr(), r, m))?;
-        rows.push(row("gather_qmm_combine", format!("E=128 k=8 N=2048 K=768 b4 g64 +res r{r} minblocks {m}"), bytes, us, copy));
+    for r in [1u32, 2, 4] {
+        let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_combine_rows(dv, bf, &downw.ws[i % nd], idp(i), wts.ptr(), kk, actk.ptr(), h.ptr(), xn.ptr(), r))?;
+        rows.push(row("gather_qmm_combine", format!("E=128 k=8 N=2048 K=768 b4 g64 +res r{r}"), bytes, us, copy));
     }
     // norm + router + top-k
     let bytes = (pe_router + 3 * d * sz + kk * 8) as u64;

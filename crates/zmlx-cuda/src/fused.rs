@@ -25,11 +25,10 @@ pub fn fused_fn_names(tag: &str) -> Vec<String> {
     let mut v = Vec::new();
     for b in QMV_BITS {
         for g in QMV_GROUPS {
-            for r in ["r1", "r2", "r1m8", "r1m12"] {
-                v.push(format!("fused_swiglu_{tag}_b{b}_g{g}_{r}"));
-            }
-            for r in ["r1", "r2", "r4", "r4m3", "r4m4"] {
-                v.push(format!("fused_combine_{tag}_b{b}_g{g}_{r}"));
+            v.push(format!("fused_swiglu_{tag}_b{b}_g{g}_r1"));
+            v.push(format!("fused_swiglu_{tag}_b{b}_g{g}_r2"));
+            for r in [1, 2, 4] {
+                v.push(format!("fused_combine_{tag}_b{b}_g{g}_r{r}"));
             }
             v.push(format!("fused_gating_{tag}_b{b}_g{g}"));
         }
@@ -39,29 +38,19 @@ pub fn fused_fn_names(tag: &str) -> Vec<String> {
     v
 }
 
-/// Resident blocks per SM the default expert launches ask the compiler for (0: no bound),
-/// measured in docs/kernels.md; `ZMLX_SWIGLU_MIN_BLOCKS` / `ZMLX_COMBINE_MIN_BLOCKS` override
-/// them for A/B runs (results are bitwise the same either way).
-pub const SWIGLU_MIN_BLOCKS: u32 = 0;
-pub const COMBINE_MIN_BLOCKS: u32 = 0;
-
-fn min_blocks(var: &str, default: u32) -> u32 {
-    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 /// `act[k, N] = swiglu(gather_qmv(gate), gather_qmv(up))` in one launch: for slot i,
 /// expert `ids[i]`, the gate and up rows are computed by one warp with qmv's exact per-row
 /// code (x shared, `[K]`), rounded to `dt` as qmv stores them, then swiglu with its per-op
 /// rounding. Bitwise identical to gather_qmv gate + gather_qmv up + swiglu.
 #[allow(clippy::too_many_arguments)]
 pub fn gather_qmm_swiglu(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, ids: u64, k: usize, x: u64, act: u64) -> Result<()> {
-    gather_qmm_swiglu_rows(dev, dt, gate, up, ids, k, x, act, 1, 128, min_blocks("ZMLX_SWIGLU_MIN_BLOCKS", SWIGLU_MIN_BLOCKS))
+    gather_qmm_swiglu_rows(dev, dt, gate, up, ids, k, x, act, 1, 128)
 }
 
 /// [`gather_qmm_swiglu`] with an explicit number of gate/up row pairs per warp (`r`: 1 or 2)
 /// and block size (`threads`: 32..=256, a multiple of 32); results do not depend on them.
 #[allow(clippy::too_many_arguments)]
-pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, ids: u64, k: usize, x: u64, act: u64, r: u32, threads: u32, min_blocks: u32) -> Result<()> {
+pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, ids: u64, k: usize, x: u64, act: u64, r: u32, threads: u32) -> Result<()> {
     check_q(gate, "gate")?;
     check_q(up, "up")?;
     if (gate.n, gate.k, gate.bits, gate.group_size, gate.n_experts) != (up.n, up.k, up.bits, up.group_size, up.n_experts) {
@@ -72,16 +61,10 @@ pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, u
     if ids == 0 || k == 0 || !(r == 1 || r == 2) || threads % 32 != 0 || !(32..=256).contains(&threads) {
         return Err(inv("gather_qmm_swiglu needs expert ids, k > 0, r in {1, 2}, threads 32..=256".into()));
     }
-    // Launch-bounds variants (r = 1, 128 threads): min_blocks 8 or 12 per SM.
-    let suffix = match (r, threads, min_blocks) {
-        (_, _, 0) => String::new(),
-        (1, 128, 8 | 12) => format!("m{min_blocks}"),
-        _ => return Err(inv("gather_qmm_swiglu: min_blocks 8 or 12 needs r = 1 and 128 threads".into())),
-    };
     let tag = dtype_tag(dt)?;
     let rows_per_block = r * threads / 32;
     dev.launch(
-        &format!("fused_swiglu_{tag}_b{}_g{}_r{r}{suffix}", gate.bits, gate.group_size),
+        &format!("fused_swiglu_{tag}_b{}_g{}_r{r}", gate.bits, gate.group_size),
         ((gate.n as u32).div_ceil(rows_per_block), k as u32, 1),
         (threads, 1, 1),
         0,
@@ -114,28 +97,22 @@ pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, u
 #[allow(clippy::too_many_arguments)]
 pub fn gather_qmm_combine(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64) -> Result<()> {
     // 4 output rows per block: 8.69 µs vs 11.6 (2 rows) on H100 for Qwen3-30B (docs/kernels.md).
-    gather_qmm_combine_rows(dev, dt, down, ids, weights, k, act, residual, out, 4, min_blocks("ZMLX_COMBINE_MIN_BLOCKS", COMBINE_MIN_BLOCKS))
+    gather_qmm_combine_rows(dev, dt, down, ids, weights, k, act, residual, out, 4)
 }
 
 /// [`gather_qmm_combine`] with an explicit number of output rows per block (`r`: 1, 2 or 4;
 /// the block has min(k, 8) warps, one slot each in turn); results do not depend on it.
 #[allow(clippy::too_many_arguments)]
-pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64, r: u32, min_blocks: u32) -> Result<()> {
+pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64, r: u32) -> Result<()> {
     check_q(down, "down")?;
     aligned(act, 16, "act")?;
     if ids == 0 || weights == 0 || k == 0 || k > 4096 || ![1, 2, 4].contains(&r) {
         return Err(inv("gather_qmm_combine needs expert ids, weights, 0 < k <= 4096, r in {1, 2, 4}".into()));
     }
-    // Launch-bounds variants (r = 4): min_blocks 3 or 4 per SM.
-    let suffix = match (r, min_blocks) {
-        (_, 0) => String::new(),
-        (4, 3 | 4) => format!("m{min_blocks}"),
-        _ => return Err(inv("gather_qmm_combine: min_blocks 3 or 4 needs r = 4".into())),
-    };
     let tag = dtype_tag(dt)?;
     let threads = 32 * k.min(8) as u32;
     dev.launch(
-        &format!("fused_combine_{tag}_b{}_g{}_r{r}{suffix}", down.bits, down.group_size),
+        &format!("fused_combine_{tag}_b{}_g{}_r{r}", down.bits, down.group_size),
         ((down.n as u32).div_ceil(r), 1, 1),
         (threads, 1, 1),
         (k * r as usize * 4) as u32,

@@ -1047,10 +1047,10 @@ pub(crate) mod fused_tests {
             let (ids2, wts2, act2, xn2) = (poisoned(dev, k * 4)?, poisoned(dev, k * 4)?, poisoned(dev, k * f * sz)?, poisoned(dev, d * sz)?);
             fused::moe_gating(dev, dt, &rw, hb.ptr(), nw.ptr(), 1e-6, xn2.ptr(), k, true, true, ids2.ptr(), wts2.ptr(), ws.ptr())?;
             bad[5] += diff(&bytes(dev, xb.ptr(), d * sz)?, &bytes(dev, xn2.ptr(), d * sz)?, sz);
-            fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids2.ptr(), k, xn2.ptr(), act2.ptr(), if it == 0 { r } else { 1 }, 128, if it == 0 { 0 } else { 4 + 4 * r })?;
+            fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids2.ptr(), k, xn2.ptr(), act2.ptr(), if it == 0 { r } else { 3 - r }, if it == 0 { 128 } else { 256 })?;
             let out2 = if it == 0 { poisoned(dev, d * sz)? } else { up(dev, dt, &h)? };
             let resid = if it == 0 { hb.ptr() } else { out2.ptr() };
-            fused::gather_qmm_combine_rows(dev, dt, &dw, ids2.ptr(), wts2.ptr(), k, act2.ptr(), resid, out2.ptr(), if it == 0 { 2 } else { 4 }, if it == 0 { 0 } else { 2 + r })?;
+            fused::gather_qmm_combine_rows(dev, dt, &dw, ids2.ptr(), wts2.ptr(), k, act2.ptr(), resid, out2.ptr(), if it == 0 { 2 } else { 4 })?;
             bad[0] += diff(&bytes(dev, ids.ptr(), k * 4)?, &bytes(dev, ids2.ptr(), k * 4)?, 4);
             bad[1] += diff(&bytes(dev, wts.ptr(), k * 4)?, &bytes(dev, wts2.ptr(), k * 4)?, 4);
             bad[2] += diff(&bytes(dev, act.ptr(), k * f * sz)?, &bytes(dev, act2.ptr(), k * f * sz)?, sz);
@@ -1061,7 +1061,7 @@ pub(crate) mod fused_tests {
         }
         // combine without residual vs moe_combine alone
         let ff2 = poisoned(dev, d * sz)?;
-        fused::gather_qmm_combine_rows(dev, dt, &dw, ids.ptr(), wts.ptr(), k, act.ptr(), 0, ff2.ptr(), 1, 0)?;
+        fused::gather_qmm_combine_rows(dev, dt, &dw, ids.ptr(), wts.ptr(), k, act.ptr(), 0, ff2.ptr(), 1)?;
         bad[4] = diff(&bytes(dev, ff.ptr(), d * sz)?, &bytes(dev, ff2.ptr(), d * sz)?, sz);
         let gws = dev.read::<u32>(ws.ptr(), 1)?[0];
         // f64 sanity: act vs swiglu(gate, up) in f64; out vs h + Σ w (down · act_device).
@@ -1123,12 +1123,12 @@ pub(crate) mod fused_tests {
         let mut bad = 0;
         for r in [1u32, 2] {
             let act2 = poisoned(dev, k * n * sz)?;
-            fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids.ptr(), k, xb.ptr(), act2.ptr(), r, 64 * r, 0)?;
+            fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids.ptr(), k, xb.ptr(), act2.ptr(), r, 64 * r)?;
             bad += diff(&bytes(dev, act.ptr(), k * n * sz)?, &bytes(dev, act2.ptr(), k * n * sz)?, sz);
         }
         for r in [1u32, 2, 4] {
             let out2 = poisoned(dev, n * sz)?;
-            fused::gather_qmm_combine_rows(dev, dt, &gw, ids.ptr(), wts.ptr(), k, xkb.ptr(), hb.ptr(), out2.ptr(), r, 0)?;
+            fused::gather_qmm_combine_rows(dev, dt, &gw, ids.ptr(), wts.ptr(), k, xkb.ptr(), hb.ptr(), out2.ptr(), r)?;
             bad += diff(&bytes(dev, out.ptr(), n * sz)?, &bytes(dev, out2.ptr(), n * sz)?, sz);
         }
         Ok(TestRow {

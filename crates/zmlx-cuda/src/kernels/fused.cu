@@ -278,20 +278,11 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__
   }
 }
 
-// Entry points per (rows, launch bounds): _r<R> has __launch_bounds__(threads), _r<R>m<M> also
-// asks for M resident blocks per SM (fewer registers: more blocks in one wave). Same code,
-// so the same results.
-#define ZMLX_FUSED_C(DT, DN, BITS, GS, R, SUF, LB)                                                             \
-  extern "C" __global__ void __launch_bounds__ LB fused_combine_##DN##_b##BITS##_g##GS##_r##R##SUF(            \
+#define ZMLX_FUSED_C(DT, DN, BITS, GS, R)                                                                      \
+  extern "C" __global__ void __launch_bounds__(256) fused_combine_##DN##_b##BITS##_g##GS##_r##R(               \
       const u32* w, const DT::T* s, const DT::T* b, const u32* ids, const float* wts, int k, const DT::T* act,  \
       const DT::T* residual, DT::T* out, int N, int K, u32 qmask) {                                            \
     gqc_impl<DT, BITS, GS, R>(w, s, b, ids, wts, k, act, residual, out, N, K, qmask);                          \
-  }
-#define ZMLX_FUSED_S1(DT, DN, BITS, GS, SUF, LB)                                                               \
-  extern "C" __global__ void __launch_bounds__ LB fused_swiglu_##DN##_b##BITS##_g##GS##_r1##SUF(                \
-      const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
-      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask) { ZMLX_GRID_DEP();                  \
-    gqs_impl<DT, BITS, GS, 1>(wg, sg, bg, wu, su, bu, ids, x, act, N, K, qmask);                               \
   }
 #define ZMLX_FUSED_Q(DT, DN, BITS, GS)                                                                         \
   extern "C" __global__ void __launch_bounds__(256) fused_swiglu_##DN##_b##BITS##_g##GS##_r1(                  \
@@ -304,10 +295,7 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__
       const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask) { ZMLX_GRID_DEP();                                   \
     gqs_impl<DT, BITS, GS, 2>(wg, sg, bg, wu, su, bu, ids, x, act, N, K, qmask);                               \
   }                                                                                                            \
-  ZMLX_FUSED_S1(DT, DN, BITS, GS, m8, (128, 8)) ZMLX_FUSED_S1(DT, DN, BITS, GS, m12, (128, 12))                  \
-  ZMLX_FUSED_C(DT, DN, BITS, GS, 1, , (256)) ZMLX_FUSED_C(DT, DN, BITS, GS, 2, , (256))                        \
-  ZMLX_FUSED_C(DT, DN, BITS, GS, 4, , (256)) ZMLX_FUSED_C(DT, DN, BITS, GS, 4, m3, (256, 3))                   \
-  ZMLX_FUSED_C(DT, DN, BITS, GS, 4, m4, (256, 4))                                                              \
+  ZMLX_FUSED_C(DT, DN, BITS, GS, 1) ZMLX_FUSED_C(DT, DN, BITS, GS, 2) ZMLX_FUSED_C(DT, DN, BITS, GS, 4)          \
   extern "C" __global__ void __launch_bounds__(512) fused_gating_##DN##_b##BITS##_g##GS(                       \
       const u32* w, const DT::T* s, const DT::T* b, const DT::T* h, const DT::T* nw, DT::T* xn,                \
       DT::T* logits_out, u32* ids, float* wout, u32* ws, int E, int K, int k, int round_probs, int renorm,     \
