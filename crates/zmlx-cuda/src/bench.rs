@@ -309,8 +309,6 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
         let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_combine_rows(dv, bf, &downw.ws[i % nd], idp(i), wts.ptr(), kk, actk.ptr(), h.ptr(), xn.ptr(), r))?;
         rows.push(row("gather_qmm_combine", format!("E=128 k=8 N=2048 K=768 b4 g64 +res r{r}"), bytes, us, copy));
     }
-    let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_combine(dv, bf, &downw.ws[i % nd], idp(i), wts.ptr(), kk, actk.ptr(), h.ptr(), xn.ptr()))?;
-    rows.push(row("gather_qmm_combine", "E=128 k=8 N=2048 K=768 b4 g64 +res r4 short (default)".into(), bytes, us, copy));
     // norm + router + top-k
     let bytes = (pe_router + 3 * d * sz + kk * 8) as u64;
     let us = time_graph(dev, 32, &|dv, i| {

@@ -27,8 +27,8 @@ pub fn fused_fn_names(tag: &str) -> Vec<String> {
         for g in QMV_GROUPS {
             v.push(format!("fused_swiglu_{tag}_b{b}_g{g}_r1"));
             v.push(format!("fused_swiglu_{tag}_b{b}_g{g}_r2"));
-            for r in ["r1", "r2", "r4", "r4s"] {
-                v.push(format!("fused_combine_{tag}_b{b}_g{g}_{r}"));
+            for r in [1, 2, 4] {
+                v.push(format!("fused_combine_{tag}_b{b}_g{g}_r{r}"));
             }
             v.push(format!("fused_gating_{tag}_b{b}_g{g}"));
         }
@@ -97,20 +97,13 @@ pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, u
 #[allow(clippy::too_many_arguments)]
 pub fn gather_qmm_combine(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64) -> Result<()> {
     // 4 output rows per block: 8.69 µs vs 11.6 (2 rows) on H100 for Qwen3-30B (docs/kernels.md).
-    combine_launch(dev, dt, down, ids, weights, k, act, residual, out, 4, down.k <= 1024)
+    gather_qmm_combine_rows(dev, dt, down, ids, weights, k, act, residual, out, 4)
 }
 
 /// [`gather_qmm_combine`] with an explicit number of output rows per block (`r`: 1, 2 or 4;
 /// the block has min(k, 8) warps, one slot each in turn); results do not depend on it.
 #[allow(clippy::too_many_arguments)]
 pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64, r: u32) -> Result<()> {
-    combine_launch(dev, dt, down, ids, weights, k, act, residual, out, r, false)
-}
-
-/// `short`: the 4-row variant that keeps one chunk in registers (no next-chunk pipeline),
-/// for K ≤ 1024 where a lane has at most one chunk; same arithmetic, fewer registers.
-#[allow(clippy::too_many_arguments)]
-fn combine_launch(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64, r: u32, short: bool) -> Result<()> {
     check_q(down, "down")?;
     aligned(act, 16, "act")?;
     if ids == 0 || weights == 0 || k == 0 || k > 4096 || ![1, 2, 4].contains(&r) {
@@ -119,7 +112,7 @@ fn combine_launch(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, wei
     let tag = dtype_tag(dt)?;
     let threads = 32 * k.min(8) as u32;
     dev.launch(
-        &format!("fused_combine_{tag}_b{}_g{}_r{r}{}", down.bits, down.group_size, if short && r == 4 { "s" } else { "" }),
+        &format!("fused_combine_{tag}_b{}_g{}_r{r}", down.bits, down.group_size),
         ((down.n as u32).div_ceil(r), 1, 1),
         (threads, 1, 1),
         (k * r as usize * 4) as u32,

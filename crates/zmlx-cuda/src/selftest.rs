@@ -1050,12 +1050,7 @@ pub(crate) mod fused_tests {
             fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids2.ptr(), k, xn2.ptr(), act2.ptr(), if it == 0 { r } else { 3 - r }, if it == 0 { 128 } else { 256 })?;
             let out2 = if it == 0 { poisoned(dev, d * sz)? } else { up(dev, dt, &h)? };
             let resid = if it == 0 { hb.ptr() } else { out2.ptr() };
-            if it == 0 {
-                fused::gather_qmm_combine_rows(dev, dt, &dw, ids2.ptr(), wts2.ptr(), k, act2.ptr(), resid, out2.ptr(), 2)?;
-            } else {
-                // the default launch (4 rows; the short variant when K <= 1024)
-                fused::gather_qmm_combine(dev, dt, &dw, ids2.ptr(), wts2.ptr(), k, act2.ptr(), resid, out2.ptr())?;
-            }
+            fused::gather_qmm_combine_rows(dev, dt, &dw, ids2.ptr(), wts2.ptr(), k, act2.ptr(), resid, out2.ptr(), if it == 0 { 2 } else { 4 })?;
             bad[0] += diff(&bytes(dev, ids.ptr(), k * 4)?, &bytes(dev, ids2.ptr(), k * 4)?, 4);
             bad[1] += diff(&bytes(dev, wts.ptr(), k * 4)?, &bytes(dev, wts2.ptr(), k * 4)?, 4);
             bad[2] += diff(&bytes(dev, act.ptr(), k * f * sz)?, &bytes(dev, act2.ptr(), k * f * sz)?, sz);

@@ -66,7 +66,7 @@ __device__ __forceinline__ void gqs_impl(const u32* __restrict__ wg, const typen
 // Programmatic dependent launch: ids are read and the first expert weights requested before
 // waiting for the previous kernel, so ids must come from an earlier kernel (the engine's
 // order: top-k, gather_qmm_swiglu, this); act, wts and residual are read after the wait.
-template <class D, int BITS, int GS, int R, bool PF = true>
+template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void gqc_impl(const u32* __restrict__ w, const typename D::T* __restrict__ s,
                                          const typename D::T* __restrict__ b, const u32* __restrict__ ids,
                                          const float* __restrict__ wts, int k, const typename D::T* __restrict__ act,
@@ -91,7 +91,7 @@ __device__ __forceinline__ void gqc_impl(const u32* __restrict__ w, const typena
     }
     const typename D::T* xr[1] = {act + (long long)j * K};
     float acc[R];
-    qmv_lane_partials<D, BITS, GS, R, false, PF>(wr, sr, br, XGlobal<D>{xr}, chunks, lane, qmask, acc, true);
+    qmv_lane_partials<D, BITS, GS, R, false>(wr, sr, br, XGlobal<D>{xr}, chunks, lane, qmask, acc, true);
 #pragma unroll
     for (int r = 0; r < R; r++) {
       const float y = D::rnd(warp_sum(acc[r]));
@@ -296,11 +296,6 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__
     gqs_impl<DT, BITS, GS, 2>(wg, sg, bg, wu, su, bu, ids, x, act, N, K, qmask);                               \
   }                                                                                                            \
   ZMLX_FUSED_C(DT, DN, BITS, GS, 1) ZMLX_FUSED_C(DT, DN, BITS, GS, 2) ZMLX_FUSED_C(DT, DN, BITS, GS, 4)          \
-  extern "C" __global__ void __launch_bounds__(256) fused_combine_##DN##_b##BITS##_g##GS##_r4s(                 \
-      const u32* w, const DT::T* s, const DT::T* b, const u32* ids, const float* wts, int k, const DT::T* act,  \
-      const DT::T* residual, DT::T* out, int N, int K, u32 qmask) {                                            \
-    gqc_impl<DT, BITS, GS, 4, false>(w, s, b, ids, wts, k, act, residual, out, N, K, qmask);                   \
-  }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(512) fused_gating_##DN##_b##BITS##_g##GS(                       \
       const u32* w, const DT::T* s, const DT::T* b, const DT::T* h, const DT::T* nw, DT::T* xn,                \
       DT::T* logits_out, u32* ids, float* wout, u32* ws, int E, int K, int k, int round_probs, int renorm,     \

@@ -99,83 +99,63 @@ struct XSharedF32 {
 // dep_after_prefetch: the kernel has not waited for the previous one yet (programmatic
 // dependent launch); wait after issuing the first chunk's weight loads, so that they overlap
 // the previous kernel's tail. Only for weights nothing in the stream writes.
-// acc[r] += chunk c of row r: xs = (even sum) + (odd sum), acc = fma(s, chunk_dot, fma(b, xs, acc)).
-template <class D, int BITS, int R, bool XR, class XL>
-__device__ __forceinline__ void qmv_chunk_acc(const u32 (*q)[BITS], const typename D::T* s16, const typename D::T* b16,
-                                              const XL& xl, int c, u32 qmask, float* acc) {
-  if (XR) {
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-      float xv[32];
-      xl(r, c, xv);
-      float xs0 = 0.0f, xs1 = 0.0f;
-#pragma unroll
-      for (int j = 0; j < 32; j += 2) { xs0 += xv[j]; xs1 += xv[j + 1]; }
-      const float xs = xs0 + xs1;
-      const float qx = chunk_dot<BITS>(q[r], xv, qmask);
-      acc[r] = fmaf(D::ld(s16[r]), qx, fmaf(D::ld(b16[r]), xs, acc[r]));
-    }
-  } else {
-    float xv[32];
-    xl(0, c, xv);
-    float xs0 = 0.0f, xs1 = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 32; j += 2) { xs0 += xv[j]; xs1 += xv[j + 1]; }
-    const float xs = xs0 + xs1;
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-      const float qx = chunk_dot<BITS>(q[r], xv, qmask);
-      acc[r] = fmaf(D::ld(s16[r]), qx, fmaf(D::ld(b16[r]), xs, acc[r]));
-    }
-  }
-}
-
-// One chunk's words, scales and biases for the R rows.
-template <class D, int BITS, int GS, int R>
-__device__ __forceinline__ void qmv_chunk_load(const u32* const* wr, const typename D::T* const* sr,
-                                               const typename D::T* const* br, int c, u32 (*q)[BITS],
-                                               typename D::T* s16, typename D::T* b16) {
-#pragma unroll
-  for (int r = 0; r < R; r++) {
-    load_words<BITS>(wr[r] + (long long)c * BITS, q[r]);
-    s16[r] = sr[r][(c * 32) / GS];
-    b16[r] = br[r][(c * 32) / GS];
-  }
-}
-
-template <class D, int BITS, int GS, int R, bool XR, bool PREFETCH = true, class XL>
+template <class D, int BITS, int GS, int R, bool XR, class XL>
 __device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const typename D::T* const* sr,
                                                   const typename D::T* const* br, const XL& xl, int chunks,
                                                   int lane, u32 qmask, float* acc, bool dep_after_prefetch = false) {
 #pragma unroll
   for (int r = 0; r < R; r++) acc[r] = 0.0f;
-  if constexpr (!PREFETCH) {
-    // One chunk in registers at a time: fewer registers, for K <= 1024 where a lane has at
-    // most one chunk and the pipeline below has nothing to prefetch. Same arithmetic.
-    bool waited = false;
-    for (int c = lane; c < chunks; c += 32) {
-      u32 q[R][BITS];
-      typename D::T s16[R], b16[R];
-      qmv_chunk_load<D, BITS, GS, R>(wr, sr, br, c, q, s16, b16);
-      if (dep_after_prefetch && !waited) { ZMLX_GRID_DEP(); waited = true; }
-      qmv_chunk_acc<D, BITS, R, XR>(q, s16, b16, xl, c, qmask, acc);
-    }
-    if (dep_after_prefetch && !waited) ZMLX_GRID_DEP();
-    return;
-  }
   // Software pipeline: the next chunk's words, scales and biases are in flight while
   // the current chunk is computed.
   u32 q[R][BITS];
   typename D::T s16[R], b16[R];
   int c = lane;
-  if (c < chunks) qmv_chunk_load<D, BITS, GS, R>(wr, sr, br, c, q, s16, b16);
+  if (c < chunks) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      load_words<BITS>(wr[r] + (long long)c * BITS, q[r]);
+      s16[r] = sr[r][(c * 32) / GS];
+      b16[r] = br[r][(c * 32) / GS];
+    }
+  }
   if (dep_after_prefetch) ZMLX_GRID_DEP();
   for (; c < chunks; c += 32) {
     const int cn = c + 32;
     u32 qn[R][BITS];
     typename D::T sn[R], bn[R];
-    if (cn < chunks) qmv_chunk_load<D, BITS, GS, R>(wr, sr, br, cn, qn, sn, bn);
-    qmv_chunk_acc<D, BITS, R, XR>(q, s16, b16, xl, c, qmask, acc);
+    if (cn < chunks) {
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        load_words<BITS>(wr[r] + (long long)cn * BITS, qn[r]);
+        sn[r] = sr[r][(cn * 32) / GS];
+        bn[r] = br[r][(cn * 32) / GS];
+      }
+    }
+    if (XR) {
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        float xv[32];
+        xl(r, c, xv);
+        float xs0 = 0.0f, xs1 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 32; j += 2) { xs0 += xv[j]; xs1 += xv[j + 1]; }
+        const float xs = xs0 + xs1;
+        const float qx = chunk_dot<BITS>(q[r], xv, qmask);
+        acc[r] = fmaf(D::ld(s16[r]), qx, fmaf(D::ld(b16[r]), xs, acc[r]));
+      }
+    } else {
+      float xv[32];
+      xl(0, c, xv);
+      float xs0 = 0.0f, xs1 = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 32; j += 2) { xs0 += xv[j]; xs1 += xv[j + 1]; }
+      const float xs = xs0 + xs1;
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        const float qx = chunk_dot<BITS>(q[r], xv, qmask);
+        acc[r] = fmaf(D::ld(s16[r]), qx, fmaf(D::ld(b16[r]), xs, acc[r]));
+      }
+    }
     if (cn < chunks) {
 #pragma unroll
       for (int r = 0; r < R; r++) {
