@@ -152,7 +152,7 @@ pub fn preset(model_type: &str, backend: Backend) -> Vec<PresetEntry> {
                 (true, _, MoeMlp | GatherQmmSwiglu | GatherQmmCombine | SwigluMlp | AddRmsNorm) => {
                     (true, "bitwise identical to the unfused chain (tested on random inputs and on every fixture)")
                 }
-                (true, Backend::Cpu, QkNormRope) => (false, "no CPU implementation yet"),
+                (true, Backend::Cpu, QkNormRope) => (true, "the same per-row ops in one pass (no transposed copies); bitwise identical on every fixture; speed-neutral on the tiny fixtures"),
                 (true, Backend::Cpu, QkvProj) => (false, "CPU: three matmuls over one input; nothing to fuse"),
                 (true, Backend::Cuda, QkNormRope) => (true, "bitwise identical to the 5-launch chain; 2.8 vs 6.6 us on H100"),
                 (true, Backend::Cuda, QkvProj) => (true, "bitwise identical to three qmv; 6.2 vs 8.6 us on H100"),

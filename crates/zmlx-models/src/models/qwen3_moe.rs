@@ -72,6 +72,8 @@ pub struct Attention {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// `qk_norm_rope` patch: q/k RMSNorm, RoPE and the heads-first layout in one pass per head row.
+    pub fused_qk_rope: bool,
 }
 
 impl Attention {
@@ -79,18 +81,42 @@ impl Attention {
     pub fn forward(&self, x: &[f32], l: usize, cache: &mut KvCache, dtype: DType) -> Vec<f32> {
         let d = self.head_dim;
         let offset = cache.len;
-        let q = self.q_norm.forward(&self.q_proj.forward(x, dtype), dtype);
-        let k = self.k_norm.forward(&self.k_proj.forward(x, dtype), dtype);
-        let v = self.v_proj.forward(x, dtype);
-        let mut q = nn::to_heads_first(&q, l, self.n_heads, d);
-        let mut k = nn::to_heads_first(&k, l, self.n_kv_heads, d);
-        let v = nn::to_heads_first(&v, l, self.n_kv_heads, d);
-        self.rope.apply(&mut q, d, l, offset, dtype);
-        self.rope.apply(&mut k, d, l, offset, dtype);
+        let (q, k) = (self.q_proj.forward(x, dtype), self.k_proj.forward(x, dtype));
+        let v = nn::to_heads_first(&self.v_proj.forward(x, dtype), l, self.n_kv_heads, d);
+        let (q, k) = if self.fused_qk_rope {
+            let (c, s) = ops::rope_tables(self.rope.dims, self.rope.base, self.rope.scale, offset, l, dtype);
+            (self.norm_rope_heads_first(&q, &self.q_norm, self.n_heads, l, &c, &s, dtype), self.norm_rope_heads_first(&k, &self.k_norm, self.n_kv_heads, l, &c, &s, dtype))
+        } else {
+            let q = self.q_norm.forward(&q, dtype);
+            let k = self.k_norm.forward(&k, dtype);
+            let mut q = nn::to_heads_first(&q, l, self.n_heads, d);
+            let mut k = nn::to_heads_first(&k, l, self.n_kv_heads, d);
+            self.rope.apply(&mut q, d, l, offset, dtype);
+            self.rope.apply(&mut k, d, l, offset, dtype);
+            (q, k)
+        };
         let (keys, values) = cache.update_and_fetch(&k, &v, l);
         // mlx-lm passes mask=None for one token and "causal" for several.
         let out = ops::sdpa(&q, &keys, &values, self.n_heads, self.n_kv_heads, l, d, self.scale, l > 1, dtype);
         self.o_proj.forward(&nn::to_tokens_first(&out, l, self.n_heads, d), dtype)
+    }
+
+    /// `x` `[l, heads, d]` → RMSNorm each head row, rotate it at its position (tables `c`,
+    /// `s` for positions offset..offset+l), stored `[heads, l, d]`: the unfused chain's
+    /// exact ops (per-row norm, per-pair rotation), one pass and no intermediate arrays.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_rope_heads_first(&self, x: &[f32], norm: &RmsNorm, heads: usize, l: usize, c: &[f32], s: &[f32], dtype: DType) -> Vec<f32> {
+        let d = self.head_dim;
+        let half = self.rope.dims / 2;
+        let mut out = vec![0.0; x.len()];
+        for t in 0..l {
+            for h in 0..heads {
+                let mut row = norm.forward(&x[(t * heads + h) * d..(t * heads + h + 1) * d], dtype);
+                ops::rope_apply(&mut row, d, self.rope.dims, 1, &c[t * half..(t + 1) * half], &s[t * half..(t + 1) * half], dtype);
+                out[(h * l + t) * d..(h * l + t + 1) * d].copy_from_slice(&row);
+            }
+        }
+        out
     }
 }
 
@@ -222,6 +248,7 @@ impl Model {
                 n_kv_heads: args.num_key_value_heads,
                 head_dim: hd,
                 scale: (hd as f32).powf(-0.5),
+                fused_qk_rope: false,
             };
             let mlp = if args.is_sparse_layer(i) {
                 FeedForward::Sparse(SparseMoeBlock {
@@ -274,6 +301,10 @@ impl Model {
             layer.fused_add_norm = on(Pattern::AddRmsNorm);
             if layer.fused_add_norm {
                 report.add("add_rms_norm");
+            }
+            layer.self_attn.fused_qk_rope = on(Pattern::QkNormRope);
+            if layer.self_attn.fused_qk_rope {
+                report.add("qk_norm_rope");
             }
         }
         report
