@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || { echo "error: .venv/bin/python missing: run .ci/run once (it installs mlx + mlx-lm)"; exit 1; }
 export ZMLX_ORACLE_PYTHON="$PWD/.venv/bin/python"
 log=$(mktemp)
-cargo test --release --workspace --exclude zmlx-cuda 2>&1 | tee "$log"
+{ cargo test --release --workspace --exclude zmlx-cuda; cargo test --release -p zmlx-cuda --lib; } 2>&1 | tee "$log"
 passed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/) s += $i } END { print s + 0 }' "$log")
 failed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) s += $i } END { print s + 0 }' "$log")
 rm -f "$log"

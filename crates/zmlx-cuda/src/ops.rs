@@ -643,3 +643,45 @@ pub fn copy_kernel(dev: &CudaDevice, src: u64, dst: u64, bytes: usize) -> Result
     let blocks = (n16.div_ceil(256) as u32).min(dev.sm_count() * 8);
     dev.launch("copy_u4", (blocks, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(src), Arg::Ptr(dst), Arg::Ptr(n16)])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine captures one graph per attention choice: few of them, each valid for the
+    /// launcher, and every Split fits the workspace `AttnShape` reserves.
+    #[test]
+    fn attention_choice_is_valid_and_bounded() {
+        let mut seen = std::collections::HashSet::new();
+        let shape = AttnShape { n_heads: 32, n_kv_heads: 4, head_dim: 128, max_len: ATT_MAX_LEN };
+        let mut last = AttnKernel::Single;
+        for len in 1..=ATT_MAX_LEN {
+            let k = AttnKernel::for_len(len);
+            seen.insert(k);
+            if let AttnKernel::Split(s) = k {
+                assert!((2..=ATT_SPLIT_KERNEL_MAX as u32).contains(&s), "len {len}: {s} splits");
+                assert!(shape.n_heads * s as usize * (shape.head_dim + 2) * 4 <= shape.workspace_bytes());
+                // more splits as the length grows, never fewer
+                if let AttnKernel::Split(p) = last {
+                    assert!(s >= p, "len {len}: splits went down from {p} to {s}");
+                }
+            }
+            last = k;
+        }
+        assert!(seen.len() <= 5, "{} graphs per decode: {seen:?}", seen.len());
+        assert_eq!(AttnKernel::for_len(1), AttnKernel::Single);
+        assert_eq!(AttnKernel::for_len(ATT_SPLIT_MAX_LEN + 1), AttnKernel::Long);
+        // A small cache still reserves room for the largest split the launcher takes.
+        let small = AttnShape { max_len: 40, ..shape };
+        assert!(small.n_heads * ATT_SPLIT_KERNEL_MAX * (small.head_dim + 2) * 4 <= small.workspace_bytes());
+    }
+
+    #[test]
+    fn rms_norm_block_is_a_warp_multiple_holding_eight_values_per_thread() {
+        for n in [16usize, 64, 100, 2048, 4096, 4103, 8192, 9000] {
+            let t = rms_norm_threads(n) as usize;
+            assert!(t % 32 == 0 && (32..=1024).contains(&t));
+            assert!(n > 8192 || n <= 8 * t, "n {n}: {t} threads");
+        }
+    }
+}
