@@ -33,6 +33,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median µs per launch of `body(dev, i)` for i in 0..batch, captured once as a graph.
+/// `sets` routing draws of `k` distinct expert ids out of `e`, concatenated (`[sets, k]`).
+fn expert_id_sets(rng: &mut Rng, e: usize, k: usize, sets: usize) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(sets * k);
+    for _ in 0..sets {
+        let mut set: Vec<u32> = Vec::with_capacity(k);
+        while set.len() < k {
+            let c = rng.next_u32() % e as u32;
+            if !set.contains(&c) {
+                set.push(c);
+            }
+        }
+        ids.extend(set);
+    }
+    ids
+}
+
 fn time_graph(dev: &CudaDevice, batch: usize, body: &dyn Fn(&CudaDevice, usize) -> Result<()>) -> Result<f64> {
     let g = dev.capture(|d| {
         for i in 0..batch {
@@ -157,18 +173,7 @@ fn run_benchmarks_inner(dev: &CudaDevice) -> Result<Vec<BenchRow>> {
         let (e, kk) = (128usize, 8usize);
         let set = qweights(dev, &mut rng, bf, e, n, k, 4, 64)?;
         let nsets = 16;
-        let mut ids: Vec<u32> = Vec::new();
-        for _ in 0..nsets {
-            let mut s: Vec<u32> = Vec::new();
-            while s.len() < kk {
-                let c = rng.next_u32() % e as u32;
-                if !s.contains(&c) {
-                    s.push(c);
-                }
-            }
-            ids.extend(s);
-        }
-        let idb = dev.upload(&ids)?;
+        let idb = dev.upload(&expert_id_sets(&mut rng, e, kk, nsets))?;
         let bytes = (kk * set.ws[0].bytes_per_expert(bf) + (if per { kk * k } else { k } + kk * n) * 2) as u64;
         let nb = set.ws.len();
         let us = time_graph(dev, 16, &|d, i| {
@@ -256,18 +261,7 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
     let downw = qweights(dev, rng, bf, e, d, f, 4, 64)?;
     let router = qweights(dev, rng, bf, 1, e, d, 8, 64)?;
     let nsets = 16;
-    let mut ids: Vec<u32> = Vec::new();
-    for _ in 0..nsets {
-        let mut s: Vec<u32> = Vec::new();
-        while s.len() < kk {
-            let c = rng.next_u32() % e as u32;
-            if !s.contains(&c) {
-                s.push(c);
-            }
-        }
-        ids.extend(s);
-    }
-    let idb = dev.upload(&ids)?;
+    let idb = dev.upload(&expert_id_sets(rng, e, kk, nsets))?;
     let idp = |i: usize| idb.ptr() + ((i % nsets) * kk * 4) as u64;
     let wts = dev.upload(&[0.2f32, 0.18, 0.15, 0.12, 0.11, 0.1, 0.08, 0.06])?;
     let x = random_floats(dev, rng, bf, d, -1.0, 1.0)?;

@@ -399,25 +399,7 @@ pub fn qk_norm_rope_append(dev: &CudaDevice, dt: DType, q: u64, k: u64, v: u64, 
 /// holding dt-exact values when `round_probs`.
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_topk(dev: &CudaDevice, dt: DType, logits: u64, rows: usize, e: usize, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64) -> Result<()> {
-    if k == 0 || k > 64 || k > e || e > 8192 {
-        return Err(inv(format!("softmax_topk: k={k}, E={e} unsupported (k <= 64, E <= 8192)")));
-    }
-    let tag = dtype_tag(dt)?;
-    dev.launch(
-        &format!("softmax_topk_{tag}"),
-        (rows as u32, 1, 1),
-        (32, 1, 1),
-        (e * 4) as u32,
-        &[
-            Arg::Ptr(logits),
-            Arg::Ptr(ids),
-            Arg::Ptr(weights),
-            Arg::I32(e as i32),
-            Arg::I32(k as i32),
-            Arg::I32(round_probs as i32),
-            Arg::I32(renorm as i32),
-        ],
-    )
+    topk_launch(dev, "softmax_topk", dt, logits, rows, e, k, round_probs, renorm, ids, weights)
 }
 
 /// The previous softmax_topk kernel (serial shared-memory scans), kept for the bitwise
@@ -425,12 +407,18 @@ pub fn softmax_topk(dev: &CudaDevice, dt: DType, logits: u64, rows: usize, e: us
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_topk_legacy(dev: &CudaDevice, dt: DType, logits: u64, rows: usize, e: usize, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64) -> Result<()> {
+    topk_launch(dev, "softmax_topk_legacy", dt, logits, rows, e, k, round_probs, renorm, ids, weights)
+}
+
+/// One warp per row, E floats of shared memory (both top-k kernels take the same arguments).
+#[allow(clippy::too_many_arguments)]
+fn topk_launch(dev: &CudaDevice, kernel: &str, dt: DType, logits: u64, rows: usize, e: usize, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64) -> Result<()> {
     if k == 0 || k > 64 || k > e || e > 8192 {
         return Err(inv(format!("softmax_topk: k={k}, E={e} unsupported (k <= 64, E <= 8192)")));
     }
     let tag = dtype_tag(dt)?;
     dev.launch(
-        &format!("softmax_topk_legacy_{tag}"),
+        &format!("{kernel}_{tag}"),
         (rows as u32, 1, 1),
         (32, 1, 1),
         (e * 4) as u32,
