@@ -187,10 +187,6 @@ impl CudaDevice {
     pub fn sm_count(&self) -> u32 {
         self.sm_count
     }
-    /// Whether kernels are launched with programmatic dependent launch.
-    pub fn pdl(&self) -> bool {
-        self.pdl
-    }
     pub fn stream_handle(&self) -> sys::CUstream {
         self.stream.cu_stream()
     }

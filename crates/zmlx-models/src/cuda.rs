@@ -289,6 +289,13 @@ struct DevLayer {
     v_cache: u64,
 }
 
+impl DevLayer {
+    /// The post-attention RMSNorm runs inside the router kernel (moe_gating or norm_router).
+    fn norm_in_router(&self) -> bool {
+        matches!(self.ff, DevFeedForward::Sparse { .. }) && (self.moe.fused_gating || self.fused_norm_router)
+    }
+}
+
 /// Activations and scratch, all carved from one arena at load.
 struct Scratch {
     /// A u32 0: the expert id of a dense MLP run through the gathered kernels.
@@ -502,8 +509,7 @@ impl CudaQwen3Moe {
             }
             ops::attention_decode(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
             // h = x + attn; xn = post_attention_layernorm(h) (inside moe_gating when fused).
-            let norm_in_gating = matches!(l.ff, DevFeedForward::Sparse { .. }) && (l.moe.fused_gating || l.fused_norm_router);
-            let mut normed = norm_in_gating;
+            let mut normed = l.norm_in_router();
             match (l.fused_o_add, l.o.quant()) {
                 (true, Some(o)) => ops::qmv_add(dev, dt, o, s.attn, s.x, s.x)?,
                 _ => {
@@ -591,12 +597,14 @@ impl CudaQwen3Moe {
             // Safety rule: the fused kernels read MLX-quantized weights only.
             match &l.ff {
                 DevFeedForward::Sparse { router, experts, .. } => {
-                    let gating = on(Pattern::MoeGating) && router.quant().is_some_and(|r| r.k <= fused::MOE_GATING_MAX_K);
+                    // moe_gating and norm_router read a quantized router over a hidden size they take.
+                    let router_ok = router.quant().is_some_and(|r| r.k <= fused::MOE_GATING_MAX_K);
+                    let gating = on(Pattern::MoeGating) && router_ok;
                     if on(Pattern::MoeGating) && !gating {
                         report.skip(Pattern::MoeGating, format!("router not quantized or hidden size > {}", fused::MOE_GATING_MAX_K));
                     }
                     // moe_gating (which includes the norm and the router) takes precedence.
-                    l.fused_norm_router = !gating && on(Pattern::NormRouter) && router.quant().is_some_and(|r| r.k <= fused::MOE_GATING_MAX_K);
+                    l.fused_norm_router = !gating && on(Pattern::NormRouter) && router_ok;
                     if l.fused_norm_router {
                         report.add("norm_router");
                     }
@@ -664,8 +672,7 @@ impl CudaQwen3Moe {
             .map(|l| {
                 let attn = (if l.fused_qkv { 1 } else { 3 }) + (if l.fused_qk_rope { 1 } else { 5 }) + attn_launches + 1;
                 // o_proj (+ add) is counted with the attention; then add and/or norm.
-                let gating_norm = matches!(l.ff, DevFeedForward::Sparse { .. }) && (l.moe.fused_gating || l.fused_norm_router);
-                let post_attn = match (l.fused_o_add, gating_norm, l.fused_add_norm) {
+                let post_attn = match (l.fused_o_add, l.norm_in_router(), l.fused_add_norm) {
                     (true, true, _) => 0,
                     (true, false, _) | (false, true, _) | (false, false, true) => 1,
                     (false, false, false) => 2,

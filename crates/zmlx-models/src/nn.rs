@@ -134,9 +134,14 @@ pub struct Rope {
 impl Rope {
     /// `x` is `[heads, len, head_dim]` at positions `offset..offset+len`.
     pub fn apply(&self, x: &mut [f32], head_dim: usize, len: usize, offset: usize, dtype: DType) {
-        assert!(!self.traditional, "traditional RoPE is not used by the supported families yet");
-        let (c, s) = ops::rope_tables(self.dims, self.base, self.scale, offset, len, dtype);
+        let (c, s) = self.tables(len, offset, dtype);
         ops::rope_apply(x, head_dim, self.dims, len, &c, &s, dtype);
+    }
+
+    /// cos/sin tables `[len, dims/2]` for positions `offset..offset+len`.
+    pub fn tables(&self, len: usize, offset: usize, dtype: DType) -> (Vec<f32>, Vec<f32>) {
+        assert!(!self.traditional, "traditional RoPE is not used by the supported families yet");
+        ops::rope_tables(self.dims, self.base, self.scale, offset, len, dtype)
     }
 }
 

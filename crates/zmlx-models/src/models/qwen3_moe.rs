@@ -84,7 +84,7 @@ impl Attention {
         let (q, k) = (self.q_proj.forward(x, dtype), self.k_proj.forward(x, dtype));
         let v = nn::to_heads_first(&self.v_proj.forward(x, dtype), l, self.n_kv_heads, d);
         let (q, k) = if self.fused_qk_rope {
-            let (c, s) = ops::rope_tables(self.rope.dims, self.rope.base, self.rope.scale, offset, l, dtype);
+            let (c, s) = self.rope.tables(l, offset, dtype);
             (self.norm_rope_heads_first(&q, &self.q_norm, self.n_heads, l, &c, &s, dtype), self.norm_rope_heads_first(&k, &self.k_norm, self.n_kv_heads, l, &c, &s, dtype))
         } else {
             let q = self.q_norm.forward(&q, dtype);
