@@ -174,3 +174,43 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   float t = lane < nw ? red[lane] : -ZMLX_INF;
   return warp_max(t);
 }
+
+// ---- L2 prefetch (a hint: no result depends on it) ----
+// A kernel whose own DRAM traffic is light asks the L2 for weights a later kernel reads,
+// so that kernel finds them there instead of waiting on DRAM. `table` (device memory, u64
+// words): {n, ptr_0, bytes_0, ..., ptr_{n-1}, bytes_{n-1}}. With `ids` (k experts) every
+// range is per expert: range i of expert e is [ptr_i + e*bytes_i, +bytes_i). The ranges are
+// cut into 16 KiB pieces dealt round-robin to the grid's blocks and their threads; a piece
+// is one bulk request (sm_90 TMA) or, before sm_90, one prefetch per 128-byte line.
+// Weights are constant, so this may run before the kernel waits for its predecessor.
+#define ZMLX_PF_PIECE 16384ull
+__device__ __forceinline__ void l2_prefetch_piece(u64 lo, u64 hi) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  lo = (lo + 15ull) & ~15ull;  // bulk requests: 16-byte aligned address and size
+  hi &= ~15ull;
+  if (lo < hi) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lo), "r"((u32)(hi - lo)) : "memory");
+#else
+  for (u64 a = lo & ~127ull; a < hi; a += 128ull) asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+#endif
+}
+__device__ __forceinline__ void l2_prefetch(const u64* __restrict__ table, const u32* ids, int k) {
+  if (table == 0) return;
+  const u64 n = table[0];
+  const u64 items = ids ? n * (u64)k : n;
+  const u64 parts = (u64)gridDim.x * gridDim.y;
+  const u64 part = (u64)blockIdx.y * gridDim.x + blockIdx.x;
+  u64 g0 = 0;  // global index of the item's first piece
+  for (u64 t = 0; t < items; t++) {
+    const u64 i = ids ? t % n : t;
+    const u64 bytes = table[2 + 2 * i];
+    const u64 base = table[1 + 2 * i] + (ids ? (u64)ids[t / n] * bytes : 0ull);
+    const u64 pieces = (bytes + ZMLX_PF_PIECE - 1) / ZMLX_PF_PIECE;
+    // this block's pieces are g = part (mod parts); its threads take every blockDim.x-th one
+    const u64 first = g0 + (part + parts - g0 % parts) % parts;
+    for (u64 g = first + parts * threadIdx.x; g < g0 + pieces; g += parts * blockDim.x) {
+      const u64 lo = base + (g - g0) * ZMLX_PF_PIECE;
+      l2_prefetch_piece(lo, min(lo + ZMLX_PF_PIECE, base + bytes));
+    }
+    g0 += pieces;
+  }
+}
