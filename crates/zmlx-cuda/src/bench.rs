@@ -288,7 +288,7 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
     })?;
     rows.push(row("unfused gate/up/swiglu", "gather+gather+swiglu (3 launches)".into(), bytes, us, copy));
     for (r, t) in [(1u32, 128u32), (1, 64), (1, 256), (2, 128), (2, 64)] {
-        let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_swiglu_rows(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], idp(i), kk, x.ptr(), act.ptr(), r, t, 0))?;
+        let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_swiglu_rows(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], idp(i), kk, x.ptr(), act.ptr(), r, t))?;
         rows.push(row("gather_qmm_swiglu", format!("E=128 k=8 N=768 K=2048 b4 g64 r{r} t{t}"), bytes, us, copy));
     }
     // down + combine + residual add
@@ -300,7 +300,7 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
     })?;
     rows.push(row("unfused down/comb/add", "gather+moe_combine+add (3 launches)".into(), bytes, us, copy));
     for r in [1u32, 2, 4] {
-        let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_combine_rows(dv, bf, &downw.ws[i % nd], idp(i), wts.ptr(), kk, actk.ptr(), h.ptr(), xn.ptr(), r, 0))?;
+        let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_combine_rows(dv, bf, &downw.ws[i % nd], idp(i), wts.ptr(), kk, actk.ptr(), h.ptr(), xn.ptr(), r))?;
         rows.push(row("gather_qmm_combine", format!("E=128 k=8 N=2048 K=768 b4 g64 +res r{r}"), bytes, us, copy));
     }
     // norm + router + top-k
@@ -348,8 +348,8 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
     let us = time_graph(dev, 16, &|dv, i| {
         ops::add(dv, bf, hs.ptr(), delta.ptr(), hs.ptr(), d)?;
         fused::moe_gating(dv, bf, &router.ws[i % nr], hs.ptr(), nw.ptr(), 1e-6, xn.ptr(), kk, true, true, gid.ptr(), gwt.ptr(), gws.ptr())?;
-        fused::gather_qmm_swiglu(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], gid.ptr(), kk, xn.ptr(), act.ptr(), 0)?;
-        fused::gather_qmm_combine(dv, bf, &downw.ws[i % nd], gid.ptr(), gwt.ptr(), kk, act.ptr(), hs.ptr(), hs.ptr(), 0)
+        fused::gather_qmm_swiglu(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], gid.ptr(), kk, xn.ptr(), act.ptr())?;
+        fused::gather_qmm_combine(dv, bf, &downw.ws[i % nd], gid.ptr(), gwt.ptr(), kk, act.ptr(), hs.ptr(), hs.ptr())
     })?;
     rows.push(row("MoE block fused", "add,moe_gating(+norm),swiglu,combine (4)".into(), bytes, us, copy));
     let us = time_graph(dev, 16, &|dv, i| {
@@ -357,8 +357,8 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
         ops::rms_norm(dv, bf, hs.ptr(), nw.ptr(), xn.ptr(), 1, d, 1e-6)?;
         ops::qmv(dv, bf, &router.ws[i % nr], xn.ptr(), logits.ptr())?;
         ops::softmax_topk(dv, bf, logits.ptr(), 1, e, kk, true, true, gid.ptr(), gwt.ptr())?;
-        fused::gather_qmm_swiglu(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], gid.ptr(), kk, xn.ptr(), act.ptr(), 0)?;
-        fused::gather_qmm_combine(dv, bf, &downw.ws[i % nd], gid.ptr(), gwt.ptr(), kk, act.ptr(), hs.ptr(), hs.ptr(), 0)
+        fused::gather_qmm_swiglu(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], gid.ptr(), kk, xn.ptr(), act.ptr())?;
+        fused::gather_qmm_combine(dv, bf, &downw.ws[i % nd], gid.ptr(), gwt.ptr(), kk, act.ptr(), hs.ptr(), hs.ptr())
     })?;
     rows.push(row("MoE block fused-x", "add,norm,qmv,topk + swiglu,combine (6)".into(), bytes, us, copy));
     Ok(rows)
@@ -442,7 +442,7 @@ fn latency_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Ben
         ops::kv_append(dv, bf, &s, kb.ptr(), xs.ptr(), kc.ptr(), vc.ptr(), pos.ptr(), 0)
     })?;
     rows.push(row("qk chain (5 launches)", "rms_norm q,k + rope q,k + kv_append".into(), 0, us, copy));
-    let us = time_graph(dev, 16, &|dv, _| ops::qk_norm_rope_append(dv, bf, qb.ptr(), kb.ptr(), xs.ptr(), nw.ptr(), nw.ptr(), kc.ptr(), vc.ptr(), pos.ptr(), &s, 1e-6, 1e6, 0))?;
+    let us = time_graph(dev, 16, &|dv, _| ops::qk_norm_rope_append(dv, bf, qb.ptr(), kb.ptr(), xs.ptr(), nw.ptr(), nw.ptr(), kc.ptr(), vc.ptr(), pos.ptr(), &s, 1e-6, 1e6))?;
     rows.push(row("qk_norm_rope_append", "Hq=32 Hkv=4 hd=128 bf16".into(), 0, us, copy));
     // q, k, v projections
     let wq = qweights(dev, rng, bf, 1, hq * hd, d, 4, 64)?;
@@ -496,7 +496,7 @@ fn latency_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Ben
                     ops::attention_decode(dv, bf, &s, AttnKernel::for_len(len), yq.ptr(), k.ptr(), v.ptr(), pos.ptr(), 1, 0.088, ws.ptr(), attn)?;
                 } else {
                     fused::qkv(dv, bf, &wq.ws[j], &wk.ws[j], &wv.ws[j], xin.ptr(), yq.ptr(), yk.ptr(), yv.ptr())?;
-                    ops::qk_norm_rope_append(dv, bf, yq.ptr(), yk.ptr(), yv.ptr(), nw.ptr(), nw.ptr(), k.ptr(), v.ptr(), pos.ptr(), &s, 1e-6, 1e6, 0)?;
+                    ops::qk_norm_rope_append(dv, bf, yq.ptr(), yk.ptr(), yv.ptr(), nw.ptr(), nw.ptr(), k.ptr(), v.ptr(), pos.ptr(), &s, 1e-6, 1e6)?;
                     ops::attention_decode(dv, bf, &s, AttnKernel::for_len(len), yq.ptr(), k.ptr(), v.ptr(), pos.ptr(), 1, 0.088, ws.ptr(), attn)?;
                 }
                 ops::qmv(dv, bf, &wo.ws[i % wo.ws.len()], attn, o)?;
@@ -508,8 +508,8 @@ fn latency_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Ben
                 } else {
                     ops::softmax_topk(dv, bf, logits, 1, e, kk, true, true, ids.ptr(), wts.ptr())?;
                 }
-                fused::gather_qmm_swiglu(dv, bf, &gw, &uw, ids.ptr(), kk, hn, actb, 0)?;
-                fused::gather_qmm_combine(dv, bf, &dw, ids.ptr(), wts.ptr(), kk, actb, h, hout, 0)?;
+                fused::gather_qmm_swiglu(dv, bf, &gw, &uw, ids.ptr(), kk, hn, actb)?;
+                fused::gather_qmm_combine(dv, bf, &dw, ids.ptr(), wts.ptr(), kk, actb, h, hout)?;
                 ops::rms_norm(dv, bf, hout, nw.ptr(), bufs[7].ptr(), 1, d, 1e-6)
             })?;
             rows.push(row(

@@ -43,16 +43,14 @@ pub fn fused_fn_names(tag: &str) -> Vec<String> {
 /// code (x shared, `[K]`), rounded to `dt` as qmv stores them, then swiglu with its per-op
 /// rounding. Bitwise identical to gather_qmv gate + gather_qmv up + swiglu.
 #[allow(clippy::too_many_arguments)]
-/// `l2_prefetch`: a table of per-expert ranges (0 for none) the kernel asks the L2 for, for
-/// the selected experts, once it has their ids (the engine passes the down projection's).
-pub fn gather_qmm_swiglu(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, ids: u64, k: usize, x: u64, act: u64, l2_prefetch: u64) -> Result<()> {
-    gather_qmm_swiglu_rows(dev, dt, gate, up, ids, k, x, act, 1, 128, l2_prefetch)
+pub fn gather_qmm_swiglu(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, ids: u64, k: usize, x: u64, act: u64) -> Result<()> {
+    gather_qmm_swiglu_rows(dev, dt, gate, up, ids, k, x, act, 1, 128)
 }
 
 /// [`gather_qmm_swiglu`] with an explicit number of gate/up row pairs per warp (`r`: 1 or 2)
 /// and block size (`threads`: 32..=256, a multiple of 32); results do not depend on them.
 #[allow(clippy::too_many_arguments)]
-pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, ids: u64, k: usize, x: u64, act: u64, r: u32, threads: u32, l2_prefetch: u64) -> Result<()> {
+pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, ids: u64, k: usize, x: u64, act: u64, r: u32, threads: u32) -> Result<()> {
     check_q(gate, "gate")?;
     check_q(up, "up")?;
     if (gate.n, gate.k, gate.bits, gate.group_size, gate.n_experts) != (up.n, up.k, up.bits, up.group_size, up.n_experts) {
@@ -83,7 +81,6 @@ pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, u
             Arg::I32(gate.n as i32),
             Arg::I32(gate.k as i32),
             Arg::I32(((1u32 << gate.bits) - 1) as i32),
-            Arg::Ptr(l2_prefetch),
         ],
     )
 }
@@ -98,17 +95,15 @@ pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, u
 /// them, and requests the experts' weights, before waiting for that kernel; the MoE order
 /// top-k → gather_qmm_swiglu → gather_qmm_combine satisfies it).
 #[allow(clippy::too_many_arguments)]
-/// `l2_prefetch`: a table of ranges (0 for none) the kernel asks the L2 for at its start
-/// (the engine passes the next layer's q/k/v weights).
-pub fn gather_qmm_combine(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64, l2_prefetch: u64) -> Result<()> {
+pub fn gather_qmm_combine(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64) -> Result<()> {
     // 4 output rows per block: 8.69 µs vs 11.6 (2 rows) on H100 for Qwen3-30B (docs/kernels.md).
-    gather_qmm_combine_rows(dev, dt, down, ids, weights, k, act, residual, out, 4, l2_prefetch)
+    gather_qmm_combine_rows(dev, dt, down, ids, weights, k, act, residual, out, 4)
 }
 
 /// [`gather_qmm_combine`] with an explicit number of output rows per block (`r`: 1, 2 or 4;
 /// the block has min(k, 8) warps, one slot each in turn); results do not depend on it.
 #[allow(clippy::too_many_arguments)]
-pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64, r: u32, l2_prefetch: u64) -> Result<()> {
+pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64, r: u32) -> Result<()> {
     check_q(down, "down")?;
     aligned(act, 16, "act")?;
     if ids == 0 || weights == 0 || k == 0 || k > 4096 || ![1, 2, 4].contains(&r) {
@@ -134,7 +129,6 @@ pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, 
             Arg::I32(down.n as i32),
             Arg::I32(down.k as i32),
             Arg::I32(((1u32 << down.bits) - 1) as i32),
-            Arg::Ptr(l2_prefetch),
         ],
     )
 }

@@ -39,13 +39,6 @@ impl QuantWeight {
         let groups = self.n * self.k / self.group_size as usize;
         self.n * self.k * self.bits as usize / 8 + 2 * groups * dt.size_bytes()
     }
-    /// (start, bytes) of the words, scales and biases, of one expert when the weight has
-    /// experts (the stride between experts): an L2 prefetch table's ranges ([`l2_prefetch_table`]).
-    pub fn l2_ranges(&self, dt: DType) -> [(u64, u64); 3] {
-        let groups = (self.n * self.k / self.group_size as usize * dt.size_bytes()) as u64;
-        [(self.w, (self.n * self.k * self.bits as usize / 8) as u64), (self.scales, groups), (self.biases, groups)]
-    }
-
     fn validate(&self) -> Result<()> {
         if !crate::catalog::QMV_BITS.contains(&self.bits) || !crate::catalog::QMV_GROUPS.contains(&self.group_size) {
             return Err(inv(format!("unsupported quantization bits={} group={}", self.bits, self.group_size)));
@@ -365,7 +358,7 @@ pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: Attn
 /// head_dim]` are written to the caches at `*pos_ptr` (skipped outside 0..max_len). Bitwise
 /// identical to `rms_norm(q) + rms_norm(k) + rope(q) + rope(k) + kv_append` (pos_add 0).
 #[allow(clippy::too_many_arguments)]
-pub fn qk_norm_rope_append(dev: &CudaDevice, dt: DType, q: u64, k: u64, v: u64, q_norm_w: u64, k_norm_w: u64, k_cache: u64, v_cache: u64, pos_ptr: u64, shape: &AttnShape, eps: f32, rope_base: f32, l2_prefetch: u64) -> Result<()> {
+pub fn qk_norm_rope_append(dev: &CudaDevice, dt: DType, q: u64, k: u64, v: u64, q_norm_w: u64, k_norm_w: u64, k_cache: u64, v_cache: u64, pos_ptr: u64, shape: &AttnShape, eps: f32, rope_base: f32) -> Result<()> {
     let hd = shape.head_dim;
     if hd == 0 || hd % 2 != 0 || hd > 256 || shape.n_kv_heads == 0 {
         return Err(inv(format!("qk_norm_rope_append: head_dim {hd} must be even and <= 256")));
@@ -395,16 +388,8 @@ pub fn qk_norm_rope_append(dev: &CudaDevice, dt: DType, q: u64, k: u64, v: u64, 
             Arg::F32(inv_n),
             Arg::F32(rope_step(rope_base, hd)),
             Arg::F32(1.0),
-            Arg::Ptr(l2_prefetch),
         ],
     )
-}
-
-/// An L2 prefetch table (device memory, read by the kernels' `l2_prefetch`, common.cuh):
-/// `{n, start_0, bytes_0, ...}`. Kernels that take one (0 for none) ask the L2 for these
-/// bytes early; with expert ids, each range is one expert's (start + id * bytes).
-pub fn l2_prefetch_table(ranges: &[(u64, u64)]) -> Vec<u64> {
-    std::iter::once(ranges.len() as u64).chain(ranges.iter().flat_map(|&(p, n)| [p, n])).collect()
 }
 
 /// Router: per row of `e` logits, p = softmax (f32, sequential sum as MLX's CPU), top-`k`

@@ -1043,19 +1043,14 @@ pub(crate) mod fused_tests {
         dev.memset(ws.ptr(), 0, fused::moe_gating_workspace_bytes(e))?;
         let mut bad = [0usize; 6];
         let mut act_f = Vec::new();
-        // The second run also issues L2 prefetches (a hint: outputs must not change): swiglu
-        // for the selected experts' down weights, combine for all of gate (odd-sized ranges).
-        let pf_down = dev.upload(&ops::l2_prefetch_table(&dw.l2_ranges(dt)))?;
-        let pf_gate = dev.upload(&ops::l2_prefetch_table(&[(gw.w, (e * f * d * bits as usize / 8) as u64), (gw.scales + 2, 1000), (gw.biases, 17)]))?;
         for it in 0..2 {
-            let (pf_s, pf_c) = if it == 0 { (0, 0) } else { (pf_down.ptr(), pf_gate.ptr()) };
             let (ids2, wts2, act2, xn2) = (poisoned(dev, k * 4)?, poisoned(dev, k * 4)?, poisoned(dev, k * f * sz)?, poisoned(dev, d * sz)?);
             fused::moe_gating(dev, dt, &rw, hb.ptr(), nw.ptr(), 1e-6, xn2.ptr(), k, true, true, ids2.ptr(), wts2.ptr(), ws.ptr())?;
             bad[5] += diff(&bytes(dev, xb.ptr(), d * sz)?, &bytes(dev, xn2.ptr(), d * sz)?, sz);
-            fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids2.ptr(), k, xn2.ptr(), act2.ptr(), if it == 0 { r } else { 3 - r }, if it == 0 { 128 } else { 256 }, pf_s)?;
+            fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids2.ptr(), k, xn2.ptr(), act2.ptr(), if it == 0 { r } else { 3 - r }, if it == 0 { 128 } else { 256 })?;
             let out2 = if it == 0 { poisoned(dev, d * sz)? } else { up(dev, dt, &h)? };
             let resid = if it == 0 { hb.ptr() } else { out2.ptr() };
-            fused::gather_qmm_combine_rows(dev, dt, &dw, ids2.ptr(), wts2.ptr(), k, act2.ptr(), resid, out2.ptr(), if it == 0 { 2 } else { 4 }, pf_c)?;
+            fused::gather_qmm_combine_rows(dev, dt, &dw, ids2.ptr(), wts2.ptr(), k, act2.ptr(), resid, out2.ptr(), if it == 0 { 2 } else { 4 })?;
             bad[0] += diff(&bytes(dev, ids.ptr(), k * 4)?, &bytes(dev, ids2.ptr(), k * 4)?, 4);
             bad[1] += diff(&bytes(dev, wts.ptr(), k * 4)?, &bytes(dev, wts2.ptr(), k * 4)?, 4);
             bad[2] += diff(&bytes(dev, act.ptr(), k * f * sz)?, &bytes(dev, act2.ptr(), k * f * sz)?, sz);
@@ -1066,7 +1061,7 @@ pub(crate) mod fused_tests {
         }
         // combine without residual vs moe_combine alone
         let ff2 = poisoned(dev, d * sz)?;
-        fused::gather_qmm_combine_rows(dev, dt, &dw, ids.ptr(), wts.ptr(), k, act.ptr(), 0, ff2.ptr(), 1, 0)?;
+        fused::gather_qmm_combine_rows(dev, dt, &dw, ids.ptr(), wts.ptr(), k, act.ptr(), 0, ff2.ptr(), 1)?;
         bad[4] = diff(&bytes(dev, ff.ptr(), d * sz)?, &bytes(dev, ff2.ptr(), d * sz)?, sz);
         let gws = dev.read::<u32>(ws.ptr(), 1)?[0];
         // f64 sanity: act vs swiglu(gate, up) in f64; out vs h + Σ w (down · act_device).
@@ -1128,12 +1123,12 @@ pub(crate) mod fused_tests {
         let mut bad = 0;
         for r in [1u32, 2] {
             let act2 = poisoned(dev, k * n * sz)?;
-            fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids.ptr(), k, xb.ptr(), act2.ptr(), r, 64 * r, 0)?;
+            fused::gather_qmm_swiglu_rows(dev, dt, &gw, &uw, ids.ptr(), k, xb.ptr(), act2.ptr(), r, 64 * r)?;
             bad += diff(&bytes(dev, act.ptr(), k * n * sz)?, &bytes(dev, act2.ptr(), k * n * sz)?, sz);
         }
         for r in [1u32, 2, 4] {
             let out2 = poisoned(dev, n * sz)?;
-            fused::gather_qmm_combine_rows(dev, dt, &gw, ids.ptr(), wts.ptr(), k, xkb.ptr(), hb.ptr(), out2.ptr(), r, 0)?;
+            fused::gather_qmm_combine_rows(dev, dt, &gw, ids.ptr(), wts.ptr(), k, xkb.ptr(), hb.ptr(), out2.ptr(), r)?;
             bad += diff(&bytes(dev, out.ptr(), n * sz)?, &bytes(dev, out2.ptr(), n * sz)?, sz);
         }
         Ok(TestRow {
@@ -1369,9 +1364,7 @@ pub(crate) mod latency_tests {
         // fused
         let (q2, k2) = (up(dev, dt, &qv)?, up(dev, dt, &kv)?);
         let (kc2, vc2) = (poisoned(dev, cache)?, poisoned(dev, cache)?);
-        // with an L2 prefetch table (a hint: must not change anything): the unfused cache
-        let pf = dev.upload(&ops::l2_prefetch_table(&[(kc1.ptr(), cache as u64), (vc1.ptr() + 16, cache as u64 - 33)]))?;
-        ops::qk_norm_rope_append(dev, dt, q2.ptr(), k2.ptr(), vb.ptr(), qw.ptr(), kw.ptr(), kc2.ptr(), vc2.ptr(), posb.ptr(), &s, 1e-6, base, pf.ptr())?;
+        ops::qk_norm_rope_append(dev, dt, q2.ptr(), k2.ptr(), vb.ptr(), qw.ptr(), kw.ptr(), kc2.ptr(), vc2.ptr(), posb.ptr(), &s, 1e-6, base)?;
         let bq = diff(&bytes(dev, q1.ptr(), hq * hd * sz)?, &bytes(dev, q2.ptr(), hq * hd * sz)?, sz);
         let bk = diff(&bytes(dev, k1.ptr(), hkv * hd * sz)?, &bytes(dev, k2.ptr(), hkv * hd * sz)?, sz);
         let bkc = diff(&bytes(dev, kc1.ptr(), cache)?, &bytes(dev, kc2.ptr(), cache)?, sz);

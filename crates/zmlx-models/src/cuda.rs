@@ -287,19 +287,6 @@ struct DevLayer {
     ff: DevFeedForward,
     k_cache: u64,
     v_cache: u64,
-    /// L2 prefetch tables for this layer's fused kernels (`l2_prefetch`; 0 = none).
-    l2: L2Tables,
-}
-
-/// Device pointers of L2 prefetch tables (`ops::l2_prefetch_table`), by the kernel that
-/// issues them: qk_norm_rope asks for o_proj and the router (attention leaves DRAM idle),
-/// gather_qmm_swiglu for the selected experts' down projection, gather_qmm_combine for the
-/// next layer's q/k/v.
-#[derive(Clone, Copy, Default)]
-struct L2Tables {
-    attn: u64,
-    down: u64,
-    next: u64,
 }
 
 impl DevLayer {
@@ -356,8 +343,6 @@ pub struct CudaQwen3Moe {
     s: Scratch,
     _buffers: Vec<DevBuf>,
     _arena: Arena,
-    /// The layers' L2 prefetch tables (`patch` with l2_prefetch).
-    l2_tables: Option<DevBuf>,
     /// One captured step per attention kernel (the length picks which one replays).
     graphs: HashMap<AttnKernel, CudaGraph>,
     use_graph: bool,
@@ -424,7 +409,6 @@ impl CudaQwen3Moe {
                 ff,
                 k_cache: k_cache.ptr(),
                 v_cache: v_cache.ptr(),
-                l2: L2Tables::default(),
             });
             caches.push(k_cache);
             caches.push(v_cache);
@@ -490,7 +474,6 @@ impl CudaQwen3Moe {
             s,
             _buffers: bufs,
             _arena: arena,
-            l2_tables: None,
             graphs: HashMap::new(),
             use_graph,
             len: 0,
@@ -516,7 +499,7 @@ impl CudaQwen3Moe {
                 }
             }
             if l.fused_qk_rope {
-                ops::qk_norm_rope_append(dev, dt, s.q, s.k, s.v, l.q_norm, l.k_norm, l.k_cache, l.v_cache, s.pos, &self.attn, eps, self.rope_base, l.l2.attn)?;
+                ops::qk_norm_rope_append(dev, dt, s.q, s.k, s.v, l.q_norm, l.k_norm, l.k_cache, l.v_cache, s.pos, &self.attn, eps, self.rope_base)?;
             } else {
                 ops::rms_norm(dev, dt, s.q, l.q_norm, s.q, hq, hd, eps)?;
                 ops::rms_norm(dev, dt, s.k, l.k_norm, s.k, hkv, hd, eps)?;
@@ -561,7 +544,7 @@ impl CudaQwen3Moe {
                         }
                     }
                     match (l.moe.fused_swiglu, experts.gate.quant(), experts.up.quant()) {
-                        (true, Some(g), Some(u)) => fused::gather_qmm_swiglu(dev, dt, g, u, ids, k, s.xn, s.act, l.l2.down)?,
+                        (true, Some(g), Some(u)) => fused::gather_qmm_swiglu(dev, dt, g, u, ids, k, s.xn, s.act)?,
                         _ => {
                             experts.gate.gather_mv(dev, dt, ids, k, s.xn, false, s.g)?;
                             experts.up.gather_mv(dev, dt, ids, k, s.xn, false, s.u)?;
@@ -570,7 +553,7 @@ impl CudaQwen3Moe {
                     }
                     match (l.moe.fused_combine, experts.down.quant()) {
                         (true, Some(dn)) => {
-                            fused::gather_qmm_combine(dev, dt, dn, ids, weights, k, s.act, s.x, s.x, l.l2.next)?;
+                            fused::gather_qmm_combine(dev, dt, dn, ids, weights, k, s.act, s.x, s.x)?;
                             added = true;
                         }
                         _ => {
@@ -581,7 +564,7 @@ impl CudaQwen3Moe {
                 }
                 DevFeedForward::Dense(m) => {
                     match (l.fused_swiglu_mlp, m.gate.quant(), m.up.quant()) {
-                        (true, Some(g), Some(u)) => fused::gather_qmm_swiglu(dev, dt, g, u, s.zero_id, 1, s.xn, s.act, 0)?,
+                        (true, Some(g), Some(u)) => fused::gather_qmm_swiglu(dev, dt, g, u, s.zero_id, 1, s.xn, s.act)?,
                         _ => {
                             m.gate.mv(dev, dt, s.xn, s.g)?;
                             m.up.mv(dev, dt, s.xn, s.u)?;
@@ -607,7 +590,7 @@ impl CudaQwen3Moe {
     }
 
     /// Switch layers to the fused variants of `patterns`; the graph is re-captured.
-    pub fn patch(&mut self, patterns: &[Pattern]) -> Result<PatchReport> {
+    pub fn patch(&mut self, patterns: &[Pattern]) -> PatchReport {
         let on = |p: Pattern| patterns.contains(&p);
         let mut report = PatchReport::default();
         for l in &mut self.layers {
@@ -656,54 +639,9 @@ impl CudaQwen3Moe {
                 report.add("qk_norm_rope");
             }
         }
-        self.set_l2_prefetch(on(Pattern::L2Prefetch), &mut report)?;
         self.graphs.clear();
         self.len = 0;
-        Ok(report)
-    }
-
-    /// Build (or drop) the layers' L2 prefetch tables for the fused kernels now in place.
-    fn set_l2_prefetch(&mut self, on: bool, report: &mut PatchReport) -> Result<()> {
-        let dt = self.dtype;
-        let ranges = |w: &DevLinear| w.quant().map(|q| q.l2_ranges(dt).to_vec()).unwrap_or_default();
-        // Per layer: (attn, down, next) tables, empty where the issuing kernel is not in place.
-        let mut tables: Vec<[Vec<u64>; 3]> = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            let mut t: [Vec<u64>; 3] = Default::default();
-            if on && l.fused_qk_rope {
-                let mut r = ranges(&l.o);
-                if let DevFeedForward::Sparse { router, .. } = &l.ff {
-                    r.extend(ranges(router));
-                }
-                t[0] = ops::l2_prefetch_table(&r);
-            }
-            if let (true, DevFeedForward::Sparse { experts, .. }) = (on, &l.ff) {
-                if l.moe.fused_swiglu {
-                    t[1] = ops::l2_prefetch_table(&ranges(&experts.down));
-                }
-                if let (true, Some(next)) = (l.moe.fused_combine, self.layers.get(i + 1)) {
-                    t[2] = ops::l2_prefetch_table(&[ranges(&next.q), ranges(&next.k), ranges(&next.v)].concat());
-                }
-            }
-            tables.push(t);
-        }
-        // One device buffer; a table's pointer is its offset in it (0 words: no table).
-        let words: Vec<u64> = tables.iter().flatten().flatten().copied().collect();
-        self.l2_tables = if words.is_empty() { None } else { Some(self.dev.upload(&words).map_err(cuda_err)?) };
-        let base = self.l2_tables.as_ref().map_or(0, |b| b.ptr());
-        let mut off = 0u64;
-        for (l, t) in self.layers.iter_mut().zip(&tables) {
-            let mut ptr = |v: &Vec<u64>| {
-                let p = if v.len() > 1 { base + off * 8 } else { 0 };
-                off += v.len() as u64;
-                p
-            };
-            l.l2 = L2Tables { attn: ptr(&t[0]), down: ptr(&t[1]), next: ptr(&t[2]) };
-            if l.l2.attn | l.l2.down | l.l2.next != 0 {
-                report.add("l2_prefetch");
-            }
-        }
-        Ok(())
+        report
     }
 
     /// Expert ids and weights of the last step, per layer (`--routing-stats`); empty rows
@@ -805,7 +743,7 @@ impl Decoder for CudaQwen3Moe {
     }
 
     fn patch(&mut self, patterns: &[Pattern]) -> Result<PatchReport> {
-        CudaQwen3Moe::patch(self, patterns)
+        Ok(CudaQwen3Moe::patch(self, patterns))
     }
 
     fn backend(&self) -> Backend {

@@ -28,12 +28,9 @@ pub enum Pattern {
     OProjAdd,
     /// Post-attention RMSNorm + router matvec, one launch (the top-k stays separate).
     NormRouter,
-    /// Not a fusion: fused kernels with little DRAM traffic of their own ask the L2 for the
-    /// weights the next kernels read (results never depend on it).
-    L2Prefetch,
 }
 
-pub const ALL_PATTERNS: [Pattern; 11] = [
+pub const ALL_PATTERNS: [Pattern; 10] = [
     Pattern::MoeMlp,
     Pattern::MoeGating,
     Pattern::GatherQmmSwiglu,
@@ -44,7 +41,6 @@ pub const ALL_PATTERNS: [Pattern; 11] = [
     Pattern::QkvProj,
     Pattern::OProjAdd,
     Pattern::NormRouter,
-    Pattern::L2Prefetch,
 ];
 
 impl Pattern {
@@ -60,7 +56,6 @@ impl Pattern {
             Pattern::QkvProj => "qkv_proj",
             Pattern::OProjAdd => "o_proj_add",
             Pattern::NormRouter => "norm_router",
-            Pattern::L2Prefetch => "l2_prefetch",
         }
     }
 
@@ -76,7 +71,6 @@ impl Pattern {
             Pattern::QkvProj => "q, k, v projections (one qmv launch)",
             Pattern::OProjAdd => "attention o_proj qmv + residual add",
             Pattern::NormRouter => "post-attention rms_norm + router qmv",
-            Pattern::L2Prefetch => "L2 prefetch: qk_norm_rope -> o_proj + router, gather_qmm_swiglu -> the experts' down, gather_qmm_combine -> next q/k/v",
         }
     }
 
@@ -165,8 +159,6 @@ pub fn preset(model_type: &str, backend: Backend) -> Vec<PresetEntry> {
                 (true, Backend::Cpu, OProjAdd) => (false, "CPU: the add is one pass over the hidden vector; nothing to fuse"),
                 (true, Backend::Cpu, NormRouter) => (false, "CPU: nothing to fuse"),
                 (true, Backend::Cuda, NormRouter) => (false, "identical, but slower on H100: 8.3 vs 7.3 us with the top-k (every block repeats the norm before its router rows)"),
-                (true, Backend::Cpu, L2Prefetch) => (false, "CUDA only (a GPU cache hint)"),
-                (true, Backend::Cuda, L2Prefetch) => (true, "a cache hint: outputs bitwise unchanged; measured in docs/kernels.md"),
                 (true, Backend::Cuda, OProjAdd) => (true, "bitwise identical to qmv then add; 5.05 vs 5.60 us on H100"),
             };
             PresetEntry { pattern, on, why }

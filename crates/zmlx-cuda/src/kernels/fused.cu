@@ -108,9 +108,9 @@ __device__ __forceinline__ void gqc_impl(const u32* __restrict__ w, const typena
   }
 }
 
-// 3. add_rms_norm: h = r(x + delta) (stored), normed = rms_norm(h, w) with rms_norm's code
-// (rms_norm_vals; same block size: the launcher mirrors ops::rms_norm). One row per block.
-// In place allowed (h_out == x).
+// 3. add_rms_norm: h = r(x + delta) (stored), normed = rms_norm(h, w) with rms_norm_impl's
+// exact reduction order (same block size: the launcher mirrors ops::rms_norm). One row per
+// block. In place allowed (h_out == x).
 template <class D>
 __device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const typename D::T* __restrict__ delta,
                                                   const typename D::T* __restrict__ w, typename D::T* h_out,
@@ -121,19 +121,28 @@ __device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const 
   h_out += (long long)blockIdx.x * n;
   y += (long long)blockIdx.x * n;
   const int nt = blockDim.x;
-  if (n <= 8 * nt) {  // rms_norm's register path on h
-    float v[8], out[8];
+  if (n <= 8 * nt) {
+    float v[8], wv[8];
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       const int i = threadIdx.x + j * nt;
       v[j] = i < n ? D::rnd(__fadd_rn(D::ld(x[i]), D::ld(delta[i]))) : 0.0f;
-      if (i < n) h_out[i] = D::st(v[j]);
+      wv[j] = i < n ? D::ld(w[i]) : 0.0f;
     }
-    rms_norm_vals<D>(v, w, n, eps, inv_n, red, out);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       const int i = threadIdx.x + j * nt;
-      if (i < n) y[i] = D::st(out[j]);
+      if (i < n) h_out[i] = D::st(v[j]);
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) ss = fmaf(v[j], v[j], ss);
+    ss = block_sum(ss, red);
+    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const int i = threadIdx.x + j * nt;
+      if (i < n) y[i] = D::st(__fmul_rn(D::rnd(__fmul_rn(v[j], r)), wv[j]));
     }
     return;
   }
@@ -272,23 +281,18 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__
 #define ZMLX_FUSED_C(DT, DN, BITS, GS, R)                                                                      \
   extern "C" __global__ void __launch_bounds__(256) fused_combine_##DN##_b##BITS##_g##GS##_r##R(               \
       const u32* w, const DT::T* s, const DT::T* b, const u32* ids, const float* wts, int k, const DT::T* act,  \
-      const DT::T* residual, DT::T* out, int N, int K, u32 qmask, const u64* pf) {                             \
-    l2_prefetch(pf, 0, 0);                                                                                     \
+      const DT::T* residual, DT::T* out, int N, int K, u32 qmask) {                                            \
     gqc_impl<DT, BITS, GS, R>(w, s, b, ids, wts, k, act, residual, out, N, K, qmask);                          \
   }
 #define ZMLX_FUSED_Q(DT, DN, BITS, GS)                                                                         \
   extern "C" __global__ void __launch_bounds__(256) fused_swiglu_##DN##_b##BITS##_g##GS##_r1(                  \
       const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
-      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask, const u64* pf) {                   \
-    ZMLX_GRID_DEP();                                                                                           \
-    l2_prefetch(pf, ids, gridDim.y);                                                                           \
+      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask) { ZMLX_GRID_DEP();                                   \
     gqs_impl<DT, BITS, GS, 1>(wg, sg, bg, wu, su, bu, ids, x, act, N, K, qmask);                               \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(256) fused_swiglu_##DN##_b##BITS##_g##GS##_r2(                  \
       const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
-      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask, const u64* pf) {                   \
-    ZMLX_GRID_DEP();                                                                                           \
-    l2_prefetch(pf, ids, gridDim.y);                                                                           \
+      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask) { ZMLX_GRID_DEP();                                   \
     gqs_impl<DT, BITS, GS, 2>(wg, sg, bg, wu, su, bu, ids, x, act, N, K, qmask);                               \
   }                                                                                                            \
   ZMLX_FUSED_C(DT, DN, BITS, GS, 1) ZMLX_FUSED_C(DT, DN, BITS, GS, 2) ZMLX_FUSED_C(DT, DN, BITS, GS, 4)          \
