@@ -108,9 +108,9 @@ __device__ __forceinline__ void gqc_impl(const u32* __restrict__ w, const typena
   }
 }
 
-// 3. add_rms_norm: h = r(x + delta) (stored), normed = rms_norm(h, w) with rms_norm_impl's
-// exact reduction order (same block size: the launcher mirrors ops::rms_norm). One row per
-// block. In place allowed (h_out == x).
+// 3. add_rms_norm: h = r(x + delta) (stored), normed = rms_norm(h, w) with rms_norm's code
+// (rms_norm_vals; same block size: the launcher mirrors ops::rms_norm). One row per block.
+// In place allowed (h_out == x).
 template <class D>
 __device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const typename D::T* __restrict__ delta,
                                                   const typename D::T* __restrict__ w, typename D::T* h_out,
@@ -121,28 +121,19 @@ __device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const 
   h_out += (long long)blockIdx.x * n;
   y += (long long)blockIdx.x * n;
   const int nt = blockDim.x;
-  if (n <= 8 * nt) {
-    float v[8], wv[8];
+  if (n <= 8 * nt) {  // rms_norm's register path on h
+    float v[8], out[8];
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       const int i = threadIdx.x + j * nt;
       v[j] = i < n ? D::rnd(__fadd_rn(D::ld(x[i]), D::ld(delta[i]))) : 0.0f;
-      wv[j] = i < n ? D::ld(w[i]) : 0.0f;
-    }
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-      const int i = threadIdx.x + j * nt;
       if (i < n) h_out[i] = D::st(v[j]);
     }
-    float ss = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 8; j++) ss = fmaf(v[j], v[j], ss);
-    ss = block_sum(ss, red);
-    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
+    rms_norm_vals<D>(v, w, n, eps, inv_n, red, out);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       const int i = threadIdx.x + j * nt;
-      if (i < n) y[i] = D::st(__fmul_rn(D::rnd(__fmul_rn(v[j], r)), wv[j]));
+      if (i < n) y[i] = D::st(out[j]);
     }
     return;
   }

@@ -4,18 +4,18 @@
 // rms_norm over rows of length n: f32 sum of squares (tree order), mean = sum * inv_n,
 // r = 1/sqrt(mean + eps), out = r(r(x*r) * w).
 // The register path (n <= 8 * blockDim.x; the launcher's thread count makes it the path for
-// n <= 8192): thread t holds x[t + j*nt], j < 8; out[j] gets the f32 value before the final
-// rounding (stored as D::st(out[j])). Shared with moe_gating's prologue, so its xn is
-// bitwise this kernel's when launched with the same thread count.
+// n <= 8192): thread t holds v[j] = x[t + j*nt], j < 8 (0 past n); out[j] gets the f32 value
+// before the final rounding (stored as D::st(out[j])). Shared with add_rms_norm (whose v is
+// r(x + delta)) and moe_gating's prologue, so their outputs are bitwise this kernel's when
+// launched with the same thread count.
 template <class D>
-__device__ __forceinline__ void rms_norm_regs(const typename D::T* __restrict__ x, const typename D::T* __restrict__ w,
-                                              int n, float eps, float inv_n, float* red, float* out) {
+__device__ __forceinline__ void rms_norm_vals(const float* v, const typename D::T* __restrict__ w, int n, float eps,
+                                              float inv_n, float* red, float* out) {
   const int nt = blockDim.x;
-  float v[8], wv[8];
+  float wv[8];
 #pragma unroll
   for (int j = 0; j < 8; j++) {
     const int i = threadIdx.x + j * nt;
-    v[j] = i < n ? D::ld(x[i]) : 0.0f;
     wv[j] = i < n ? D::ld(w[i]) : 0.0f;
   }
   float ss = 0.0f;
@@ -25,6 +25,17 @@ __device__ __forceinline__ void rms_norm_regs(const typename D::T* __restrict__ 
   const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
 #pragma unroll
   for (int j = 0; j < 8; j++) out[j] = __fmul_rn(D::rnd(__fmul_rn(v[j], r)), wv[j]);
+}
+template <class D>
+__device__ __forceinline__ void rms_norm_regs(const typename D::T* __restrict__ x, const typename D::T* __restrict__ w,
+                                              int n, float eps, float inv_n, float* red, float* out) {
+  float v[8];
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const int i = threadIdx.x + j * blockDim.x;
+    v[j] = i < n ? D::ld(x[i]) : 0.0f;
+  }
+  rms_norm_vals<D>(v, w, n, eps, inv_n, red, out);
 }
 template <class D>
 __device__ __forceinline__ void rms_norm_impl(const typename D::T* __restrict__ x, const typename D::T* __restrict__ w,
@@ -119,34 +130,6 @@ template <> __device__ __forceinline__ void load4<DtF32>(const float* p, float* 
   float4 w = __ldg(reinterpret_cast<const float4*>(p));
   o[0] = w.x; o[1] = w.y; o[2] = w.z; o[3] = w.w;
 }
-
-// The combine's tail: out = r(sum_s w_s o_s / den), the splits summed by NSUB thread groups
-// (4 independent loads in flight) and the groups added in fixed order. Needs wsm visible.
-template <class D, int HD>
-__device__ __forceinline__ void attn_combine_tail(const float* __restrict__ p, long long st, const float* wsm, int used,
-                                                  float den, typename D::T* __restrict__ y, int hq) {
-  __shared__ float acc_s[256];
-  const int NSUB = 256 / HD, d = threadIdx.x % HD, sub = threadIdx.x / HD;
-  float num = 0.0f;
-  if (sub < NSUB) {
-    int s = sub;
-    for (; s + 3 * NSUB < used; s += 4 * NSUB) {
-      const float a0 = p[s * st + d], a1 = p[(s + NSUB) * st + d], a2 = p[(s + 2 * NSUB) * st + d], a3 = p[(s + 3 * NSUB) * st + d];
-      num = fmaf(wsm[s], a0, num);
-      num = fmaf(wsm[s + NSUB], a1, num);
-      num = fmaf(wsm[s + 2 * NSUB], a2, num);
-      num = fmaf(wsm[s + 3 * NSUB], a3, num);
-    }
-    for (; s < used; s += NSUB) num = fmaf(wsm[s], p[s * st + d], num);
-    acc_s[threadIdx.x] = num;
-  }
-  __syncthreads();
-  if (sub == 0) {
-    for (int r = 1; r < NSUB; r++) num += acc_s[r * HD + d];
-    y[(long long)hq * HD + d] = D::st(__fdiv_rn(num, den));
-  }
-}
-
 
 // Long-context flash-decoding attention (chosen above ATT_SINGLE_MAX_LEN), pass 1. Block (kv head h, split s) covers positions
 // [s*CHUNK, min((s+1)*CHUNK, len)) for the G query heads of h (GQA: q head i uses kv head
@@ -289,7 +272,8 @@ __device__ __forceinline__ void attn_split_long_impl(const typename D::T* __rest
 }
 
 
-// Pass 2 of the long-context attention: up to ATT_MAX_SPLITS splits of ATT_CHUNK rows.
+// Pass 2 of the Long and Split attentions: merge up to ATT_MAX_SPLITS partials per query head
+// (o relative to its split's max, max, sum) with weights exp(max_s - max).
 #define ATT_MAX_SPLITS 2048
 template <class D, int HD>
 __device__ __forceinline__ void attn_combine_long_impl(const float* __restrict__ part, typename D::T* __restrict__ y,
@@ -297,6 +281,7 @@ __device__ __forceinline__ void attn_combine_long_impl(const float* __restrict__
                                                   int chunk) {
   __shared__ float wsm[ATT_MAX_SPLITS];
   __shared__ float red[32];
+  __shared__ float acc_s[256];
   const int hq = blockIdx.x, h = hq / G, g = hq - h * G;
   const int len = min(*len_ptr + len_add, max_len);
   // Rows per split: fixed (the long kernel's ATT_CHUNK) or, chunk == 0, the split single
@@ -315,7 +300,27 @@ __device__ __forceinline__ void attn_combine_long_impl(const float* __restrict__
     den = fmaf(w, p[s * st + HD + 1], den);
   }
   den = block_sum(den, red);  // ends with barriers: wsm visible
-  attn_combine_tail<D, HD>(p, st, wsm, used, den, y, hq);
+  // out = r(sum_s w_s o_s / den): the splits summed by NSUB thread groups (4 independent
+  // loads in flight), the groups added in fixed order.
+  const int NSUB = 256 / HD, d = threadIdx.x % HD, sub = threadIdx.x / HD;
+  float num = 0.0f;
+  if (sub < NSUB) {
+    int s = sub;
+    for (; s + 3 * NSUB < used; s += 4 * NSUB) {
+      const float a0 = p[s * st + d], a1 = p[(s + NSUB) * st + d], a2 = p[(s + 2 * NSUB) * st + d], a3 = p[(s + 3 * NSUB) * st + d];
+      num = fmaf(wsm[s], a0, num);
+      num = fmaf(wsm[s + NSUB], a1, num);
+      num = fmaf(wsm[s + 2 * NSUB], a2, num);
+      num = fmaf(wsm[s + 3 * NSUB], a3, num);
+    }
+    for (; s < used; s += NSUB) num = fmaf(wsm[s], p[s * st + d], num);
+    acc_s[threadIdx.x] = num;
+  }
+  __syncthreads();
+  if (sub == 0) {
+    for (int r = 1; r < NSUB; r++) num += acc_s[r * HD + d];
+    y[(long long)hq * HD + d] = D::st(__fdiv_rn(num, den));
+  }
 }
 
 // Decode attention by query head (AttnKernel::Single / Split): one block per query head
@@ -420,6 +425,21 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict
   if (S > 1 && tid == 0) { out[HD] = m_run; out[HD + 1] = l_run; }
 }
 
+// Sequential f32 sum of p[0..n) (MLX's CPU softmax order): loads batched 8 at a time, adds in order.
+__device__ __forceinline__ float seq_sum_f32(const float* p, int n) {
+  float sum = 0.0f;
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    float t[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) t[j] = p[i + j];
+#pragma unroll
+    for (int j = 0; j < 8; j++) sum = __fadd_rn(sum, t[j]);
+  }
+  for (; i < n; i++) sum = __fadd_rn(sum, p[i]);
+  return sum;
+}
+
 // Router, as mlx-lm's Qwen3 MoE: p = softmax(precise=True) over E logits per row (f32
 // max, MLX exp, ONE f32 accumulator summed in element order from 0 like MLX's CPU
 // softmax, times r32(1/sum)), rounded to the dtype when round_probs (MLX returns the
@@ -445,18 +465,7 @@ __device__ __forceinline__ void softmax_topk_impl(const typename D::T* __restric
   for (int i = lane; i < E; i += 32) pr[i] = mlx_exp(__fsub_rn(pr[i], m));
   __syncwarp();
   if (lane == 0) {
-    // Sequential f32 sum (the CPU's order): loads batched 8 at a time, adds in order.
-    float sum = 0.0f;
-    int i = 0;
-    for (; i + 8 <= E; i += 8) {
-      float t[8];
-#pragma unroll
-      for (int j = 0; j < 8; j++) t[j] = pr[i + j];
-#pragma unroll
-      for (int j = 0; j < 8; j++) sum = __fadd_rn(sum, t[j]);
-    }
-    for (; i < E; i++) sum = __fadd_rn(sum, pr[i]);
-    inv_sh = __fdiv_rn(1.0f, sum);
+    inv_sh = __fdiv_rn(1.0f, seq_sum_f32(pr, E));
   }
   __syncwarp();
   const float inv = inv_sh;
@@ -543,19 +552,7 @@ __device__ __forceinline__ void softmax_topk_fast_impl(const typename D::T* __re
   }
   __syncwarp();
   float inv = 0.0f;
-  if (lane == 0) {
-    float sum = 0.0f;
-    int i = 0;
-    for (; i + 8 <= E; i += 8) {
-      float t[8];
-#pragma unroll
-      for (int j = 0; j < 8; j++) t[j] = pr[i + j];
-#pragma unroll
-      for (int j = 0; j < 8; j++) sum = __fadd_rn(sum, t[j]);
-    }
-    for (; i < E; i++) sum = __fadd_rn(sum, pr[i]);
-    inv = __fdiv_rn(1.0f, sum);
-  }
+  if (lane == 0) inv = __fdiv_rn(1.0f, seq_sum_f32(pr, E));
   inv = __shfl_sync(0xffffffffu, inv, 0);
   u32 key[STK_PER];
 #pragma unroll
