@@ -166,12 +166,18 @@ pub const MOE_GATING_MAX_K: usize = 4096;
 /// `renorm`).
 #[allow(clippy::too_many_arguments)]
 pub fn moe_gating(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm_w: u64, eps: f32, xn_out: u64, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64, workspace: u64) -> Result<()> {
+    moe_gating_with(dev, dt, router, h, norm_w, eps, xn_out, k, round_probs, renorm, ids, weights, workspace, true)
+}
+
+/// [`moe_gating`] with the cluster handoff (sm_90) allowed or not (the self-tests run both).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_gating_with(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm_w: u64, eps: f32, xn_out: u64, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64, workspace: u64, allow_cluster: bool) -> Result<()> {
     aligned(workspace, 16, "gating workspace")?;
     let e = router.n;
     if k == 0 || k > 64 || k > e {
         return Err(inv(format!("moe_gating: k={k}, E={e} unsupported (k <= 64, k <= E)")));
     }
-    gating_launch(dev, dt, router, h, norm_w, eps, xn_out, 0, k, round_probs, renorm, ids, weights, workspace)
+    gating_launch(dev, dt, router, h, norm_w, eps, xn_out, 0, k, round_probs, renorm, ids, weights, workspace, allow_cluster)
 }
 
 /// Post-attention RMSNorm + router matvec in one launch (no grid-wide handoff; the top-k is
@@ -182,11 +188,11 @@ pub fn norm_router(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, no
     if logits_out == 0 {
         return Err(inv("norm_router needs a logits buffer".into()));
     }
-    gating_launch(dev, dt, router, h, norm_w, eps, xn_out, logits_out, 1, true, false, 0, 0, 0)
+    gating_launch(dev, dt, router, h, norm_w, eps, xn_out, logits_out, 1, true, false, 0, 0, 0, false)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gating_launch(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm_w: u64, eps: f32, xn_out: u64, logits_out: u64, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64, workspace: u64) -> Result<()> {
+fn gating_launch(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm_w: u64, eps: f32, xn_out: u64, logits_out: u64, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64, workspace: u64, allow_cluster: bool) -> Result<()> {
     check_q(router, "router")?;
     let (e, kk) = (router.n, router.k);
     if e > 8192 || kk > MOE_GATING_MAX_K {
@@ -195,11 +201,18 @@ fn gating_launch(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm
     let tag = dtype_tag(dt)?;
     // rms_norm's block size for K: the prologue's reduction order depends on it.
     let threads = rms_norm_threads(kk);
-    dev.launch(
-        &format!("fused_gating_{tag}_b{}_g{}", router.bits, router.group_size),
-        ((e as u32).div_ceil(threads / 32), 1, 1),
+    let name = format!("fused_gating_{tag}_b{}_g{}", router.bits, router.group_size);
+    let blocks = (e as u32).div_ceil(threads / 32);
+    // With the whole grid as one cluster, the logits meet in block 0's shared memory after
+    // one cluster barrier, instead of a last-block handoff through global memory.
+    let smem = (e.max(kk) * 4) as u32;
+    let cluster_smem = smem + (e * dt.size_bytes()) as u32;
+    let cluster = allow_cluster && logits_out == 0 && dev.cluster_fits(&name, blocks, threads, cluster_smem, blocks)?;
+    dev.launch_in_cluster(
+        &name,
+        (blocks, 1, 1),
         (threads, 1, 1),
-        (e.max(kk) * 4) as u32,
+        if cluster { cluster_smem } else { smem },
         &[
             Arg::Ptr(router.w),
             Arg::Ptr(router.scales),
@@ -219,7 +232,9 @@ fn gating_launch(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm
             Arg::I32(((1u32 << router.bits) - 1) as i32),
             Arg::F32(eps),
             Arg::F32(rms_norm_inv_n(kk)),
+            Arg::I32(cluster as i32),
         ],
+        if cluster { blocks } else { 0 },
     )
 }
 

@@ -135,6 +135,8 @@ pub struct CudaDevice {
     /// common.cuh) before touching memory, so results are unchanged. `ZMLX_PDL=0` turns it off.
     pdl: bool,
     funcs: Mutex<HashMap<String, sys::CUfunction>>,
+    /// Whether a kernel can run as one cluster of this many blocks (asked once per shape).
+    cluster_fits: Mutex<HashMap<(String, u32, u32, u32), bool>>,
     modules: Mutex<HashMap<String, sys::CUmodule>>,
     /// (module, seconds spent in NVRTC or 0 when it came from the disk cache)
     pub(crate) compile_log: Mutex<Vec<(String, f64, bool)>>,
@@ -173,6 +175,7 @@ impl CudaDevice {
             sm_count,
             pdl,
             funcs: Mutex::new(HashMap::new()),
+            cluster_fits: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             compile_log: Mutex::new(Vec::new()),
         }))
@@ -289,6 +292,12 @@ impl CudaDevice {
 
     /// Launch kernel `name` on the stream.
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<()> {
+        self.launch_in_cluster(name, grid, block, smem, args, 0)
+    }
+
+    /// Launch kernel `name` with its grid as thread block clusters of `cluster` blocks along x
+    /// (0: no cluster). Check [`Self::cluster_fits`] first.
+    pub fn launch_in_cluster(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg], cluster: u32) -> Result<()> {
         let f = self.function(name)?;
         self.bind()?;
         // Each parameter lives in an 8-byte slot; CUDA reads the parameter's size from it.
@@ -301,18 +310,58 @@ impl CudaDevice {
             })
             .collect();
         let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
-        if !self.pdl {
+        if !self.pdl && cluster == 0 {
             return drv(
                 unsafe { result::launch_kernel(f, grid, block, smem, self.stream.cu_stream(), &mut ptrs) },
                 name,
             );
         }
-        // Programmatic stream serialization: the launch may overlap the previous kernel's
-        // tail (captured into graphs as a programmatic edge).
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let cfg = sys::CUlaunchConfig {
+        let mut cfg = self.launch_config(grid, block, smem);
+        let mut attrs: Vec<sys::CUlaunchAttribute> = Vec::new();
+        if self.pdl {
+            // Programmatic stream serialization: the launch may overlap the previous kernel's
+            // tail (captured into graphs as a programmatic edge).
+            let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            a.value.programmaticStreamSerializationAllowed = 1;
+            attrs.push(a);
+        }
+        if cluster > 0 {
+            attrs.push(cluster_attr(cluster));
+            allow_large_clusters(f, cluster, name)?;
+        }
+        cfg.attrs = attrs.as_mut_ptr();
+        cfg.numAttrs = attrs.len() as u32;
+        let r = unsafe { sys::cuLaunchKernelEx(&cfg, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) };
+        drv(r.result(), name)
+    }
+
+    /// Whether `name` can run with its grid as clusters of `cluster` blocks (sm_90+, and the
+    /// GPU can co-schedule that many blocks of this size; up to 16, beyond the portable 8).
+    pub fn cluster_fits(&self, name: &str, blocks: u32, threads: u32, smem: u32, cluster: u32) -> Result<bool> {
+        let sm: u32 = self.arch.trim_start_matches("sm_").parse().unwrap_or(0);
+        if sm < 90 || cluster == 0 || cluster > 16 || blocks % cluster != 0 {
+            return Ok(false);
+        }
+        let key = (name.to_string(), threads, smem, cluster);
+        if let Some(&fits) = self.cluster_fits.lock().unwrap().get(&key) {
+            return Ok(fits);
+        }
+        let f = self.function(name)?;
+        self.bind()?;
+        allow_large_clusters(f, cluster, name)?;
+        let mut cfg = self.launch_config((blocks, 1, 1), (threads, 1, 1), smem);
+        let mut attr = cluster_attr(cluster);
+        cfg.attrs = &mut attr;
+        cfg.numAttrs = 1;
+        let mut n: std::ffi::c_int = 0;
+        let fits = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f, &cfg) }.result().is_ok() && n > 0;
+        self.cluster_fits.lock().unwrap().insert(key, fits);
+        Ok(fits)
+    }
+
+    fn launch_config(&self, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32) -> sys::CUlaunchConfig {
+        sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
             gridDimZ: grid.2,
@@ -321,11 +370,9 @@ impl CudaDevice {
             blockDimZ: block.2,
             sharedMemBytes: smem,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        let r = unsafe { sys::cuLaunchKernelEx(&cfg, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) };
-        drv(r.result(), name)
+            attrs: std::ptr::null_mut(),
+            numAttrs: 0,
+        }
     }
 
     /// Capture every launch/copy issued by `body` on the stream into a graph (nothing runs
@@ -366,6 +413,24 @@ impl CudaDevice {
     pub fn compile_log(&self) -> Vec<(String, f64, bool)> {
         self.compile_log.lock().unwrap().clone()
     }
+}
+
+fn cluster_attr(cluster: u32) -> sys::CUlaunchAttribute {
+    let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    a.value.clusterDim.x = cluster;
+    a.value.clusterDim.y = 1;
+    a.value.clusterDim.z = 1;
+    a
+}
+
+/// Clusters beyond 8 blocks are "non-portable": the kernel must opt in.
+fn allow_large_clusters(f: sys::CUfunction, cluster: u32, name: &str) -> Result<()> {
+    if cluster <= 8 {
+        return Ok(());
+    }
+    let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED;
+    drv(unsafe { sys::cuFuncSetAttribute(f, attr, 1) }.result(), name)
 }
 
 impl Drop for EventTimer {

@@ -174,3 +174,27 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   float t = lane < nw ? red[lane] : -ZMLX_INF;
   return warp_max(t);
 }
+
+// ---- Thread block clusters (sm_90+): a barrier over the cluster's blocks with release /
+// acquire ordering, and a store into block 0's shared memory (distributed shared memory).
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ u32 rank0_shared_addr(const void* p) {
+  u64 a;
+  asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+  u32 r;
+  asm("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(r) : "r"((u32)a));
+  return r;
+}
+__device__ __forceinline__ void st_rank0(u16* p, u16 v) {
+  asm volatile("st.shared::cluster.u16 [%0], %1;" ::"r"(rank0_shared_addr(p)), "h"(v) : "memory");
+}
+__device__ __forceinline__ void st_rank0(float* p, float v) {
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(rank0_shared_addr(p)), "f"(v) : "memory");
+}
+#else  // the host never launches a cluster below sm_90
+__device__ __forceinline__ void cluster_sync() { __trap(); }
+template <class T> __device__ __forceinline__ void st_rank0(T*, T) { __trap(); }
+#endif

@@ -154,12 +154,17 @@ __device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const 
 // 4. moe_gating: post-attention RMSNorm + router + softmax + top-k in one launch. Every block
 // normalises h itself with rms_norm's register-path code (launched with rms_norm's thread
 // count for K, so xn is bitwise rms_norm's), keeps xn in f32 in shared memory for its router
-// rows (one per warp, qmv's per-row code, logits rounded to the dtype as qmv stores them,
-// into ws), and block 0 also stores xn for the experts. The last block to finish
-// (threadfence + counter, reset for the next call) runs softmax_topk's exact code on the
-// logits, with the same fast/general dispatch as the softmax_topk kernel. Replaces
-// rms_norm + qmv + softmax_topk. ws: u32 counter (zero before the first call; left zero),
-// then E logits at ws + 16 B. Dynamic shared memory: max(K, E) floats.
+// rows (one per warp, qmv's per-row code, logits rounded to the dtype as qmv stores them),
+// and block 0 also stores xn for the experts. Each warp requests its row's first weights
+// before waiting for the previous kernel (the norm runs while they arrive). Then one block
+// runs softmax_topk's exact code on the logits, with the same fast/general dispatch as the
+// softmax_topk kernel. Which block, and how the logits get there:
+//  - `cluster` (sm_90, the grid is one thread block cluster): every warp stores its logit
+//    into block 0's shared memory; one cluster barrier; block 0 ranks them.
+//  - otherwise: logits in ws + 16 B; the last block to finish (threadfence + counter at ws,
+//    zero before the first call, left zero) ranks them.
+// Replaces rms_norm + qmv + softmax_topk. Dynamic shared memory: max(K, E) floats (then E
+// logits in the dtype with `cluster`).
 // With logits_out (norm_router), the logits go there and the kernel ends: rms_norm + router
 // qmv in one launch, bitwise the two kernels, and no grid-wide handoff.
 template <class D, int BITS, int GS>
@@ -168,12 +173,14 @@ __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const
                                                 const typename D::T* __restrict__ nw, typename D::T* __restrict__ xn,
                                                 typename D::T* __restrict__ logits_out, u32* __restrict__ ids,
                                                 float* __restrict__ wout, u32* ws, int E, int K, int k, int round_probs,
-                                                int renorm, u32 qmask, float eps, float inv_n) {
-  extern __shared__ float xs[];  // xn in f32 (later softmax_topk's scratch, in the last block)
+                                                int renorm, u32 qmask, float eps, float inv_n, int cluster) {
+  extern __shared__ float xs[];  // xn in f32 (later softmax_topk's scratch, in the ranking block)
   __shared__ float red[32];
   __shared__ bool last;
-  typename D::T* logits = reinterpret_cast<typename D::T*>(ws + 4);
-  {
+  typename D::T* logits = cluster ? reinterpret_cast<typename D::T*>(xs + max(K, E)) : reinterpret_cast<typename D::T*>(ws + 4);
+  // Runs after the first weight loads, in every thread (idle warps walk zero chunks).
+  auto norm_prologue = [&]() {
+    ZMLX_GRID_DEP();
     float out[8];
     rms_norm_regs<D>(h, nw, K, eps, inv_n, red, out);
 #pragma unroll
@@ -184,36 +191,43 @@ __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const
         if (blockIdx.x == 0) xn[i] = D::st(out[j]);
       }
     }
-  }
-  __syncthreads();
+    __syncthreads();
+  };
   const long long wpr = (long long)K * BITS / 32;
   const int groups = K / GS;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row = blockIdx.x * (blockDim.x >> 5) + warp;
-  if (row < E) {
-    const u32* wr[1] = {w + row * wpr};
-    const typename D::T* sr[1] = {sc + (long long)row * groups};
-    const typename D::T* br[1] = {bi + (long long)row * groups};
-    float acc[1];
-    qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, XSharedF32{xs}, K >> 5, lane, qmask, acc);
-    const float v = warp_sum(acc[0]);
-    if (lane == 0 && logits_out != nullptr) logits_out[row] = D::st(v);
-    if (lane == 0 && logits_out == nullptr) {
+  const int wrow = row < E ? row : 0;
+  const u32* wr[1] = {w + wrow * wpr};
+  const typename D::T* sr[1] = {sc + (long long)wrow * groups};
+  const typename D::T* br[1] = {bi + (long long)wrow * groups};
+  float acc[1];
+  qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, XSharedF32{xs}, row < E ? K >> 5 : 0, lane, qmask, acc, norm_prologue);
+  const float v = warp_sum(acc[0]);
+  if (row < E && lane == 0) {
+    if (logits_out != nullptr) logits_out[row] = D::st(v);
+    else if (cluster) st_rank0(logits + row, D::st(v));
+    else {
       logits[row] = D::st(v);
       __threadfence();  // the writer's own fence: visible before the counter moves
     }
   }
   if (logits_out != nullptr) return;  // norm_router: the top-k is a separate launch
-  __syncthreads();
-  if (threadIdx.x == 0) {
+  if (cluster) {
+    cluster_sync();
+    if (blockIdx.x != 0 || warp != 0) return;
+  } else {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      const u32 done = atomicAdd(ws, 1u);
+      last = (done == gridDim.x - 1);
+    }
+    __syncthreads();
+    if (!last || warp != 0) return;
     __threadfence();
-    const u32 done = atomicAdd(ws, 1u);
-    last = (done == gridDim.x - 1);
+    if (lane == 0) ws[0] = 0u;  // ready for the next call / graph replay
   }
-  __syncthreads();
-  if (!last || warp != 0) return;
-  __threadfence();
-  if (lane == 0) ws[0] = 0u;  // ready for the next call / graph replay
   // softmax_topk's own code (one warp, lane = threadIdx.x); it offsets its pointers by
   // blockIdx.x rows, which the pointers passed here undo.
   const long long o = blockIdx.x;
@@ -290,9 +304,9 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__
   extern "C" __global__ void __launch_bounds__(512) fused_gating_##DN##_b##BITS##_g##GS(                       \
       const u32* w, const DT::T* s, const DT::T* b, const DT::T* h, const DT::T* nw, DT::T* xn,                \
       DT::T* logits_out, u32* ids, float* wout, u32* ws, int E, int K, int k, int round_probs, int renorm,     \
-      u32 qmask, float eps, float inv_n) { ZMLX_GRID_DEP();                                                    \
+      u32 qmask, float eps, float inv_n, int cluster) {                                                        \
     moe_gating_impl<DT, BITS, GS>(w, s, b, h, nw, xn, logits_out, ids, wout, ws, E, K, k, round_probs, renorm, \
-                                  qmask, eps, inv_n);                                                          \
+                                  qmask, eps, inv_n, cluster);                                                 \
   }
 #define ZMLX_FUSED_G(DT, DN, BITS) ZMLX_FUSED_Q(DT, DN, BITS, 32) ZMLX_FUSED_Q(DT, DN, BITS, 64) ZMLX_FUSED_Q(DT, DN, BITS, 128)
 #define ZMLX_FUSED_ALL(DT, DN)                                                                                 \

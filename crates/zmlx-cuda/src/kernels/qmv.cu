@@ -96,13 +96,19 @@ struct XSharedF32 {
 // shared by all rows (XR false, loaded once per chunk) or row r's own x (XR true).
 // The per-row arithmetic is the same in both cases: xs = (even sum) + (odd sum),
 // acc = fma(s, chunk_dot, fma(b, xs, acc)).
-// dep_after_prefetch: the kernel has not waited for the previous one yet (programmatic
-// dependent launch); wait after issuing the first chunk's weight loads, so that they overlap
-// the previous kernel's tail. Only for weights nothing in the stream writes.
-template <class D, int BITS, int GS, int R, bool XR, class XL>
+// `after` runs once the first chunk's weight loads are issued, before x is read. `true`:
+// the kernel has not waited for the previous one yet (programmatic dependent launch): wait
+// now, so the loads overlap the previous kernel's tail (only for weights nothing in the
+// stream writes). A callable: wait and build x (moe_gating's norm); every thread of the
+// block must then reach it (callers pass chunks = 0 for idle warps).
+__device__ __forceinline__ void after_first_load(bool dep) {
+  if (dep) ZMLX_GRID_DEP();
+}
+template <class F> __device__ __forceinline__ void after_first_load(const F& f) { f(); }
+template <class D, int BITS, int GS, int R, bool XR, class XL, class After = bool>
 __device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const typename D::T* const* sr,
                                                   const typename D::T* const* br, const XL& xl, int chunks,
-                                                  int lane, u32 qmask, float* acc, bool dep_after_prefetch = false) {
+                                                  int lane, u32 qmask, float* acc, const After& after = false) {
 #pragma unroll
   for (int r = 0; r < R; r++) acc[r] = 0.0f;
   // Software pipeline: the next chunk's words, scales and biases are in flight while
@@ -118,7 +124,7 @@ __device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const ty
       b16[r] = br[r][(c * 32) / GS];
     }
   }
-  if (dep_after_prefetch) ZMLX_GRID_DEP();
+  after_first_load(after);
   for (; c < chunks; c += 32) {
     const int cn = c + 32;
     u32 qn[R][BITS];
