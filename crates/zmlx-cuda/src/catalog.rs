@@ -81,7 +81,7 @@ pub fn module_spec(name: &str) -> Option<ModuleSpec> {
         }
         "ops" => {
             let functions = [
-                "rms_norm", "rope", "kv_append", "attn_single", "attn_split_long", "attn_combine_long", "softmax_topk", "moe_combine",
+                "rms_norm", "rope", "kv_append", "attn_single", "attn_single_qknr", "attn_split_long", "attn_combine_long", "softmax_topk", "moe_combine",
                 "swiglu", "add", "embed", "argmax", "copy_u4",
                 // logprobs_argmax, dummy-weight fills, dense matvec
                 "lpa_max", "lpa_select", "fill_random_u32", "fill_random_uniform", "affine", "mv_dense", "embed_dense",
@@ -90,7 +90,7 @@ pub fn module_spec(name: &str) -> Option<ModuleSpec> {
             ]
             .iter()
             .flat_map(|k| match *k {
-                "attn_single" | "attn_split_long" | "attn_combine_long" => ATTN_HEAD_DIMS.iter().map(|d| format!("{k}_{tag}_d{d}")).collect(),
+                "attn_single" | "attn_single_qknr" | "attn_split_long" | "attn_combine_long" => ATTN_HEAD_DIMS.iter().map(|d| format!("{k}_{tag}_d{d}")).collect(),
                 "copy_u4" | "fill_random_u32" => vec![k.to_string()],
                 _ => vec![format!("{k}_{tag}")],
             })

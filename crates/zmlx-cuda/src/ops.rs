@@ -304,6 +304,36 @@ pub fn kv_append(dev: &CudaDevice, dt: DType, s: &AttnShape, k: u64, v: u64, k_c
 /// (`s.workspace_bytes()`, need not be zeroed), then the combine over the active splits.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: AttnKernel, q: u64, k_cache: u64, v_cache: u64, len_ptr: u64, len_add: i32, scale: f32, workspace: u64, out: u64) -> Result<()> {
+    attention_decode_with(dev, dt, s, kernel, q, k_cache, v_cache, len_ptr, len_add, scale, workspace, out, None)
+}
+
+/// The new token's projections (un-normalised k and v, `[n_kv_heads, head_dim]`) and the
+/// q/k norm weights, for [`attention_decode_qk_norm_rope`].
+#[derive(Clone, Copy, Debug)]
+pub struct QkNormRope {
+    pub k: u64,
+    pub v: u64,
+    pub q_norm_w: u64,
+    pub k_norm_w: u64,
+    pub eps: f32,
+    pub rope_base: f32,
+}
+
+/// [`qk_norm_rope_append`] and [`attention_decode`] in one launch (Single and Split kernels):
+/// `q` is the un-normalised projection; the new token is at position `*len_ptr + len_add - 1`.
+/// Each attention block normalises and rotates its own q head, and the blocks that hold the new
+/// position its k head (kept in shared memory and appended to the caches with v). Outputs and
+/// caches are bitwise those of the two kernels (q and k are left as they came).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_qk_norm_rope(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: AttnKernel, q: u64, k_cache: u64, v_cache: u64, len_ptr: u64, len_add: i32, scale: f32, workspace: u64, out: u64, pro: &QkNormRope) -> Result<()> {
+    if kernel == AttnKernel::Long {
+        return Err(inv("attention with the qk_norm_rope prologue: Single and Split kernels only".into()));
+    }
+    attention_decode_with(dev, dt, s, kernel, q, k_cache, v_cache, len_ptr, len_add, scale, workspace, out, Some(pro))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_decode_with(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: AttnKernel, q: u64, k_cache: u64, v_cache: u64, len_ptr: u64, len_add: i32, scale: f32, workspace: u64, out: u64, pro: Option<&QkNormRope>) -> Result<()> {
     s.validate()?;
     aligned(q, 16, "q")?;
     aligned(k_cache, 16, "k_cache")?;
@@ -329,7 +359,13 @@ pub fn attention_decode(dev: &CudaDevice, dt: DType, s: &AttnShape, kernel: Attn
         args.extend([Arg::Ptr(out), Arg::Ptr(workspace)]);
     }
     args.extend([Arg::Ptr(len_ptr), Arg::I32(len_add), Arg::I32(g), Arg::I32(s.max_len as i32), Arg::F32(scale)]);
-    dev.launch(&format!("{split}_{tag}_d{}", s.head_dim), grid, (256, 1, 1), 0, &args)?;
+    let mut name = format!("{split}_{tag}_d{}", s.head_dim);
+    if let Some(p) = pro {
+        let hd = s.head_dim;
+        args.extend([Arg::Ptr(p.k), Arg::Ptr(p.v), Arg::Ptr(p.q_norm_w), Arg::Ptr(p.k_norm_w), Arg::F32(p.eps), Arg::F32(rms_norm_inv_n(hd)), Arg::F32(rope_step(p.rope_base, hd))]);
+        name = format!("attn_single_qknr_{tag}_d{hd}");
+    }
+    dev.launch(&name, grid, (256, 1, 1), 0, &args)?;
     if kernel == AttnKernel::Single {
         return Ok(());
     }

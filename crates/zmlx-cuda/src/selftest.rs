@@ -1381,6 +1381,41 @@ pub(crate) mod latency_tests {
 
     /// softmax_topk (fast path) vs softmax_topk_legacy; `levels` > 0 quantises the logits to
     /// that many values (many ties).
+    /// attention_decode_qk_norm_rope vs qk_norm_rope_append + attention_decode: output and
+    /// caches bitwise, on caches filled with random rows below the new position.
+    #[allow(clippy::too_many_arguments)]
+    pub fn test_attention_qk_norm_rope(dev: &CudaDevice, rng: &mut Rng, dt: DType, hq: usize, hkv: usize, hd: usize, max_len: usize, len: usize, kernel: AttnKernel) -> Result<TestRow> {
+        let sz = dt.size_bytes();
+        let s = AttnShape { n_heads: hq, n_kv_heads: hkv, head_dim: hd, max_len };
+        let (qv, kv, vv) = (rng.vec(hq * hd, -3.0, 3.0, dt), rng.vec(hkv * hd, -3.0, 3.0, dt), rng.vec(hkv * hd, -1.0, 1.0, dt));
+        let (qw, kw) = (up(dev, dt, &rng.vec(hd, 0.5, 1.5, dt))?, up(dev, dt, &rng.vec(hd, 0.5, 1.5, dt))?);
+        let (kcache, vcache) = (rng.vec(hkv * max_len * hd, -2.0, 2.0, dt), rng.vec(hkv * max_len * hd, -1.0, 1.0, dt));
+        let lenb = dev.upload(&[len as i32 - 1])?;
+        let ws = dev.alloc(s.workspace_bytes())?;
+        let (eps, base, scale) = (1e-6f32, 1.0e6f32, 1.0 / (hd as f32).sqrt());
+        // two kernels
+        let (q1, k1, v1) = (up(dev, dt, &qv)?, up(dev, dt, &kv)?, up(dev, dt, &vv)?);
+        let (kc1, vc1, y1) = (up(dev, dt, &kcache)?, up(dev, dt, &vcache)?, poisoned(dev, hq * hd * sz)?);
+        ops::qk_norm_rope_append(dev, dt, q1.ptr(), k1.ptr(), v1.ptr(), qw.ptr(), kw.ptr(), kc1.ptr(), vc1.ptr(), lenb.ptr(), &s, eps, base)?;
+        ops::attention_decode(dev, dt, &s, kernel, q1.ptr(), kc1.ptr(), vc1.ptr(), lenb.ptr(), 1, scale, ws.ptr(), y1.ptr())?;
+        // one kernel
+        let (q2, k2, v2) = (up(dev, dt, &qv)?, up(dev, dt, &kv)?, up(dev, dt, &vv)?);
+        let (kc2, vc2, y2) = (up(dev, dt, &kcache)?, up(dev, dt, &vcache)?, poisoned(dev, hq * hd * sz)?);
+        let pro = ops::QkNormRope { k: k2.ptr(), v: v2.ptr(), q_norm_w: qw.ptr(), k_norm_w: kw.ptr(), eps, rope_base: base };
+        ops::attention_decode_qk_norm_rope(dev, dt, &s, kernel, q2.ptr(), kc2.ptr(), vc2.ptr(), lenb.ptr(), 1, scale, ws.ptr(), y2.ptr(), &pro)?;
+        let cache = hkv * max_len * hd * sz;
+        let by = diff(&bytes(dev, y1.ptr(), hq * hd * sz)?, &bytes(dev, y2.ptr(), hq * hd * sz)?, sz);
+        let bkc = diff(&bytes(dev, kc1.ptr(), cache)?, &bytes(dev, kc2.ptr(), cache)?, sz);
+        let bvc = diff(&bytes(dev, vc1.ptr(), cache)?, &bytes(dev, vc2.ptr(), cache)?, sz);
+        let nan = down(dev, dt, y2.ptr(), hq * hd)?.iter().filter(|v| !v.is_finite()).count();
+        Ok(row(
+            "attention_qk_norm_rope",
+            format!("{} {kernel:?} Hq={hq} Hkv={hkv} hd={hd} len={len}/{max_len}", dtn(dt)),
+            by + bkc + bvc + nan,
+            format!("bitwise diffs vs qk_norm_rope_append + attention: out/k_cache/v_cache = {by}/{bkc}/{bvc}; {nan} non-finite"),
+        ))
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn test_topk_identity(dev: &CudaDevice, rng: &mut Rng, dt: DType, rows: usize, e: usize, k: usize, round_probs: bool, renorm: bool, levels: u32) -> Result<TestRow> {
         let mut l = rng.vec(rows * e, -6.0, 6.0, dt);
@@ -1462,6 +1497,16 @@ pub(crate) mod latency_tests {
             push("qk_norm_rope_append", test_qk_norm_rope_append(dev, rng, dt, 5, 1, 16, 50, 37));
             push("qk_norm_rope_append", test_qk_norm_rope_append(dev, rng, dt, 32, 4, 128, 64, 64)); // pos past the cache
             push("qk_norm_rope_append", test_qk_norm_rope_append(dev, rng, dt, 40, 8, 128, 40960, 40000));
+            for (hq, hkv, hd, max_len, len, kernel) in [
+                (32, 4, 128, 512, 1, AttnKernel::Single),
+                (32, 4, 128, 512, 129, AttnKernel::Single),
+                (32, 4, 128, 2048, 1500, AttnKernel::Split(8)),
+                (16, 8, 64, 300, 300, AttnKernel::Single),
+                (6, 2, 32, 100, 77, AttnKernel::Split(4)),
+                (5, 1, 16, 50, 37, AttnKernel::Split(2)),
+            ] {
+                push("attention_qk_norm_rope", test_attention_qk_norm_rope(dev, rng, dt, hq, hkv, hd, max_len, len, kernel));
+            }
             push("softmax_topk_identity", test_topk_identity(dev, rng, dt, 64, 128, 8, true, true, 0));
             push("softmax_topk_identity", test_topk_identity(dev, rng, dt, 64, 128, 8, true, true, 5));
             push("softmax_topk_identity", test_topk_identity(dev, rng, dt, 16, 128, 8, false, true, 3));

@@ -498,7 +498,12 @@ impl CudaQwen3Moe {
                     l.v.mv(dev, dt, s.xn, s.v)?;
                 }
             }
-            if l.fused_qk_rope {
+            // qk_norm_rope: the attention kernel's prologue where it has one (all but the
+            // long-context kernel), else its own launch.
+            if l.fused_qk_rope && attn_kernel != AttnKernel::Long {
+                let pro = ops::QkNormRope { k: s.k, v: s.v, q_norm_w: l.q_norm, k_norm_w: l.k_norm, eps, rope_base: self.rope_base };
+                ops::attention_decode_qk_norm_rope(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn, &pro)?;
+            } else if l.fused_qk_rope {
                 ops::qk_norm_rope_append(dev, dt, s.q, s.k, s.v, l.q_norm, l.k_norm, l.k_cache, l.v_cache, s.pos, &self.attn, eps, self.rope_base)?;
             } else {
                 ops::rms_norm(dev, dt, s.q, l.q_norm, s.q, hq, hd, eps)?;
@@ -507,7 +512,9 @@ impl CudaQwen3Moe {
                 ops::rope(dev, dt, s.k, s.k, s.pos, 0, hkv, hd, hd, self.rope_base, 1.0)?;
                 ops::kv_append(dev, dt, &self.attn, s.k, s.v, l.k_cache, l.v_cache, s.pos, 0)?;
             }
-            ops::attention_decode(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
+            if !l.fused_qk_rope || attn_kernel == AttnKernel::Long {
+                ops::attention_decode(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
+            }
             // h = x + attn; xn = post_attention_layernorm(h) (inside moe_gating when fused).
             let mut normed = l.norm_in_router();
             match (l.fused_o_add, l.o.quant()) {
@@ -665,12 +672,18 @@ impl CudaQwen3Moe {
     /// Kernel launches in one decode step at the current length, counted from the variants
     /// in place (the attention kernel depends on the length).
     pub fn launches_per_token(&self) -> usize {
-        let attn_launches = AttnKernel::for_len(self.len + 1).launches();
+        let attn_kernel = AttnKernel::for_len(self.len + 1);
+        let attn_launches = attn_kernel.launches();
         let per_layer: usize = self
             .layers
             .iter()
             .map(|l| {
-                let attn = (if l.fused_qkv { 1 } else { 3 }) + (if l.fused_qk_rope { 1 } else { 5 }) + attn_launches + 1;
+                let qk = match (l.fused_qk_rope, attn_kernel) {
+                    (true, AttnKernel::Long) => 1,
+                    (true, _) => 0, // the attention kernel's prologue
+                    (false, _) => 5,
+                };
+                let attn = (if l.fused_qkv { 1 } else { 3 }) + qk + attn_launches + 1;
                 // o_proj (+ add) is counted with the attention; then add and/or norm.
                 let post_attn = match (l.fused_o_add, l.norm_in_router(), l.fused_add_norm) {
                     (true, true, _) => 0,

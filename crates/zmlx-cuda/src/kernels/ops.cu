@@ -339,11 +339,59 @@ template <class D, int N> __device__ __forceinline__ void load_n(const typename 
   else if constexpr (N == 2) load2<D>(p, o[0], o[1]);
   else o[0] = D::ld(p[0]);
 }
+// One head row through RMSNorm and RoPE by one warp (qk_norm_rope_append's arithmetic, below):
+// buf (hd floats of shared memory) takes the normalised row; emit(i, o1, o2) gets the
+// rotated pair (dtype-exact floats) of features i and i + hd/2.
+template <class D, class Emit>
+__device__ __forceinline__ void norm_rope_row(const typename D::T* x, const typename D::T* __restrict__ w, int hd,
+                                              float eps, float inv_n, int pos, float step, float scale, float* buf,
+                                              int lane, const Emit& emit) {
+  float vv[8], wv[8];
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const int i = lane + j * 32;
+    vv[j] = i < hd ? D::ld(x[i]) : 0.0f;
+    wv[j] = i < hd ? D::ld(w[i]) : 0.0f;
+  }
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; j++) ss = fmaf(vv[j], vv[j], ss);
+  ss = warp_sum(ss);
+  ss = warp_sum(lane == 0 ? ss : 0.0f);
+  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const int i = lane + j * 32;
+    if (i < hd) buf[i] = D::rnd(__fmul_rn(D::rnd(__fmul_rn(vv[j], r)), wv[j]));
+  }
+  __syncwarp();
+  const int half = hd >> 1;
+  for (int i = lane; i < half; i += 32) {
+    const float inv = mlx_exp(__fmul_rn(-(float)i, step));
+    const float theta = __fmul_rn(__fmul_rn((float)pos, scale), inv);
+    const float c = D::rnd(mlx_cos(theta)), s = D::rnd(mlx_sin(theta));
+    const float x1 = buf[i], x2 = buf[i + half];
+    const float o1 = D::rnd(__fsub_rn(D::rnd(__fmul_rn(x1, c)), D::rnd(__fmul_rn(x2, s))));
+    const float o2 = D::rnd(__fadd_rn(D::rnd(__fmul_rn(x1, s)), D::rnd(__fmul_rn(x2, c))));
+    emit(i, o1, o2);
+  }
+}
+// The qk_norm_rope prologue of the fused attention (qk_norm_rope_append's arithmetic): q, k
+// and v are the projections of the new token at position len - 1, un-normalised. Each block
+// normalises and rotates its q head; the blocks whose rows hold the new position also do its
+// k head and take its v row, keep both in shared memory for their own use (rows the kernel
+// writes are never read back through the caches) and append them to the caches.
+template <class D> struct QkPrologue {
+  const typename D::T *k, *v, *qw, *kw;
+  typename D::T *kc_out, *vc_out;
+  float eps, inv_n, step;
+};
+
 template <class D, int HD>
 __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
                                                  const typename D::T* __restrict__ vc, typename D::T* __restrict__ y,
                                                  float* __restrict__ part, const int* __restrict__ len_ptr, int len_add,
-                                                 int G, int max_len, float scale) {
+                                                 int G, int max_len, float scale, const QkPrologue<D>* pro = nullptr) {
   constexpr int FPL = HD >= 128 ? 4 : (HD >= 64 ? 2 : 1);
   constexpr int LPR = HD / FPL, RPW = 32 / LPR, NSTR = (ATT_THREADS / 32) * RPW;
   __shared__ float qs[HD];
@@ -353,7 +401,6 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int hq = blockIdx.x, h = hq / G;
   const float scale_r = D::rnd(scale);
-  for (int i = tid; i < HD; i += ATT_THREADS) qs[i] = D::rnd(__fmul_rn(D::ld(q[(long long)hq * HD + i]), scale_r));
   const int len = min(*len_ptr + len_add, max_len);
   // Split over gridDim.y blocks per head: rows [r0, r1) (attn_rows_per_split; blocks past the
   // length exit, the combine never reads them).
@@ -361,6 +408,37 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict
   const int rps = S == 1 ? len : attn_rows_per_split(len, S);
   const int r0 = split * rps, r1 = min(len, r0 + rps);
   if (S > 1 && r0 >= len) return;
+  __shared__ float knew[HD], vnew[HD], nbuf[2][HD];
+  int pnew = -1;  // the new position's row within [r0, r1) when the prologue provides it
+  if (pro == nullptr) {
+    for (int i = tid; i < HD; i += ATT_THREADS) qs[i] = D::rnd(__fmul_rn(D::ld(q[(long long)hq * HD + i]), scale_r));
+  } else {
+    const int pos = *len_ptr + len_add - 1, half = HD / 2;
+    const bool mine = pos >= r0 && pos < r1;
+    const long long co = ((long long)h * max_len + pos) * HD;
+    if (warp == 0) {
+      norm_rope_row<D>(q + (long long)hq * HD, pro->qw, HD, pro->eps, pro->inv_n, pos, pro->step, 1.0f, nbuf[0], lane,
+                       [&](int i, float o1, float o2) {
+                         qs[i] = D::rnd(__fmul_rn(o1, scale_r));
+                         qs[i + half] = D::rnd(__fmul_rn(o2, scale_r));
+                       });
+    } else if (warp == 1 && mine) {
+      norm_rope_row<D>(pro->k + (long long)h * HD, pro->kw, HD, pro->eps, pro->inv_n, pos, pro->step, 1.0f, nbuf[1], lane,
+                       [&](int i, float o1, float o2) {
+                         knew[i] = o1;
+                         knew[i + half] = o2;
+                         pro->kc_out[co + i] = D::st(o1);
+                         pro->kc_out[co + i + half] = D::st(o2);
+                       });
+    } else if (warp == 2 && mine) {
+      for (int i = lane; i < HD; i += 32) {
+        const typename D::T t = pro->v[(long long)h * HD + i];
+        vnew[i] = D::ld(t);
+        pro->vc_out[co + i] = t;
+      }
+    }
+    if (mine) pnew = pos - r0;
+  }
   const typename D::T* kb = kc + ((long long)h * max_len + r0) * HD;
   const typename D::T* vb = vc + ((long long)h * max_len + r0) * HD;
   const int nrows = r1 - r0;
@@ -377,13 +455,17 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict
       const typename D::T* kr = kb + (long long)(c0 + t) * HD;
       constexpr int KC = HD < 64 ? HD : 64;  // features loaded at once (registers)
       float s = 0.0f;
+      if (c0 + t == pnew) {  // the prologue's row, same products in the same order
+        for (int e = 0; e < HD; e++) s = fmaf(qs[e], knew[e], s);
+      } else {
 #pragma unroll
-      for (int e0 = 0; e0 < HD; e0 += KC) {
-        float kv[KC];
+        for (int e0 = 0; e0 < HD; e0 += KC) {
+          float kv[KC];
 #pragma unroll
-        for (int e = 0; e < KC; e += 8) load8<D>(kr + e0 + e, kv + e);
+          for (int e = 0; e < KC; e += 8) load8<D>(kr + e0 + e, kv + e);
 #pragma unroll
-        for (int e = 0; e < KC; e++) s = fmaf(qs[e0 + e], kv[e], s);
+          for (int e = 0; e < KC; e++) s = fmaf(qs[e0 + e], kv[e], s);
+        }
       }
       sc[t] = s;
       cmax = fmaxf(cmax, s);
@@ -402,7 +484,12 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict
 #pragma unroll 16
     for (int t = stream; t < n; t += NSTR) {
       float v[FPL];
-      load_n<D, FPL>(vb + (long long)(c0 + t) * HD + f0, v);
+      if (c0 + t == pnew) {
+#pragma unroll
+        for (int i = 0; i < FPL; i++) v[i] = vnew[f0 + i];
+      } else {
+        load_n<D, FPL>(vb + (long long)(c0 + t) * HD + f0, v);
+      }
       const float p = sc[t];
 #pragma unroll
       for (int i = 0; i < FPL; i++) acc[i] = fmaf(p, v[i], acc[i]);
@@ -612,42 +699,16 @@ __device__ __forceinline__ void qk_norm_rope_append_impl(typename D::T* q, typen
   const bool isk = row >= hq;
   const int kh = row - hq;
   typename D::T* x = isk ? k + (long long)kh * hd : q + (long long)row * hd;
-  const typename D::T* w = isk ? kw : qw;
-  float vv[8], wv[8];
-#pragma unroll
-  for (int j = 0; j < 8; j++) {
-    const int i = lane + j * 32;
-    vv[j] = i < hd ? D::ld(x[i]) : 0.0f;
-    wv[j] = i < hd ? D::ld(w[i]) : 0.0f;
-  }
-  float ss = 0.0f;
-#pragma unroll
-  for (int j = 0; j < 8; j++) ss = fmaf(vv[j], vv[j], ss);
-  ss = warp_sum(ss);
-  ss = warp_sum(lane == 0 ? ss : 0.0f);
-  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fmul_rn(ss, inv_n), eps)));
-#pragma unroll
-  for (int j = 0; j < 8; j++) {
-    const int i = lane + j * 32;
-    if (i < hd) buf[warp][i] = D::rnd(__fmul_rn(D::rnd(__fmul_rn(vv[j], r)), wv[j]));
-  }
-  __syncwarp();
   const int pos = *pos_ptr;
   const bool app = isk && pos >= 0 && pos < max_len;
   const long long co = ((long long)kh * max_len + pos) * hd;
   const int half = hd >> 1;
-  for (int i = lane; i < half; i += 32) {
-    const float inv = mlx_exp(__fmul_rn(-(float)i, step));
-    const float theta = __fmul_rn(__fmul_rn((float)pos, scale), inv);
-    const float c = D::rnd(mlx_cos(theta)), s = D::rnd(mlx_sin(theta));
-    const float x1 = buf[warp][i], x2 = buf[warp][i + half];
-    const float o1 = D::rnd(__fsub_rn(D::rnd(__fmul_rn(x1, c)), D::rnd(__fmul_rn(x2, s))));
-    const float o2 = D::rnd(__fadd_rn(D::rnd(__fmul_rn(x1, s)), D::rnd(__fmul_rn(x2, c))));
+  norm_rope_row<D>(x, isk ? kw : qw, hd, eps, inv_n, pos, step, scale, buf[warp], lane, [&](int i, float o1, float o2) {
     const typename D::T t1 = D::st(o1), t2 = D::st(o2);
     x[i] = t1;
     x[i + half] = t2;
     if (app) { kc[co + i] = t1; kc[co + i + half] = t2; }
-  }
+  });
   if (app)
     for (int i = lane; i < hd; i += 32) vc[co + i] = v[(long long)kh * hd + i];
 }
@@ -971,6 +1032,14 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
       const DT::T* q, const DT::T* kc, const DT::T* vc, DT::T* y, float* part, const int* len, int len_add,     \
       int G, int max_len, float scale) { ZMLX_GRID_DEP();                                                      \
     attn_single_impl<DT, HD>(q, kc, vc, y, part, len, len_add, G, max_len, scale);                             \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_single_qknr_##DN##_d##HD(                    \
+      const DT::T* q, DT::T* kc, DT::T* vc, DT::T* y, float* part, const int* len, int len_add, int G,         \
+      int max_len, float scale, const DT::T* k, const DT::T* v, const DT::T* qw, const DT::T* kw, float eps,   \
+      float inv_n, float step) {                                                                               \
+    ZMLX_GRID_DEP();                                                                                           \
+    const QkPrologue<DT> pro{k, v, qw, kw, kc, vc, eps, inv_n, step};                                          \
+    attn_single_impl<DT, HD>(q, kc, vc, y, part, len, len_add, G, max_len, scale, &pro);                       \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_long_##DN##_d##HD(                     \
       const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
