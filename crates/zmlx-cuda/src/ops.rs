@@ -235,6 +235,17 @@ impl AttnKernel {
     }
     /// One of each, for tests.
     pub const ALL: [AttnKernel; 4] = [AttnKernel::Single, AttnKernel::Split(3), AttnKernel::Split(16), AttnKernel::Long];
+    /// Whether the engine runs qk_norm_rope as this kernel's prologue
+    /// ([`attention_decode_qk_norm_rope`]): every block repeats the q-head prologue, which
+    /// pays where blocks are few (Single: 412.7 vs 404.9 tok/s at 128 tokens; Split(4):
+    /// 382.9 vs 382.3 at 512) and not with 8+ splits (355.6 vs 368.9 at 2048, H100).
+    pub fn takes_qk_prologue(self) -> bool {
+        match self {
+            AttnKernel::Single => true,
+            AttnKernel::Split(n) => n <= 4,
+            AttnKernel::Long => false,
+        }
+    }
     /// Kernel launches it takes.
     pub fn launches(self) -> usize {
         if self == AttnKernel::Single {
@@ -695,6 +706,9 @@ mod tests {
         assert!(seen.len() <= 5, "{} graphs per decode: {seen:?}", seen.len());
         assert_eq!(AttnKernel::for_len(1), AttnKernel::Single);
         assert_eq!(AttnKernel::for_len(ATT_SPLIT_MAX_LEN + 1), AttnKernel::Long);
+        // qk_norm_rope rides along only where blocks per head are few (never the long kernel)
+        assert!(AttnKernel::for_len(128).takes_qk_prologue() && AttnKernel::for_len(1000).takes_qk_prologue());
+        assert!(!AttnKernel::for_len(2048).takes_qk_prologue() && !AttnKernel::Long.takes_qk_prologue());
         // A small cache still reserves room for the largest split the launcher takes.
         let small = AttnShape { max_len: 40, ..shape };
         assert!(small.n_heads * ATT_SPLIT_KERNEL_MAX * (small.head_dim + 2) * 4 <= small.workspace_bytes());

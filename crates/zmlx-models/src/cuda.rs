@@ -498,9 +498,10 @@ impl CudaQwen3Moe {
                     l.v.mv(dev, dt, s.xn, s.v)?;
                 }
             }
-            // qk_norm_rope: the attention kernel's prologue where it has one (all but the
-            // long-context kernel), else its own launch.
-            if l.fused_qk_rope && attn_kernel != AttnKernel::Long {
+            // qk_norm_rope: the attention kernel's prologue where that pays (few blocks per
+            // head), else its own launch.
+            let qk_in_attn = l.fused_qk_rope && attn_kernel.takes_qk_prologue();
+            if qk_in_attn {
                 let pro = ops::QkNormRope { k: s.k, v: s.v, q_norm_w: l.q_norm, k_norm_w: l.k_norm, eps, rope_base: self.rope_base };
                 ops::attention_decode_qk_norm_rope(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn, &pro)?;
             } else if l.fused_qk_rope {
@@ -512,7 +513,7 @@ impl CudaQwen3Moe {
                 ops::rope(dev, dt, s.k, s.k, s.pos, 0, hkv, hd, hd, self.rope_base, 1.0)?;
                 ops::kv_append(dev, dt, &self.attn, s.k, s.v, l.k_cache, l.v_cache, s.pos, 0)?;
             }
-            if !l.fused_qk_rope || attn_kernel == AttnKernel::Long {
+            if !qk_in_attn {
                 ops::attention_decode(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
             }
             // h = x + attn; xn = post_attention_layernorm(h) (inside moe_gating when fused).
@@ -678,9 +679,9 @@ impl CudaQwen3Moe {
             .layers
             .iter()
             .map(|l| {
-                let qk = match (l.fused_qk_rope, attn_kernel) {
-                    (true, AttnKernel::Long) => 1,
-                    (true, _) => 0, // the attention kernel's prologue
+                let qk = match (l.fused_qk_rope, attn_kernel.takes_qk_prologue()) {
+                    (true, true) => 0, // the attention kernel's prologue
+                    (true, false) => 1,
                     (false, _) => 5,
                 };
                 let attn = (if l.fused_qkv { 1 } else { 3 }) + qk + attn_launches + 1;
