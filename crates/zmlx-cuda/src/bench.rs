@@ -316,6 +316,13 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
     let us = time_graph(dev, 32, &|dv, i| fused::moe_gating_with(dv, bf, &router.ws[i % nr], h.ptr(), nw.ptr(), 1e-6, xn.ptr(), kk, true, true, gid.ptr(), gwt.ptr(), gws.ptr(), false))?;
     rows.push(row("moe_gating", "rms_norm + E=128 k=8 K=2048 b8 g64 (last-block handoff)".into(), bytes, us, copy));
     let us = time_graph(dev, 32, &|dv, i| {
+        ops::qmv(dv, bf, &router.ws[i % nr], xn.ptr(), logits.ptr())?;
+        ops::softmax_topk(dv, bf, logits.ptr(), 1, e, kk, true, true, gid.ptr(), gwt.ptr())
+    })?;
+    rows.push(row("unfused router", "qmv+softmax_topk (2 launches)".into(), bytes, us, copy));
+    let us = time_graph(dev, 32, &|dv, i| fused::moe_gating(dv, bf, &router.ws[i % nr], xn.ptr(), 0, 1e-6, 0, kk, true, true, gid.ptr(), gwt.ptr(), gws.ptr()))?;
+    rows.push(row("moe_gating", "no norm, E=128 k=8 K=2048 b8 g64 (cluster where it fits)".into(), bytes, us, copy));
+    let us = time_graph(dev, 32, &|dv, i| {
         fused::norm_router(dv, bf, &router.ws[i % nr], h.ptr(), nw.ptr(), 1e-6, xn.ptr(), logits.ptr())?;
         ops::softmax_topk(dv, bf, logits.ptr(), 1, e, kk, true, true, gid.ptr(), gwt.ptr())
     })?;

@@ -158,12 +158,13 @@ pub fn moe_gating_workspace_bytes(e: usize) -> usize {
 /// Largest hidden size [`moe_gating`] and [`norm_router`] take (their blocks are rms_norm's, ≤ 512 threads).
 pub const MOE_GATING_MAX_K: usize = 4096;
 
-/// Post-attention RMSNorm + router matvec + softmax + top-k (+ renorm) in one launch:
-/// `xn = rms_norm(h, norm_w)` (stored to `xn_out` for the experts), logits = qmv(router, xn)
-/// rounded to `dt`, then the last block to finish runs softmax_topk's exact code on them.
-/// E = `router.n`, K = `router.k` (≤ [`MOE_GATING_MAX_K`]). ids: u32 `[k]`, weights: f32
-/// `[k]`. Bitwise identical to rms_norm + qmv + softmax_topk(rows = 1, same `round_probs`,
-/// `renorm`).
+/// [Post-attention RMSNorm +] router matvec + softmax + top-k (+ renorm) in one launch:
+/// with `norm_w`, `xn = rms_norm(h, norm_w)` (stored to `xn_out` for the experts); with
+/// `norm_w` 0, `h` is already normalised (`xn_out` unused). logits = qmv(router, xn) rounded
+/// to `dt`, then one block runs softmax_topk's exact code on them (block 0 of a thread block
+/// cluster on sm_90, else the last block to finish). E = `router.n`, K = `router.k` (≤
+/// [`MOE_GATING_MAX_K`]). ids: u32 `[k]`, weights: f32 `[k]`. Bitwise identical to [rms_norm +]
+/// qmv + softmax_topk(rows = 1, same `round_probs`, `renorm`).
 #[allow(clippy::too_many_arguments)]
 pub fn moe_gating(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm_w: u64, eps: f32, xn_out: u64, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64, workspace: u64) -> Result<()> {
     moe_gating_with(dev, dt, router, h, norm_w, eps, xn_out, k, round_probs, renorm, ids, weights, workspace, true)
@@ -185,8 +186,8 @@ pub fn moe_gating_with(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64
 /// qmv(router, xn)` (to `logits_out`, `[E]` in `dt`). Bitwise identical to rms_norm + qmv.
 #[allow(clippy::too_many_arguments)]
 pub fn norm_router(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm_w: u64, eps: f32, xn_out: u64, logits_out: u64) -> Result<()> {
-    if logits_out == 0 {
-        return Err(inv("norm_router needs a logits buffer".into()));
+    if logits_out == 0 || norm_w == 0 {
+        return Err(inv("norm_router needs a logits buffer and the norm weight".into()));
     }
     gating_launch(dev, dt, router, h, norm_w, eps, xn_out, logits_out, 1, true, false, 0, 0, 0, false)
 }

@@ -1060,6 +1060,13 @@ pub(crate) mod fused_tests {
                 act_f = down(dev, dt, act2.ptr(), k * f)?;
             }
         }
+        // moe_gating without the norm (h already normalised: xb) vs qmv + softmax_topk, cluster and handoff
+        for allow_cluster in [true, false] {
+            let (ids3, wts3) = (poisoned(dev, k * 4)?, poisoned(dev, k * 4)?);
+            fused::moe_gating_with(dev, dt, &rw, xb.ptr(), 0, 1e-6, 0, k, true, true, ids3.ptr(), wts3.ptr(), ws.ptr(), allow_cluster)?;
+            bad[0] += diff(&bytes(dev, ids.ptr(), k * 4)?, &bytes(dev, ids3.ptr(), k * 4)?, 4);
+            bad[1] += diff(&bytes(dev, wts.ptr(), k * 4)?, &bytes(dev, wts3.ptr(), k * 4)?, 4);
+        }
         // combine without residual vs moe_combine alone
         let ff2 = poisoned(dev, d * sz)?;
         fused::gather_qmm_combine_rows(dev, dt, &dw, ids.ptr(), wts.ptr(), k, act.ptr(), 0, ff2.ptr(), 1)?;

@@ -290,9 +290,9 @@ struct DevLayer {
 }
 
 impl DevLayer {
-    /// The post-attention RMSNorm runs inside the router kernel (moe_gating or norm_router).
+    /// The post-attention RMSNorm runs inside the router kernel (norm_router).
     fn norm_in_router(&self) -> bool {
-        matches!(self.ff, DevFeedForward::Sparse { .. }) && (self.moe.fused_gating || self.fused_norm_router)
+        matches!(self.ff, DevFeedForward::Sparse { .. }) && self.fused_norm_router
     }
 }
 
@@ -541,7 +541,7 @@ impl CudaQwen3Moe {
                     let (ids, weights) = (s.ids + (i * k * 4) as u64, s.weights + (i * k * 4) as u64);
                     // `patch` sets a fused variant only where every weight it reads is quantized.
                     match (l.moe.fused_gating, l.fused_norm_router, router.quant()) {
-                        (true, _, Some(r)) => fused::moe_gating(dev, dt, r, s.x, l.post_norm, eps, s.xn, k, true, *renorm, ids, weights, s.gating_ws)?,
+                        (true, _, Some(r)) => fused::moe_gating(dev, dt, r, s.xn, 0, eps, 0, k, true, *renorm, ids, weights, s.gating_ws)?,
                         (false, true, Some(r)) => {
                             fused::norm_router(dev, dt, r, s.x, l.post_norm, eps, s.xn, s.router)?;
                             ops::softmax_topk(dev, dt, s.router, 1, router.n(), k, true, *renorm, ids, weights)?;
@@ -611,7 +611,7 @@ impl CudaQwen3Moe {
                     if on(Pattern::MoeGating) && !gating {
                         report.skip(Pattern::MoeGating, format!("router not quantized or hidden size > {}", fused::MOE_GATING_MAX_K));
                     }
-                    // moe_gating (which includes the norm and the router) takes precedence.
+                    // Both compute the router; moe_gating (router + top-k) takes precedence.
                     l.fused_norm_router = !gating && on(Pattern::NormRouter) && router_ok;
                     if l.fused_norm_router {
                         report.add("norm_router");

@@ -151,7 +151,8 @@ __device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const 
   }
 }
 
-// 4. moe_gating: post-attention RMSNorm + router + softmax + top-k in one launch. Every block
+// 4. moe_gating: [post-attention RMSNorm +] router + softmax + top-k in one launch. Without
+// nw, h is the normalised input and the router rows read it as qmv does. With nw, every block
 // normalises h itself with rms_norm's register-path code (launched with rms_norm's thread
 // count for K, so xn is bitwise rms_norm's), keeps xn in f32 in shared memory for its router
 // rows (one per warp, qmv's per-row code, logits rounded to the dtype as qmv stores them),
@@ -202,7 +203,12 @@ __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const
   const typename D::T* sr[1] = {sc + (long long)wrow * groups};
   const typename D::T* br[1] = {bi + (long long)wrow * groups};
   float acc[1];
-  qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, XSharedF32{xs}, row < E ? K >> 5 : 0, lane, qmask, acc, norm_prologue);
+  if (nw != nullptr) {
+    qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, XSharedF32{xs}, row < E ? K >> 5 : 0, lane, qmask, acc, norm_prologue);
+  } else {  // h is already normalised: the router rows read it as qmv does
+    const typename D::T* xr[1] = {h};
+    qmv_lane_partials<D, BITS, GS, 1, false>(wr, sr, br, XGlobal<D>{xr}, row < E ? K >> 5 : 0, lane, qmask, acc, true);
+  }
   const float v = warp_sum(acc[0]);
   if (row < E && lane == 0) {
     if (logits_out != nullptr) logits_out[row] = D::st(v);
