@@ -15,6 +15,11 @@ typedef unsigned long long u64;
 #else
 #define ZMLX_GRID_DEP()
 #endif
+// Pass a pointer to data an earlier kernel wrote through this before loading from it, in
+// kernels that load other data before ZMLX_GRID_DEP: the loads then depend on a value the
+// compiler cannot move above the (volatile) wait. Non-coherent loads (__ldg) may otherwise
+// be hoisted above it, which once made decode nondeterministic (docs/kernels.md, fourth pass).
+#define ZMLX_AFTER_DEP(p) asm volatile("" : "+l"(p))
 
 // ---- dtype conversions by bit operations (RNE, like MLX) ----
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }

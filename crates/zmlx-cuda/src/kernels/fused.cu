@@ -99,6 +99,8 @@ __device__ __forceinline__ void gqc_impl(const u32* __restrict__ w, const typena
     }
   }
   ZMLX_GRID_DEP();  // (again) for warps without a slot: wts and residual come next
+  ZMLX_AFTER_DEP(wts);
+  ZMLX_AFTER_DEP(residual);
   __syncthreads();
   const int t = threadIdx.x;
   if (t < R && n0 + t < N) {
@@ -182,8 +184,10 @@ __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const
   // Runs after the first weight loads, in every thread (idle warps walk zero chunks).
   auto norm_prologue = [&]() {
     ZMLX_GRID_DEP();
+    const typename D::T* hp = h;
+    ZMLX_AFTER_DEP(hp);
     float out[8];
-    rms_norm_regs<D>(h, nw, K, eps, inv_n, red, out);
+    rms_norm_regs<D>(hp, nw, K, eps, inv_n, red, out);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       const int i = threadIdx.x + j * blockDim.x;

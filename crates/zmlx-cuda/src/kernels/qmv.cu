@@ -73,8 +73,10 @@ template <int BITS> __device__ __forceinline__ float chunk_dot(const u32* q, con
 template <class D> struct XGlobal {
   const typename D::T* const* xr;
   __device__ __forceinline__ void operator()(int r, int c, float* xv) const {
+    const typename D::T* p = xr[r] + c * 32;
+    ZMLX_AFTER_DEP(p);  // x may come from the previous kernel: read it after the wait
 #pragma unroll
-    for (int i = 0; i < 4; i++) load8<D>(xr[r] + c * 32 + 8 * i, xv + 8 * i);
+    for (int i = 0; i < 4; i++) load8<D>(p + 8 * i, xv + 8 * i);
   }
 };
 struct XSharedF32 {
