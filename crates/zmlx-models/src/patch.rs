@@ -149,7 +149,8 @@ pub fn preset(model_type: &str, backend: Backend) -> Vec<PresetEntry> {
                 (true, Backend::Cpu, MoeGating) => (false, "CPU: routing is already a single pass; nothing to fuse"),
                 (true, Backend::Cuda, MoeGating) => (false, "identical, but slower on H100: decode 406 vs 412 tok/s (the kernel alone: 5.2 us as one thread block cluster vs 5.5 for qmv + softmax_topk; launches overlap, so the saved one buys little)"),
                 (true, Backend::Cuda, AddRmsNorm) => (false, "identical, but measured slower on H100 (4.0 vs 2.5 us for add + rms_norm, docs/kernels.md)"),
-                (true, _, MoeMlp | GatherQmmSwiglu | GatherQmmCombine | SwigluMlp | AddRmsNorm) => {
+                (true, _, MoeMlp) => (true, "as gather_qmm_swiglu + gather_qmm_combine: its moe_gating part stays off (see that line)"),
+                (true, _, GatherQmmSwiglu | GatherQmmCombine | SwigluMlp | AddRmsNorm) => {
                     (true, "bitwise identical to the unfused chain (tested on random inputs and on every fixture)")
                 }
                 (true, Backend::Cpu, QkNormRope) => (true, "the same per-row ops in one pass (no transposed copies); bitwise identical on every fixture; speed-neutral on the tiny fixtures"),
