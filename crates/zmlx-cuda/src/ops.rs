@@ -236,9 +236,10 @@ impl AttnKernel {
     /// One of each, for tests.
     pub const ALL: [AttnKernel; 4] = [AttnKernel::Single, AttnKernel::Split(3), AttnKernel::Split(16), AttnKernel::Long];
     /// Whether the engine runs qk_norm_rope as this kernel's prologue
-    /// ([`attention_decode_qk_norm_rope`]): every block repeats the q-head prologue, which
-    /// pays where blocks are few (Single: 412.7 vs 404.9 tok/s at 128 tokens; Split(4):
-    /// 382.9 vs 382.3 at 512) and not with 8+ splits (355.6 vs 368.9 at 2048, H100).
+    /// ([`attention_decode_qk_norm_rope`]) instead of its own launch: every block repeats the
+    /// q-head prologue, so it pays only where blocks per head are few. With 8+ splits it lost:
+    /// 2048-token decode 355.6 tok/s with it vs 360.6 without (H100; unpatched 288.7 / 288.5
+    /// in the same two runs, capsules 38bc961).
     pub fn takes_qk_prologue(self) -> bool {
         match self {
             AttnKernel::Single => true,

@@ -500,23 +500,22 @@ impl CudaQwen3Moe {
             }
             // qk_norm_rope: the attention kernel's prologue where that pays (few blocks per
             // head), else its own launch.
-            let qk_in_attn = l.fused_qk_rope && attn_kernel.takes_qk_prologue();
-            if qk_in_attn {
+            if l.fused_qk_rope && attn_kernel.takes_qk_prologue() {
                 let pro = ops::QkNormRope { k: s.k, v: s.v, q_norm_w: l.q_norm, k_norm_w: l.k_norm, eps, rope_base: self.rope_base };
                 ops::attention_decode_qk_norm_rope(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn, &pro)?;
-            } else if l.fused_qk_rope {
-                ops::qk_norm_rope_append(dev, dt, s.q, s.k, s.v, l.q_norm, l.k_norm, l.k_cache, l.v_cache, s.pos, &self.attn, eps, self.rope_base)?;
             } else {
-                ops::rms_norm(dev, dt, s.q, l.q_norm, s.q, hq, hd, eps)?;
-                ops::rms_norm(dev, dt, s.k, l.k_norm, s.k, hkv, hd, eps)?;
-                ops::rope(dev, dt, s.q, s.q, s.pos, 0, hq, hd, hd, self.rope_base, 1.0)?;
-                ops::rope(dev, dt, s.k, s.k, s.pos, 0, hkv, hd, hd, self.rope_base, 1.0)?;
-                ops::kv_append(dev, dt, &self.attn, s.k, s.v, l.k_cache, l.v_cache, s.pos, 0)?;
-            }
-            if !qk_in_attn {
+                if l.fused_qk_rope {
+                    ops::qk_norm_rope_append(dev, dt, s.q, s.k, s.v, l.q_norm, l.k_norm, l.k_cache, l.v_cache, s.pos, &self.attn, eps, self.rope_base)?;
+                } else {
+                    ops::rms_norm(dev, dt, s.q, l.q_norm, s.q, hq, hd, eps)?;
+                    ops::rms_norm(dev, dt, s.k, l.k_norm, s.k, hkv, hd, eps)?;
+                    ops::rope(dev, dt, s.q, s.q, s.pos, 0, hq, hd, hd, self.rope_base, 1.0)?;
+                    ops::rope(dev, dt, s.k, s.k, s.pos, 0, hkv, hd, hd, self.rope_base, 1.0)?;
+                    ops::kv_append(dev, dt, &self.attn, s.k, s.v, l.k_cache, l.v_cache, s.pos, 0)?;
+                }
                 ops::attention_decode(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
             }
-            // h = x + attn; xn = post_attention_layernorm(h) (inside moe_gating when fused).
+            // h = x + attn; xn = post_attention_layernorm(h) (inside norm_router when fused).
             let mut normed = l.norm_in_router();
             match (l.fused_o_add, l.o.quant()) {
                 (true, Some(o)) => ops::qmv_add(dev, dt, o, s.attn, s.x, s.x)?,
