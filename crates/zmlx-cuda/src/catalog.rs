@@ -45,6 +45,11 @@ pub fn qmv_fn_name(tag: &str, bits: u32, gs: u32, r: u32) -> String {
     format!("qmv_{tag}_b{bits}_g{gs}_r{r}")
 }
 
+/// The tensor-core (tc4) qmv for 4-bit weights, bf16/f16 only (`ops::uses_tc4`).
+pub fn qmv_tc_fn_name(tag: &str, gs: u32) -> String {
+    format!("qmv_tc_{tag}_g{gs}")
+}
+
 /// The module that holds `function`.
 pub fn module_of(function: &str) -> String {
     let tag = ["bf16", "f16", "f32"].into_iter().find(|t| function.contains(&format!("_{t}"))).unwrap_or("f32");
@@ -73,11 +78,12 @@ pub fn module_spec(name: &str) -> Option<ModuleSpec> {
                     }
                 }
             }
-            Some(ModuleSpec {
-                name: name.into(),
-                source: format!("{COMMON}\n{QMV}\nZMLX_QMV_ALL({st}, {tag})\n"),
-                functions,
-            })
+            let mut source = format!("{COMMON}\n{QMV}\nZMLX_QMV_ALL({st}, {tag})\n");
+            if tag != "f32" {
+                source.push_str(&format!("ZMLX_QMV_TC({st}, {tag})\n"));
+                functions.extend(QMV_GROUPS.iter().map(|g| qmv_tc_fn_name(tag, *g)));
+            }
+            Some(ModuleSpec { name: name.into(), source, functions })
         }
         "ops" => {
             let functions = [
@@ -97,11 +103,13 @@ pub fn module_spec(name: &str) -> Option<ModuleSpec> {
             .collect();
             Some(ModuleSpec { name: name.into(), source: format!("{COMMON}\n{OPS}\nZMLX_OPS({st}, {tag})\n"), functions })
         }
-        "fused" => Some(ModuleSpec {
-            name: name.into(),
-            source: format!("{COMMON}\n{QMV}\n{OPS}\n{FUSED}\nZMLX_FUSED_ALL({st}, {tag})\n"),
-            functions: crate::fused::fused_fn_names(tag),
-        }),
+        "fused" => {
+            let mut source = format!("{COMMON}\n{QMV}\n{OPS}\n{FUSED}\nZMLX_FUSED_ALL({st}, {tag})\n");
+            if tag != "f32" {
+                source.push_str(&format!("ZMLX_FUSED_TC({st}, {tag})\n"));
+            }
+            Some(ModuleSpec { name: name.into(), source, functions: crate::fused::fused_fn_names(tag) })
+        }
         _ => None,
     }
 }

@@ -5,7 +5,7 @@
 use zmlx_core::DType;
 
 use crate::catalog::{dtype_tag, QMV_BITS, QMV_GROUPS};
-use crate::ops::{aligned, inv, rms_norm_inv_n, rms_norm_threads, QuantWeight};
+use crate::ops::{aligned, inv, rms_norm_inv_n, rms_norm_threads, tc4_slices, tc4_threads, uses_tc4, QuantWeight};
 use crate::runtime::{Arg, CudaDevice};
 use crate::Result;
 
@@ -35,6 +35,13 @@ pub fn fused_fn_names(tag: &str) -> Vec<String> {
     }
     v.push(format!("fused_add_rms_norm_{tag}"));
     v.push(format!("fused_qmv_multi_{tag}"));
+    if tag != "f32" {
+        for g in QMV_GROUPS {
+            v.push(format!("fused_swiglu_tc_{tag}_g{g}"));
+            v.push(format!("fused_combine_tc_{tag}_g{g}"));
+        }
+        v.push(format!("fused_qmv_multi_tc_{tag}"));
+    }
     v
 }
 
@@ -62,6 +69,28 @@ pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, u
         return Err(inv("gather_qmm_swiglu needs expert ids, k > 0, r in {1, 2}, threads 32..=256".into()));
     }
     let tag = dtype_tag(dt)?;
+    if uses_tc4(dev, dt, gate) {
+        // One 16-row tile of gate and up per block (r and threads do not apply).
+        return dev.launch(
+            &format!("fused_swiglu_tc_{tag}_g{}", gate.group_size),
+            ((gate.n as u32).div_ceil(16), k as u32, 1),
+            (tc4_threads(2 * tc4_slices(gate.k)), 1, 1),
+            0,
+            &[
+                Arg::Ptr(gate.w),
+                Arg::Ptr(gate.scales),
+                Arg::Ptr(gate.biases),
+                Arg::Ptr(up.w),
+                Arg::Ptr(up.scales),
+                Arg::Ptr(up.biases),
+                Arg::Ptr(ids),
+                Arg::Ptr(x),
+                Arg::Ptr(act),
+                Arg::I32(gate.n as i32),
+                Arg::I32(gate.k as i32),
+            ],
+        );
+    }
     let rows_per_block = r * threads / 32;
     dev.launch(
         &format!("fused_swiglu_{tag}_b{}_g{}_r{r}", gate.bits, gate.group_size),
@@ -110,6 +139,33 @@ pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, 
         return Err(inv("gather_qmm_combine needs expert ids, weights, 0 < k <= 4096, r in {1, 2, 4}".into()));
     }
     let tag = dtype_tag(dt)?;
+    if uses_tc4(dev, dt, down) {
+        // One 16-row output tile per block; its warps walk the (slot, slice) pairs.
+        let slices = tc4_slices(down.k);
+        let smem = k * slices * 16 * 4;
+        if smem > 48 * 1024 {
+            return Err(inv(format!("gather_qmm_combine: k={k} with K={} needs {smem} bytes of shared memory (> 48 KiB)", down.k)));
+        }
+        return dev.launch(
+            &format!("fused_combine_tc_{tag}_g{}", down.group_size),
+            ((down.n as u32).div_ceil(16), 1, 1),
+            (tc4_threads(k * slices), 1, 1),
+            smem as u32,
+            &[
+                Arg::Ptr(down.w),
+                Arg::Ptr(down.scales),
+                Arg::Ptr(down.biases),
+                Arg::Ptr(ids),
+                Arg::Ptr(weights),
+                Arg::I32(k as i32),
+                Arg::Ptr(act),
+                Arg::Ptr(residual),
+                Arg::Ptr(out),
+                Arg::I32(down.n as i32),
+                Arg::I32(down.k as i32),
+            ],
+        );
+    }
     let threads = 32 * k.min(8) as u32;
     dev.launch(
         &format!("fused_combine_{tag}_b{}_g{}_r{r}", down.bits, down.group_size),
@@ -195,6 +251,22 @@ pub fn norm_router(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, no
 #[allow(clippy::too_many_arguments)]
 fn gating_launch(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm_w: u64, eps: f32, xn_out: u64, logits_out: u64, k: usize, round_probs: bool, renorm: bool, ids: u64, weights: u64, workspace: u64, allow_cluster: bool) -> Result<()> {
     check_q(router, "router")?;
+    if uses_tc4(dev, dt, router) {
+        // A router on the tensor-core path: its logits must be qmv's, whose row order the
+        // gating kernel's FFMA loop does not have, so run the unfused launches (same results).
+        let xn = if norm_w != 0 {
+            crate::ops::rms_norm(dev, dt, h, norm_w, xn_out, 1, router.k, eps)?;
+            xn_out
+        } else {
+            h
+        };
+        if logits_out != 0 {
+            return crate::ops::qmv(dev, dt, router, xn, logits_out);
+        }
+        let logits = workspace + 16;
+        crate::ops::qmv(dev, dt, router, xn, logits)?;
+        return crate::ops::softmax_topk(dev, dt, logits, 1, router.n, k, round_probs, renorm, ids, weights);
+    }
     let (e, kk) = (router.n, router.k);
     if e > 8192 || kk > MOE_GATING_MAX_K {
         return Err(inv(format!("router E={e}, K={kk} unsupported (E <= 8192, K <= {MOE_GATING_MAX_K})")));
@@ -255,6 +327,14 @@ pub fn qmv_multi(dev: &CudaDevice, dt: DType, ws: &[QuantWeight], x: u64, ys: &[
     }
     aligned(x, 16, "x")?;
     let tag = dtype_tag(dt)?;
+    let tc = ws.iter().filter(|w| uses_tc4(dev, dt, w)).count();
+    if tc > 0 && tc < ws.len() {
+        // Mixed paths (e.g. a 4-bit q with an 8-bit v): one qmv each, so every output is qmv's.
+        for (w, y) in ws.iter().zip(ys) {
+            crate::ops::qmv(dev, dt, w, x, *y)?;
+        }
+        return Ok(());
+    }
     let total: usize = ws.iter().map(|w| w.n).sum();
     if total >= (1 << 31) {
         return Err(inv("qmv_multi: too many rows".into()));
@@ -268,10 +348,15 @@ pub fn qmv_multi(dev: &CudaDevice, dt: DType, ws: &[QuantWeight], x: u64, ys: &[
                 Arg::Ptr(w.biases),
                 Arg::Ptr(ys[i]),
                 Arg::I32(w.n as i32),
-                Arg::I32((w.bits * 1000 + w.group_size) as i32),
+                Arg::I32(if tc > 0 { w.group_size as i32 } else { (w.bits * 1000 + w.group_size) as i32 }),
             ]),
             None => args.extend([Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0), Arg::I32(0)]),
         }
+    }
+    if tc > 0 {
+        // One 16-row tile (of one matrix) per block, its warps over the row's slices.
+        let tiles: usize = ws.iter().map(|w| w.n.div_ceil(16)).sum();
+        return dev.launch(&format!("fused_qmv_multi_tc_{tag}"), (tiles as u32, 1, 1), (tc4_threads(tc4_slices(ws[0].k)), 1, 1), 0, &args);
     }
     dev.launch(&format!("fused_qmv_multi_{tag}"), ((total as u32).div_ceil(4), 1, 1), (128, 1, 1), 0, &args)
 }

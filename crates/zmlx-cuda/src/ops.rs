@@ -56,12 +56,61 @@ impl QuantWeight {
 /// Rows per warp of qmv launches with many rows (the lm_head, big projections).
 pub const QMV_ROWS_BIG: u32 = 4;
 
+/// Largest K of the tensor-core path (64 slices of 16 chunks of 32 codes: kernels/qmv.cu).
+pub const TC4_MAX_K: usize = 32768;
+/// Most warps of one tc4 block (TC_MAX_WARPS in kernels/qmv.cu).
+const TC4_MAX_WARPS: usize = 16;
+/// Codes per warp slice on the tc4 path (TC_SLICE chunks of 32).
+const TC4_SLICE: usize = 16 * 32;
+
+/// Whether matvecs with this weight run on the tensor-core path ("tc4", kernels/qmv.cu):
+/// 4-bit weights, bf16/f16 activations, sm_80 or newer, K ≤ [`TC4_MAX_K`]. Every launcher
+/// asks this same question, so a row is computed the same way fused or not (the path sums in
+/// another order than the FFMA loop, so the two must never mix). `ZMLX_TC=0` turns it off.
+pub fn uses_tc4(dev: &CudaDevice, dt: DType, wq: &QuantWeight) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("ZMLX_TC").is_ok_and(|v| v == "0"));
+    let sm: u32 = dev.arch().trim_start_matches("sm_").parse().unwrap_or(0);
+    !off && wq.bits == 4 && matches!(dt, DType::BF16 | DType::F16) && sm >= 80 && wq.k <= TC4_MAX_K
+}
+
+/// Warp slices of a row of `k` codes on the tc4 path.
+pub(crate) fn tc4_slices(k: usize) -> usize {
+    k.div_ceil(TC4_SLICE)
+}
+
+/// Threads of a tc4 block walking `work` (item, slice) pairs: one warp each, at most 16.
+pub(crate) fn tc4_threads(work: usize) -> u32 {
+    32 * work.clamp(1, TC4_MAX_WARPS) as u32
+}
+
 #[allow(clippy::too_many_arguments)]
 fn qmv_launch(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64, ids: u64, slots: usize, x_stride: usize, residual: u64, rows_big: u32) -> Result<()> {
     wq.validate()?;
     aligned(x, 16, "x")?;
     let tag = dtype_tag(dt)?;
     let n = wq.n as u32;
+    if uses_tc4(dev, dt, wq) {
+        // One 16-row tile per block, its warps over the row's slices.
+        return dev.launch(
+            &crate::catalog::qmv_tc_fn_name(tag, wq.group_size),
+            (n.div_ceil(16), slots as u32, 1),
+            (tc4_threads(tc4_slices(wq.k)), 1, 1),
+            0,
+            &[
+                Arg::Ptr(wq.w),
+                Arg::Ptr(wq.scales),
+                Arg::Ptr(wq.biases),
+                Arg::Ptr(x),
+                Arg::Ptr(y),
+                Arg::Ptr(ids),
+                Arg::I32(wq.n as i32),
+                Arg::I32(wq.k as i32),
+                Arg::I32(x_stride as i32),
+                Arg::Ptr(residual),
+            ],
+        );
+    }
     // Many rows: R rows per warp, 8 warps (loads of R rows in flight per lane). Few rows:
     // 1 row per warp, 4 warps, so the grid still covers every SM.
     let big = (n as u64).div_ceil(32) * slots as u64 >= 2 * dev.sm_count() as u64;

@@ -885,6 +885,11 @@ pub fn run_self_tests_dump(dev: &CudaDevice, dump: Option<&Path>) -> Vec<TestRow
     for bits in [3, 4, 6] {
         push("qmv", test_qmv(dev, &dump, &mut rng, bf, 9000, 1024, bits, 64));
     }
+    // 4-bit bf16/f16 run on the tensor-core path (ops::uses_tc4): a row longer than 16 warp
+    // slices (warps loop), one partial step, a ragged last tile, the lm_head's shape.
+    push("qmv", test_qmv(dev, &dump, &mut rng, bf, 50, 20480, 4, 128));
+    push("qmv", test_qmv(dev, &dump, &mut rng, f16, 17, 96, 4, 32));
+    push("qmv", test_qmv(dev, &dump, &mut rng, bf, 30000, 2048, 4, 64));
     for dt in [f16, f32] {
         for bits in [3, 4, 5, 8] {
             push("qmv", test_qmv(dev, &dump, &mut rng, dt, 520, 1024, bits, 64));

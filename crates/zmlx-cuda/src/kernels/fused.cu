@@ -332,3 +332,113 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__
                                                      DT::T* h, DT::T* y, int n, float eps, float inv_n) { ZMLX_GRID_DEP();      \
     add_rms_norm_impl<DT>(x, delta, w, h, y, n, eps, inv_n);                                                   \
   }
+
+// ---- The same kernels on the tc4 path (4-bit, bf16/f16, sm_80+): rows computed by
+// tc4_block / tc4_row exactly as qmv_tc computes them, so the rule above still holds. ----
+
+// gather_qmm_swiglu: block = one 16-row tile of gate and up of slot blockIdx.y (item 0 gate,
+// 1 up); act = swiglu(r(gate row), r(up row)).
+template <class D, int GS>
+__device__ __forceinline__ void gqs_tc_impl(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
+                                            const typename D::T* __restrict__ bg, const u32* __restrict__ wu,
+                                            const typename D::T* __restrict__ su, const typename D::T* __restrict__ bu,
+                                            const u32* __restrict__ ids, const typename D::T* __restrict__ x,
+                                            typename D::T* __restrict__ act, int N, int K) {
+  __shared__ float part[2 * TC_MAX_SLICES * 16];
+  const int slot = blockIdx.y, chunks = K >> 5, row0 = blockIdx.x * 16;
+  const long long off = (long long)ids[slot] * N;  // rows of expert ids[slot]
+  auto rows = [&](int i) {
+    return i == 0 ? tc_rows<D, GS>(wg + off * (K / 8), sg + off * (K / GS), bg + off * (K / GS), x, N, K, row0)
+                  : tc_rows<D, GS>(wu + off * (K / 8), su + off * (K / GS), bu + off * (K / GS), x, N, K, row0);
+  };
+  tc4_block<D, GS>(2, chunks, rows, false, part);
+  __syncthreads();
+  const int r = threadIdx.x, slices = (chunks + TC_SLICE - 1) / TC_SLICE;
+  if (r < 16 && row0 + r < N) {
+    const float g = D::rnd(tc4_row(part, 0, slices, r));
+    const float u = D::rnd(tc4_row(part, 1, slices, r));
+    act[(long long)slot * N + row0 + r] = swiglu_val<D>(g, u);
+  }
+}
+
+// gather_qmm_combine: block = one 16-row tile of the output; item j = slot j's expert rows
+// with x = act_j. ids are read and weights requested before the dependency wait (ids come
+// from two kernels back, as in gqc_impl); act, wts and residual after it.
+template <class D, int GS>
+__device__ __forceinline__ void gqc_tc_impl(const u32* __restrict__ w, const typename D::T* __restrict__ s,
+                                            const typename D::T* __restrict__ b, const u32* __restrict__ ids,
+                                            const float* __restrict__ wts, int k, const typename D::T* __restrict__ act,
+                                            const typename D::T* residual, typename D::T* out, int N, int K) {
+  extern __shared__ float part[];  // [k][slices][16]
+  const int chunks = K >> 5, row0 = blockIdx.x * 16;
+  auto rows = [&](int j) {
+    const long long off = (long long)ids[j] * N;
+    return tc_rows<D, GS>(w + off * (K / 8), s + off * (K / GS), b + off * (K / GS), act + (long long)j * K, N, K, row0);
+  };
+  tc4_block<D, GS>(k, chunks, rows, true, part);
+  ZMLX_GRID_DEP();  // (again) for warps without a slice: wts and residual come next
+  ZMLX_AFTER_DEP(wts);
+  ZMLX_AFTER_DEP(residual);
+  __syncthreads();
+  const int r = threadIdx.x, slices = (chunks + TC_SLICE - 1) / TC_SLICE;
+  if (r < 16 && row0 + r < N) {
+    float m = 0.0f;
+    for (int j = 0; j < k; j++) m = __fadd_rn(m, D::rnd(__fmul_rn(wts[j], D::rnd(tc4_row(part, j, slices, r)))));
+    out[row0 + r] = residual != 0 ? D::st(__fadd_rn(D::ld(residual[row0 + r]), D::rnd(m))) : D::st(m);
+  }
+}
+
+// qmv_multi: block = one 16-row tile of one of the (up to three) matrices, all 4-bit; the
+// tiles of matrix 0 first. f = group size of each matrix.
+template <class D, int GS>
+__device__ __forceinline__ void qmulti_tc_tile(const u32* w, const typename D::T* sc, const typename D::T* bi,
+                                               const typename D::T* x, typename D::T* y, int N, int K, int row0, float* part) {
+  const int chunks = K >> 5;
+  tc4_block<D, GS>(1, chunks, [&](int) { return tc_rows<D, GS>(w, sc, bi, x, N, K, row0); }, true, part);
+  ZMLX_GRID_DEP();
+  __syncthreads();
+  const int r = threadIdx.x;
+  if (r < 16 && row0 + r < N) y[row0 + r] = D::st(tc4_row(part, 0, (chunks + TC_SLICE - 1) / TC_SLICE, r));
+}
+template <class D>
+__device__ __forceinline__ void qmv_multi_tc_impl(const typename D::T* __restrict__ x, int K,
+                                                  const u32* w0, const typename D::T* s0, const typename D::T* b0, typename D::T* y0, int n0, int f0,
+                                                  const u32* w1, const typename D::T* s1, const typename D::T* b1, typename D::T* y1, int n1, int f1,
+                                                  const u32* w2, const typename D::T* s2, const typename D::T* b2, typename D::T* y2, int n2, int f2) {
+  __shared__ float part[TC_MAX_SLICES * 16];
+  int tile = blockIdx.x;
+  const int t0 = (n0 + 15) / 16, t1 = (n1 + 15) / 16;
+  const u32* w = w0;
+  const typename D::T* sc = s0;
+  const typename D::T* bi = b0;
+  typename D::T* y = y0;
+  int n = n0, f = f0;
+  if (tile >= t0 + t1) { tile -= t0 + t1; w = w2; sc = s2; bi = b2; y = y2; n = n2; f = f2; }
+  else if (tile >= t0) { tile -= t0; w = w1; sc = s1; bi = b1; y = y1; n = n1; f = f1; }
+  switch (f) {  // block-uniform
+    case 32: qmulti_tc_tile<D, 32>(w, sc, bi, x, y, n, K, tile * 16, part); break;
+    case 64: qmulti_tc_tile<D, 64>(w, sc, bi, x, y, n, K, tile * 16, part); break;
+    case 128: qmulti_tc_tile<D, 128>(w, sc, bi, x, y, n, K, tile * 16, part); break;
+    default: break;
+  }
+}
+
+#define ZMLX_FUSED_TC1(DT, DN, GS)                                                                             \
+  extern "C" __global__ void __launch_bounds__(32 * TC_MAX_WARPS) fused_swiglu_tc_##DN##_g##GS(                \
+      const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
+      const u32* ids, const DT::T* x, DT::T* act, int N, int K) { ZMLX_GRID_DEP();                              \
+    gqs_tc_impl<DT, GS>(wg, sg, bg, wu, su, bu, ids, x, act, N, K);                                            \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(32 * TC_MAX_WARPS) fused_combine_tc_##DN##_g##GS(               \
+      const u32* w, const DT::T* s, const DT::T* b, const u32* ids, const float* wts, int k, const DT::T* act,  \
+      const DT::T* residual, DT::T* out, int N, int K) {                                                       \
+    gqc_tc_impl<DT, GS>(w, s, b, ids, wts, k, act, residual, out, N, K);                                       \
+  }
+#define ZMLX_FUSED_TC(DT, DN)                                                                                  \
+  ZMLX_FUSED_TC1(DT, DN, 32) ZMLX_FUSED_TC1(DT, DN, 64) ZMLX_FUSED_TC1(DT, DN, 128)                          \
+  extern "C" __global__ void __launch_bounds__(32 * TC_MAX_WARPS) fused_qmv_multi_tc_##DN(                     \
+      const DT::T* x, int K, const u32* w0, const DT::T* s0, const DT::T* b0, DT::T* y0, int n0, int f0,        \
+      const u32* w1, const DT::T* s1, const DT::T* b1, DT::T* y1, int n1, int f1, const u32* w2,               \
+      const DT::T* s2, const DT::T* b2, DT::T* y2, int n2, int f2) {                                           \
+    qmv_multi_tc_impl<DT>(x, K, w0, s0, b0, y0, n0, f0, w1, s1, b1, y1, n1, f1, w2, s2, b2, y2, n2, f2);        \
+  }

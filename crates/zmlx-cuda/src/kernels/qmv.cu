@@ -232,3 +232,243 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
 #define ZMLX_QMV_ALL(DT, DN)                                                                               \
   ZMLX_QMV_G(DT, DN, 2) ZMLX_QMV_G(DT, DN, 3) ZMLX_QMV_G(DT, DN, 4) ZMLX_QMV_G(DT, DN, 5)                 \
   ZMLX_QMV_G(DT, DN, 6) ZMLX_QMV_G(DT, DN, 8)
+
+// ---- Tensor-core row dots: 4-bit weights, bf16/f16 x (sm_80+; the "tc4" path) ----
+// The loop above spends ~3 instructions per code (extract, exponent trick, FMA) plus x
+// conversions and sums; ncu showed decode's matvecs issue-bound (0.2 warp-instructions per
+// code, schedulers 43-59% busy, DRAM 19-36%). Here two codes become a bf16x2/f16x2 pair in
+// 2-3 instructions (mask under an exponent, then an exact fma that removes it) and mma.sync
+// does the products: ~0.08 warp-instructions per code.
+//
+// Contract of a row's value on this path (every kernel that uses it computes rows exactly
+// this way, so fused and unfused results stay bitwise equal): the row's 32-code chunks are
+// cut into slices of TC_SLICE chunks (one warp's share), a slice into steps of 4 chunks.
+// Per step, for each chunk c: d_c = sum q_j x_j and xs_c = sum x_j from the tensor cores
+// (products exact: q < 16, x in the dtype; f32 accumulation inside the MMA), then
+// acc = fma(s_c, d_c, fma(b_c, xs_c, acc)) with chunks 0,1 of every step in accumulator A
+// and chunks 2,3 in accumulator B (step order); slice = A + B; row = slice 0 + slice 1 + ...
+// in order. One rounding to the dtype at the end, as qmv. Host: `ops::uses_tc4`.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+#define ZMLX_TC 1
+#else
+#define ZMLX_TC 0
+#endif
+#define TC_SLICE 16       // chunks of 32 codes per slice
+#define TC_MAX_SLICES 64  // K <= 64 * 16 * 32 = 32768 (ops::TC4_MAX_K)
+#define TC_MAX_WARPS 16
+
+// Pair constants: MAGIC = (M, M) with M = 2^(mantissa bits), so (MAGIC | q) = M + q exactly;
+// fma(v, 1, -M) = q exactly.
+template <class D> struct Tc;
+template <> struct Tc<DtBF16> {
+  static constexpr u32 MAGIC = 0x43004300u, NEG = 0xC300C300u, ONE = 0x3F803F80u;
+  static __device__ __forceinline__ u32 unmagic(u32 v) {
+    u32 r;
+#if ZMLX_TC
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(ONE), "r"(NEG));
+#else
+    r = 0u; __trap();
+#endif
+    return r;
+  }
+  static __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if ZMLX_TC
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+};
+template <> struct Tc<DtF16> {
+  static constexpr u32 MAGIC = 0x64006400u, NEG = 0xE400E400u, ONE = 0x3C003C00u;
+  static __device__ __forceinline__ u32 unmagic(u32 v) {
+    u32 r;
+#if ZMLX_TC
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(ONE), "r"(NEG));
+#else
+    r = 0u; __trap();
+#endif
+    return r;
+  }
+  static __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if ZMLX_TC
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+};
+
+// Codes I and I+4 of a 4-bit word as a (low, high) pair in the dtype.
+template <class D, int I> __device__ __forceinline__ u32 code_pair(u32 w) {
+  return Tc<D>::unmagic(((w >> (4 * I)) & 0x000F000Fu) | Tc<D>::MAGIC);
+}
+__device__ __forceinline__ u32 word_of(const uint4& v, int m) { return m == 0 ? v.x : m == 1 ? v.y : m == 2 ? v.z : v.w; }
+
+// The two rows of a 16-row tile that lane 4g + t feeds to the MMAs: g and g + 8.
+template <class D> struct TcRows {
+  const u32* w[2];
+  const typename D::T* s[2];
+  const typename D::T* b[2];
+  const typename D::T* x;
+};
+// Rows row0 + g and row0 + g + 8 of W [N, K] (clamped to N - 1: their results are not stored).
+template <class D, int GS>
+__device__ __forceinline__ TcRows<D> tc_rows(const u32* w, const typename D::T* sc, const typename D::T* bi,
+                                             const typename D::T* x, int N, int K, int row0) {
+  const int g = (threadIdx.x & 31) >> 2;
+  TcRows<D> r;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const long long row = min(row0 + g + 8 * h, N - 1);
+    r.w[h] = w + row * (K / 8);
+    r.s[h] = sc + row * (K / GS);
+    r.b[h] = bi + row * (K / GS);
+  }
+  r.x = x;
+  return r;
+}
+
+// One warp: the partial dots of a 16-row tile over chunks [c0, c1) (c1 - c0 <= TC_SLICE).
+// Weight, scale and bias loads of the whole slice are issued first; then `after` (the
+// dependency wait, see after_first_load); then x is read (x may come from the previous kernel).
+// Returns (row g, row g + 8) in the lanes with t == 0.
+template <class D, int GS, class After>
+__device__ __forceinline__ float2 tc4_slice(const TcRows<D>& R, int c0, int c1, const After& after) {
+  typedef typename D::T T;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  uint4 wq[4][2];
+  T sc[4][2][2], bc[4][2][2];  // [step][row][chunk 2t + j of the step]
+#pragma unroll
+  for (int s = 0; s < 4; s++) {
+    const int c = c0 + 4 * s + t;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      wq[s][h] = make_uint4(0u, 0u, 0u, 0u);
+      if (c < c1) wq[s][h] = __ldg(reinterpret_cast<const uint4*>(R.w[h]) + c);
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+        const int cc = c0 + 4 * s + 2 * t + j;
+        if (GS >= 64 && j == 1) {  // chunks 2t and 2t + 1 share a group
+          sc[s][h][1] = sc[s][h][0];
+          bc[s][h][1] = bc[s][h][0];
+        } else {
+          sc[s][h][j] = bc[s][h][j] = 0;
+          if (t < 2 && cc < c1) {
+            sc[s][h][j] = R.s[h][(cc * 32) / GS];
+            bc[s][h][j] = R.b[h][(cc * 32) / GS];
+          }
+        }
+      }
+    }
+  }
+  after_first_load(after);
+  const T* x = R.x;
+  ZMLX_AFTER_DEP(x);
+  float acc[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int s = 0; s < 4; s++) {
+    if (c0 + 4 * s >= c1) break;
+    const int c = c0 + 4 * s + t;
+    // The B operand: column n carries x of chunk n of the step (lane (n, n) supplies it; the
+    // other lanes supply zeros), so the MMA keeps the four chunks' dots apart.
+    u32 xw[16];
+#pragma unroll
+    for (int i = 0; i < 16; i++) xw[i] = 0u;
+    if (g == t && c < c1) {
+#pragma unroll
+      for (int q = 0; q < 4; q++) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + c * 32) + q);
+        xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
+      }
+    }
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, xs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int m = 0; m < 4; m++) {  // word m: codes 8m..8m+7 of the lane's chunk
+      const u32 w0 = word_of(wq[s][0], m), w1 = word_of(wq[s][1], m);
+      const u32 lo0 = __byte_perm(xw[4 * m], xw[4 * m + 2], 0x5410);      // x 8m, 8m+4
+      const u32 lo1 = __byte_perm(xw[4 * m], xw[4 * m + 2], 0x7632);      // x 8m+1, 8m+5
+      const u32 hi0 = __byte_perm(xw[4 * m + 1], xw[4 * m + 3], 0x5410);  // x 8m+2, 8m+6
+      const u32 hi1 = __byte_perm(xw[4 * m + 1], xw[4 * m + 3], 0x7632);  // x 8m+3, 8m+7
+      Tc<D>::mma(d, code_pair<D, 0>(w0), code_pair<D, 0>(w1), code_pair<D, 1>(w0), code_pair<D, 1>(w1), lo0, lo1);
+      Tc<D>::mma(d, code_pair<D, 2>(w0), code_pair<D, 2>(w1), code_pair<D, 3>(w0), code_pair<D, 3>(w1), hi0, hi1);
+      Tc<D>::mma(xs, Tc<D>::ONE, Tc<D>::ONE, Tc<D>::ONE, Tc<D>::ONE, lo0, lo1);
+      Tc<D>::mma(xs, Tc<D>::ONE, Tc<D>::ONE, Tc<D>::ONE, Tc<D>::ONE, hi0, hi1);
+    }
+    // Lane (g, t < 2) holds columns 2t, 2t + 1 = chunks 2t, 2t + 1 of the step.
+    if (t < 2) {
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+        if (c0 + 4 * s + 2 * t + j < c1) {
+#pragma unroll
+          for (int h = 0; h < 2; h++)
+            acc[h] = fmaf(D::ld(sc[s][h][j]), d[2 * h + j], fmaf(D::ld(bc[s][h][j]), xs[j], acc[h]));
+        }
+      }
+    }
+  }
+  return make_float2(acc[0] + __shfl_xor_sync(0xffffffffu, acc[0], 1), acc[1] + __shfl_xor_sync(0xffffffffu, acc[1], 1));
+}
+
+// A block's warps walk the (item, slice) pairs of `items` tiles (rows(i) gives item i's
+// TcRows: a matrix, an expert, a slot), each slice's partials into part[(i * slices + s) * 16 + r].
+// The first pair of each warp runs `after` once its loads are issued. The caller syncs.
+template <class D, int GS, class RowsOf>
+__device__ __forceinline__ void tc4_block(int items, int chunks, const RowsOf& rows, bool dep, float* part) {
+  const int slices = (chunks + TC_SLICE - 1) / TC_SLICE;
+  const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, lane = threadIdx.x & 31;
+  for (int p = warp; p < items * slices; p += nw) {
+    const int i = p / slices, s = p % slices;
+    const float2 v = tc4_slice<D, GS>(rows(i), s * TC_SLICE, min(chunks, (s + 1) * TC_SLICE), dep && p == warp);
+    if ((lane & 3) == 0) {
+      part[p * 16 + (lane >> 2)] = v.x;
+      part[p * 16 + (lane >> 2) + 8] = v.y;
+    }
+  }
+}
+// Row r of item i: its slices summed in order (the contract's last step).
+__device__ __forceinline__ float tc4_row(const float* part, int i, int slices, int r) {
+  const float* p = part + i * slices * 16 + r;
+  float v = p[0];
+  for (int s = 1; s < slices; s++) v += p[s * 16];
+  return v;
+}
+
+// qmv / gather_qmv / qmv_add on the tc4 path: block = one 16-row tile (of slot blockIdx.y),
+// its warps over the slices. Same arguments and semantics as qmv_impl.
+template <class D, int GS>
+__device__ __forceinline__ void qmv_tc_impl(const u32* __restrict__ w, const typename D::T* __restrict__ scales,
+                                            const typename D::T* __restrict__ biases, const typename D::T* __restrict__ x,
+                                            typename D::T* __restrict__ y, const u32* __restrict__ ids, int N, int K,
+                                            int x_stride, const typename D::T* __restrict__ residual) {
+  __shared__ float part[TC_MAX_SLICES * 16];
+  const bool late_dep = ids == 0;  // plain matrices: weights requested before the wait
+  if (!late_dep) ZMLX_GRID_DEP();
+  const int slot = blockIdx.y, chunks = K >> 5, row0 = blockIdx.x * 16;
+  if (ids != 0) {
+    const long long e = ids[slot];
+    w += e * N * (K / 8);
+    scales += e * N * (K / GS);
+    biases += e * N * (K / GS);
+  }
+  x += (long long)slot * x_stride;
+  y += (long long)slot * N;
+  tc4_block<D, GS>(1, chunks, [&](int) { return tc_rows<D, GS>(w, scales, biases, x, N, K, row0); }, late_dep, part);
+  if (late_dep) ZMLX_GRID_DEP();  // (again: every thread has waited before reading residual)
+  __syncthreads();
+  const int r = threadIdx.x;
+  if (r < 16 && row0 + r < N) {
+    const float v = tc4_row(part, 0, (chunks + TC_SLICE - 1) / TC_SLICE, r);
+    y[row0 + r] = residual ? D::st(__fadd_rn(D::ld(residual[row0 + r]), D::rnd(v))) : D::st(v);
+  }
+}
+
+#define ZMLX_QMV_TC1(DT, DN, GS)                                                                           \
+  extern "C" __global__ void __launch_bounds__(32 * TC_MAX_WARPS) qmv_tc_##DN##_g##GS(                     \
+      const u32* w, const DT::T* scales, const DT::T* biases, const DT::T* x, DT::T* y, const u32* ids,    \
+      int N, int K, int x_stride, const DT::T* residual) {                                                 \
+    qmv_tc_impl<DT, GS>(w, scales, biases, x, y, ids, N, K, x_stride, residual);                           \
+  }
+#define ZMLX_QMV_TC(DT, DN) ZMLX_QMV_TC1(DT, DN, 32) ZMLX_QMV_TC1(DT, DN, 64) ZMLX_QMV_TC1(DT, DN, 128)
