@@ -64,14 +64,45 @@ const TC4_MAX_WARPS: usize = 16;
 const TC4_SLICE: usize = 16 * 32;
 
 /// Whether matvecs with this weight run on the tensor-core path ("tc4", kernels/qmv.cu):
-/// 4-bit weights, bf16/f16 activations, sm_80 or newer, K ≤ [`TC4_MAX_K`]. Every launcher
-/// asks this same question, so a row is computed the same way fused or not (the path sums in
-/// another order than the FFMA loop, so the two must never mix). `ZMLX_TC=0` turns it off.
+/// 4-bit weights, bf16/f16 activations, sm_80 or newer, K ≤ [`TC4_MAX_K`], and a matrix of
+/// a shape where it measured faster than the FFMA loop (H100, docs/kernels.md "Fifth pass"):
+/// at least 2^20 codes and either very many rows (the lm_head: 76 vs 86 µs) or short rows
+/// (K ≤ 1024, e.g. the MoE down projection: combine 7.0 vs 7.6 µs). The shape rule depends on
+/// the matrix alone and every launcher asks this same question, so a row is computed the same
+/// way fused or not (the path sums in another order than the FFMA loop: the two never mix).
+/// `ZMLX_TC=0` turns it off; [`Tc4Forced`] turns the shape rule off (tests).
 pub fn uses_tc4(dev: &CudaDevice, dt: DType, wq: &QuantWeight) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("ZMLX_TC").is_ok_and(|v| v == "0"));
     let sm: u32 = dev.arch().trim_start_matches("sm_").parse().unwrap_or(0);
-    !off && wq.bits == 4 && matches!(dt, DType::BF16 | DType::F16) && sm >= 80 && wq.k <= TC4_MAX_K
+    let shape = wq.n * wq.k >= 1 << 20 && (wq.n >= 65536 || wq.k <= 1024);
+    let forced = TC4_FORCED.load(std::sync::atomic::Ordering::Relaxed);
+    !off && wq.bits == 4 && matches!(dt, DType::BF16 | DType::F16) && sm >= 80 && wq.k <= TC4_MAX_K && (shape || forced)
+}
+
+static TC4_FORCED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// While alive, every eligible 4-bit matrix takes the tensor-core path whatever its shape (the
+/// self-tests use it to cover the path on small shapes and the fused kernels' tc4 versions).
+pub struct Tc4Forced(());
+
+impl Tc4Forced {
+    pub fn new() -> Self {
+        TC4_FORCED.store(true, std::sync::atomic::Ordering::Relaxed);
+        Tc4Forced(())
+    }
+}
+
+impl Default for Tc4Forced {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Tc4Forced {
+    fn drop(&mut self) {
+        TC4_FORCED.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Warp slices of a row of `k` codes on the tc4 path.

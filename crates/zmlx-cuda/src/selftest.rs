@@ -885,11 +885,21 @@ pub fn run_self_tests_dump(dev: &CudaDevice, dump: Option<&Path>) -> Vec<TestRow
     for bits in [3, 4, 6] {
         push("qmv", test_qmv(dev, &dump, &mut rng, bf, 9000, 1024, bits, 64));
     }
-    // 4-bit bf16/f16 run on the tensor-core path (ops::uses_tc4): a row longer than 16 warp
-    // slices (warps loop), one partial step, a ragged last tile, the lm_head's shape.
-    push("qmv", test_qmv(dev, &dump, &mut rng, bf, 50, 20480, 4, 128));
-    push("qmv", test_qmv(dev, &dump, &mut rng, f16, 17, 96, 4, 32));
-    push("qmv", test_qmv(dev, &dump, &mut rng, bf, 30000, 2048, 4, 64));
+    {
+        // The tensor-core path (ops::uses_tc4) on any shape: a row longer than 16 warp slices
+        // (warps loop), one partial step, ragged last tiles, every group size, f16.
+        let _tc = ops::Tc4Forced::new();
+        push("qmv_tc4", test_qmv(dev, &dump, &mut rng, bf, 50, 20480, 4, 128));
+        push("qmv_tc4", test_qmv(dev, &dump, &mut rng, f16, 17, 96, 4, 32));
+        push("qmv_tc4", test_qmv(dev, &dump, &mut rng, bf, 300, 640, 4, 32));
+        push("qmv_tc4", test_qmv(dev, &dump, &mut rng, f16, 520, 1024, 4, 64));
+        push("qmv_tc4", test_qmv(dev, &dump, &mut rng, bf, 4096, 2048, 4, 64));
+        push("gather_qmv_tc4", test_gather(dev, &dump, &mut rng, bf, 16, 200, 512, 4, 64, 4, true));
+        push("gather_qmv_tc4", test_gather(dev, &dump, &mut rng, f16, 8, 96, 256, 4, 128, 3, false));
+    }
+    // ... and where the shape rule picks it: the lm_head's shape (many rows), short rows.
+    push("qmv", test_qmv(dev, &dump, &mut rng, bf, 65536 + 37, 2048, 4, 64));
+    push("qmv", test_qmv(dev, &dump, &mut rng, f16, 1500, 1024, 4, 64));
     for dt in [f16, f32] {
         for bits in [3, 4, 5, 8] {
             push("qmv", test_qmv(dev, &dump, &mut rng, dt, 520, 1024, bits, 64));
@@ -1288,6 +1298,16 @@ pub(crate) mod fused_tests {
             push("qmv_add", test_qmv_add(dev, rng, dt, 3000 + 5, 1024, 3, 32));
             push("qmv_add", test_qmv_add(dev, rng, dt, 8192, 768, 6, 128));
         }
+        // The tc4 versions of the fused kernels (gather_qmm_swiglu / _combine, qmv_add), on
+        // shapes the shape rule would leave on the FFMA loop: bitwise vs the unfused tc4 chain.
+        let _tc = ops::Tc4Forced::new();
+        for dt in [bf, f16] {
+            push("fused_moe_block_tc4", test_moe_block(dev, rng, dt, 128, 2048, 768, 8, 4, 64, 8, 1));
+            push("fused_moe_block_tc4", test_moe_block(dev, rng, dt, 16, 640, 384, 3, 4, 32, 4, 2));
+            push("fused_moe_block_tc4", test_moe_block(dev, rng, dt, 16, 640, 384, 5, 4, 128, 8, 1));
+            push("fused_gather_tc4", test_ragged(dev, rng, dt, 6, 101, 256, 3, 4, 64));
+            push("qmv_add_tc4", test_qmv_add(dev, rng, dt, 2048, 4096, 4, 64));
+        }
         rows
     }
 }
@@ -1532,6 +1552,12 @@ pub(crate) mod latency_tests {
             push("qmv_multi", test_qmv_multi(dev, rng, dt, 384, &[(77, 3, 32), (64, 5, 128), (9, 2, 64)]));
             push("qmv_multi", test_qmv_multi(dev, rng, dt, 256, &[(1000, 4, 32)]));
             push("qmv_multi", test_qmv_multi(dev, rng, dt, 640, &[(33, 8, 64), (100, 3, 128)]));
+            if dt != f32 {
+                let _tc = ops::Tc4Forced::new();
+                push("qmv_multi_tc4", test_qmv_multi(dev, rng, dt, 2048, &[(4096, 4, 64), (512, 4, 64), (512, 4, 64)]));
+                push("qmv_multi_tc4", test_qmv_multi(dev, rng, dt, 640, &[(300, 4, 32), (37, 4, 128), (129, 4, 64)]));
+                push("qmv_multi_tc4", test_qmv_multi(dev, rng, dt, 1024, &[(300, 4, 64), (37, 6, 32)]));
+            }
         }
         rows
     }
