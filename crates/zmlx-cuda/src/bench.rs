@@ -453,6 +453,24 @@ fn latency_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Ben
     rows.push(row("qk chain (5 launches)", "rms_norm q,k + rope q,k + kv_append".into(), 0, us, copy));
     let us = time_graph(dev, 16, &|dv, _| ops::qk_norm_rope_append(dv, bf, qb.ptr(), kb.ptr(), xs.ptr(), nw.ptr(), nw.ptr(), kc.ptr(), vc.ptr(), pos.ptr(), &s, 1e-6, 1e6))?;
     rows.push(row("qk_norm_rope_append", "Hq=32 Hkv=4 hd=128 bf16".into(), 0, us, copy));
+    // The fused attention (qk_norm_rope as its prologue, the patched engine's choice up to
+    // 1024 positions) against qk_norm_rope_append + attention; the new token at len - 1.
+    let pro = ops::QkNormRope { k: kb.ptr(), v: xs.ptr(), q_norm_w: nw.ptr(), k_norm_w: nw.ptr(), eps: 1e-6, rope_base: 1e6 };
+    let posb = dev.alloc(4)?;
+    for &len in &[128usize, 384, 512, 1024] {
+        let kernel = AttnKernel::for_len(len);
+        dev.write(lenb.ptr(), &[len as i32])?;
+        dev.write(posb.ptr(), &[len as i32 - 1])?;
+        let us = time_graph(dev, 8, &|dv, _| {
+            ops::qk_norm_rope_append(dv, bf, qb.ptr(), kb.ptr(), xs.ptr(), nw.ptr(), nw.ptr(), kc.ptr(), vc.ptr(), posb.ptr(), &s, 1e-6, 1e6)?;
+            ops::attention_decode(dv, bf, &s, kernel, qb.ptr(), kc.ptr(), vc.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr())
+        })?;
+        rows.push(row("qk_norm_rope_append + attention", format!("{kernel:?} len={len}"), 0, us, copy));
+        let us = time_graph(dev, 8, &|dv, _| {
+            ops::attention_decode_qk_norm_rope(dv, bf, &s, kernel, qb.ptr(), kc.ptr(), vc.ptr(), lenb.ptr(), 0, 0.088, ws.ptr(), act.ptr(), &pro)
+        })?;
+        rows.push(row("attention with qk prologue", format!("{kernel:?} len={len}"), 0, us, copy));
+    }
     // q, k, v projections
     let wq = qweights(dev, rng, bf, 1, hq * hd, d, 4, 64)?;
     let wk = qweights(dev, rng, bf, 1, hkv * hd, d, 4, 64)?;

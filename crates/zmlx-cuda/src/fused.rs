@@ -278,7 +278,8 @@ fn gating_launch(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm
     let blocks = (e as u32).div_ceil(threads / 32);
     // With the whole grid as one cluster, the logits meet in block 0's shared memory after
     // one cluster barrier, instead of a last-block handoff through global memory.
-    let smem = (e.max(kk) * 4) as u32;
+    // xn (K floats, with the norm) and softmax_topk's scratch (E floats) share one buffer.
+    let smem = (if norm_w != 0 { e.max(kk) } else { e } * 4) as u32;
     let cluster_smem = smem + (e * dt.size_bytes()) as u32;
     let cluster = allow_cluster && logits_out == 0 && dev.cluster_fits(&name, blocks, threads, cluster_smem, blocks)?;
     dev.launch_in_cluster(

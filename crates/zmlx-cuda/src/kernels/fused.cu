@@ -166,8 +166,8 @@ __device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const 
 //    into block 0's shared memory; one cluster barrier; block 0 ranks them.
 //  - otherwise: logits in ws + 16 B; the last block to finish (threadfence + counter at ws,
 //    zero before the first call, left zero) ranks them.
-// Replaces rms_norm + qmv + softmax_topk. Dynamic shared memory: max(K, E) floats (then E
-// logits in the dtype with `cluster`).
+// Replaces rms_norm + qmv + softmax_topk. Dynamic shared memory: max(K, E) floats with the
+// norm, E without (then E logits in the dtype with `cluster`).
 // With logits_out (norm_router), the logits go there and the kernel ends: rms_norm + router
 // qmv in one launch, bitwise the two kernels, and no grid-wide handoff.
 template <class D, int BITS, int GS>
@@ -180,7 +180,10 @@ __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const
   extern __shared__ float xs[];  // xn in f32 (later softmax_topk's scratch, in the ranking block)
   __shared__ float red[32];
   __shared__ bool last;
-  typename D::T* logits = cluster ? reinterpret_cast<typename D::T*>(xs + max(K, E)) : reinterpret_cast<typename D::T*>(ws + 4);
+  // xs holds xn (K floats, with the norm) and is softmax_topk's scratch (E floats); the cluster's
+  // logits follow it (host: fused::gating_launch sizes it the same way).
+  const int xs_floats = nw != nullptr ? max(K, E) : E;
+  typename D::T* logits = cluster ? reinterpret_cast<typename D::T*>(xs + xs_floats) : reinterpret_cast<typename D::T*>(ws + 4);
   // Runs after the first weight loads, in every thread (idle warps walk zero chunks).
   auto norm_prologue = [&]() {
     ZMLX_GRID_DEP();

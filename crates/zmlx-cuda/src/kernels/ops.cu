@@ -387,7 +387,9 @@ template <class D> struct QkPrologue {
   float eps, inv_n, step;
 };
 
-template <class D, int HD>
+// PRO: the qk_norm_rope prologue (`pro` non-null); without it the prologue's shared buffers
+// shrink to one float each.
+template <class D, int HD, bool PRO = false>
 __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
                                                  const typename D::T* __restrict__ vc, typename D::T* __restrict__ y,
                                                  float* __restrict__ part, const int* __restrict__ len_ptr, int len_add,
@@ -408,9 +410,10 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict
   const int rps = S == 1 ? len : attn_rows_per_split(len, S);
   const int r0 = split * rps, r1 = min(len, r0 + rps);
   if (S > 1 && r0 >= len) return;
-  __shared__ float knew[HD], vnew[HD], nbuf[2][HD];
+  constexpr int PHD = PRO ? HD : 1;
+  __shared__ float knew[PHD], vnew[PHD], nbuf[2][PHD];
   int pnew = -1;  // the new position's row within [r0, r1) when the prologue provides it
-  if (pro == nullptr) {
+  if constexpr (!PRO) {
     for (int i = tid; i < HD; i += ATT_THREADS) qs[i] = D::rnd(__fmul_rn(D::ld(q[(long long)hq * HD + i]), scale_r));
   } else {
     const int pos = *len_ptr + len_add - 1, half = HD / 2;
@@ -455,8 +458,8 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict
       const typename D::T* kr = kb + (long long)(c0 + t) * HD;
       constexpr int KC = HD < 64 ? HD : 64;  // features loaded at once (registers)
       float s = 0.0f;
-      if (c0 + t == pnew) {  // the prologue's row, same products in the same order
-        for (int e = 0; e < HD; e++) s = fmaf(qs[e], knew[e], s);
+      if (PRO && c0 + t == pnew) {  // the prologue's row, same products in the same order
+        for (int e = 0; e < PHD; e++) s = fmaf(qs[e], knew[e], s);
       } else {
 #pragma unroll
         for (int e0 = 0; e0 < HD; e0 += KC) {
@@ -484,9 +487,9 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict
 #pragma unroll 16
     for (int t = stream; t < n; t += NSTR) {
       float v[FPL];
-      if (c0 + t == pnew) {
+      if (PRO && c0 + t == pnew) {
 #pragma unroll
-        for (int i = 0; i < FPL; i++) v[i] = vnew[f0 + i];
+        for (int i = 0; i < FPL; i++) v[i] = vnew[PRO ? f0 + i : 0];
       } else {
         load_n<D, FPL>(vb + (long long)(c0 + t) * HD + f0, v);
       }
@@ -1039,7 +1042,7 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
       float inv_n, float step) {                                                                               \
     ZMLX_GRID_DEP();                                                                                           \
     const QkPrologue<DT> pro{k, v, qw, kw, kc, vc, eps, inv_n, step};                                          \
-    attn_single_impl<DT, HD>(q, kc, vc, y, part, len, len_add, G, max_len, scale, &pro);                       \
+    attn_single_impl<DT, HD, true>(q, kc, vc, y, part, len, len_add, G, max_len, scale, &pro);                       \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_long_##DN##_d##HD(                     \
       const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
