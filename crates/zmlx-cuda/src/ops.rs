@@ -321,6 +321,11 @@ impl AttnKernel {
     /// 2048-token decode 355.6 tok/s with it vs 360.6 without (H100; unpatched 288.7 / 288.5
     /// in the same two runs, capsules 38bc961).
     pub fn takes_qk_prologue(self) -> bool {
+        // ZMLX_ATTN_PROLOGUE=0: never (qk_norm_rope_append launches first), for A/B runs.
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *OFF.get_or_init(|| std::env::var("ZMLX_ATTN_PROLOGUE").is_ok_and(|v| v == "0")) {
+            return false;
+        }
         match self {
             AttnKernel::Single => true,
             AttnKernel::Split(n) => n <= 4,
