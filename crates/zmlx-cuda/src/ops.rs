@@ -316,21 +316,18 @@ impl AttnKernel {
     /// One of each, for tests.
     pub const ALL: [AttnKernel; 4] = [AttnKernel::Single, AttnKernel::Split(3), AttnKernel::Split(16), AttnKernel::Long];
     /// Whether the engine runs qk_norm_rope as this kernel's prologue
-    /// ([`attention_decode_qk_norm_rope`]) instead of its own launch: every block repeats the
-    /// q-head prologue, so it pays only where blocks per head are few. With 8+ splits it lost:
-    /// 2048-token decode 355.6 tok/s with it vs 360.6 without (H100; unpatched 288.7 / 288.5
-    /// in the same two runs, capsules 38bc961).
+    /// ([`attention_decode_qk_norm_rope`]) instead of its own launch: only the single-launch
+    /// kernel. Same-call A/Bs on the H100 (`ZMLX_ATTN_PROLOGUE`, scripts/device_env_ab.sh):
+    /// 128 tokens (Single) 424.1 / 424.7 tok/s with it vs 416.0 / 404.6 without; 800 tokens
+    /// (half the steps on Split(4)) 384.0 / 383.7 with it on Split(4) too vs 389.0 / 388.2
+    /// without it at all; with 8+ splits it lost as well (2048 tokens 355.6 vs 360.6).
     pub fn takes_qk_prologue(self) -> bool {
         // ZMLX_ATTN_PROLOGUE=0: never (qk_norm_rope_append launches first), for A/B runs.
         static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         if *OFF.get_or_init(|| std::env::var("ZMLX_ATTN_PROLOGUE").is_ok_and(|v| v == "0")) {
             return false;
         }
-        match self {
-            AttnKernel::Single => true,
-            AttnKernel::Split(n) => n <= 4,
-            AttnKernel::Long => false,
-        }
+        self == AttnKernel::Single
     }
     /// Kernel launches it takes.
     pub fn launches(self) -> usize {
@@ -793,7 +790,7 @@ mod tests {
         assert_eq!(AttnKernel::for_len(1), AttnKernel::Single);
         assert_eq!(AttnKernel::for_len(ATT_SPLIT_MAX_LEN + 1), AttnKernel::Long);
         // qk_norm_rope rides along only where blocks per head are few (never the long kernel)
-        assert!(AttnKernel::for_len(128).takes_qk_prologue() && AttnKernel::for_len(1000).takes_qk_prologue());
+        assert!(AttnKernel::for_len(128).takes_qk_prologue() && !AttnKernel::for_len(1000).takes_qk_prologue());
         assert!(!AttnKernel::for_len(2048).takes_qk_prologue() && !AttnKernel::Long.takes_qk_prologue());
         // A small cache still reserves room for the largest split the launcher takes.
         let small = AttnShape { max_len: 40, ..shape };
