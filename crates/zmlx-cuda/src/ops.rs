@@ -278,6 +278,10 @@ pub const ATT_MAX_LEN: usize = 262144;
 /// shapes, crossovers measured in docs/kernels.md).
 pub const ATT_SINGLE_MAX_LEN: usize = 384;
 pub const ATT_SPLIT_MAX_LEN: usize = 6144;
+/// Longest length at which the single-launch attention takes the q/k norm + rope prologue
+/// ([`AttnKernel::takes_qk_prologue`]): the crossover of the measurements cited there.
+pub const ATT_QK_PROLOGUE_MAX_LEN: usize = 160;
+
 /// Positions per block the split kernel aims at.
 pub const ATT_SPLIT_ROWS: usize = 256;
 /// Most splits per head the engine picks (the kernel takes up to 64).
@@ -316,18 +320,19 @@ impl AttnKernel {
     /// One of each, for tests.
     pub const ALL: [AttnKernel; 4] = [AttnKernel::Single, AttnKernel::Split(3), AttnKernel::Split(16), AttnKernel::Long];
     /// Whether the engine runs qk_norm_rope as this kernel's prologue
-    /// ([`attention_decode_qk_norm_rope`]) instead of its own launch: only the single-launch
-    /// kernel. Same-call A/Bs on the H100 (`ZMLX_ATTN_PROLOGUE`, scripts/device_env_ab.sh):
-    /// 128 tokens (Single) 424.1 / 424.7 tok/s with it vs 416.0 / 404.6 without; 800 tokens
-    /// (half the steps on Split(4)) 384.0 / 383.7 with it on Split(4) too vs 389.0 / 388.2
-    /// without it at all; with 8+ splits it lost as well (2048 tokens 355.6 vs 360.6).
-    pub fn takes_qk_prologue(self) -> bool {
+    /// ([`attention_decode_qk_norm_rope`]) at length `len` instead of its own launch: only the
+    /// single-launch kernel, up to [`ATT_QK_PROLOGUE_MAX_LEN`]. Same-call A/Bs on the H100
+    /// (`ZMLX_ATTN_PROLOGUE`, scripts/device_env_ab.sh), with vs without it: 128 tokens (lengths
+    /// 17..144) 424.1 / 424.7 vs 416.0 / 404.6 tok/s; 360 tokens (17..376) 390.5 / 389.1 / 390.3
+    /// vs 395.1 / 395.1 / 395.4; 800 tokens with it on Split(4) as well 384.0 / 383.7 vs 389.0 /
+    /// 388.2; the pair's own time 7.21 vs 7.37 µs at 128, 12.87 vs 11.10 at 384.
+    pub fn takes_qk_prologue(self, len: usize) -> bool {
         // ZMLX_ATTN_PROLOGUE=0: never (qk_norm_rope_append launches first), for A/B runs.
         static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         if *OFF.get_or_init(|| std::env::var("ZMLX_ATTN_PROLOGUE").is_ok_and(|v| v == "0")) {
             return false;
         }
-        self == AttnKernel::Single
+        self == AttnKernel::Single && len <= ATT_QK_PROLOGUE_MAX_LEN
     }
     /// Kernel launches it takes.
     pub fn launches(self) -> usize {
@@ -790,8 +795,8 @@ mod tests {
         assert_eq!(AttnKernel::for_len(1), AttnKernel::Single);
         assert_eq!(AttnKernel::for_len(ATT_SPLIT_MAX_LEN + 1), AttnKernel::Long);
         // qk_norm_rope rides along only where blocks per head are few (never the long kernel)
-        assert!(AttnKernel::for_len(128).takes_qk_prologue() && !AttnKernel::for_len(1000).takes_qk_prologue());
-        assert!(!AttnKernel::for_len(2048).takes_qk_prologue() && !AttnKernel::Long.takes_qk_prologue());
+        assert!(AttnKernel::for_len(128).takes_qk_prologue(128) && !AttnKernel::for_len(300).takes_qk_prologue(300));
+        assert!(!AttnKernel::for_len(1000).takes_qk_prologue(1000) && !AttnKernel::Long.takes_qk_prologue(1));
         // A small cache still reserves room for the largest split the launcher takes.
         let small = AttnShape { max_len: 40, ..shape };
         assert!(small.n_heads * ATT_SPLIT_KERNEL_MAX * (small.head_dim + 2) * 4 <= small.workspace_bytes());

@@ -344,7 +344,8 @@ pub struct CudaQwen3Moe {
     _buffers: Vec<DevBuf>,
     _arena: Arena,
     /// One captured step per attention kernel (the length picks which one replays).
-    graphs: HashMap<AttnKernel, CudaGraph>,
+    /// One captured step per (attention kernel, q/k prologue in it).
+    graphs: HashMap<(AttnKernel, bool), CudaGraph>,
     use_graph: bool,
     /// Tokens in the KV cache.
     len: usize,
@@ -484,7 +485,7 @@ impl CudaQwen3Moe {
 
     /// Enqueue one decode step: token at `s.token`, position at `s.pos`; leaves logits in
     /// `s.logits` and the greedy token in `s.token`. Each block runs the variant `patch` chose.
-    fn enqueue_step(&self, dev: &CudaDevice, attn_kernel: AttnKernel) -> zmlx_cuda::Result<()> {
+    fn enqueue_step(&self, dev: &CudaDevice, attn_kernel: AttnKernel, qk_prologue: bool) -> zmlx_cuda::Result<()> {
         let (dt, s, d, hd, eps) = (self.dtype, &self.s, self.hidden, self.head_dim, self.eps);
         let (hq, hkv) = (self.attn.n_heads, self.attn.n_kv_heads);
         self.embed.embed(dev, dt, s.token, s.x)?;
@@ -498,9 +499,9 @@ impl CudaQwen3Moe {
                     l.v.mv(dev, dt, s.xn, s.v)?;
                 }
             }
-            // qk_norm_rope: the attention kernel's prologue where that pays (few blocks per
-            // head), else its own launch.
-            if l.fused_qk_rope && attn_kernel.takes_qk_prologue() {
+            // qk_norm_rope: the attention kernel's prologue where that pays (short lengths with
+            // the single-launch kernel: AttnKernel::takes_qk_prologue), else its own launch.
+            if l.fused_qk_rope && qk_prologue {
                 let pro = ops::QkNormRope { k: s.k, v: s.v, q_norm_w: l.q_norm, k_norm_w: l.k_norm, eps, rope_base: self.rope_base };
                 ops::attention_decode_qk_norm_rope(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn, &pro)?;
             } else {
@@ -673,12 +674,13 @@ impl CudaQwen3Moe {
     /// in place (the attention kernel depends on the length).
     pub fn launches_per_token(&self) -> usize {
         let attn_kernel = AttnKernel::for_len(self.len + 1);
+        let qk_prologue = attn_kernel.takes_qk_prologue(self.len + 1);
         let attn_launches = attn_kernel.launches();
         let per_layer: usize = self
             .layers
             .iter()
             .map(|l| {
-                let qk = match (l.fused_qk_rope, attn_kernel.takes_qk_prologue()) {
+                let qk = match (l.fused_qk_rope, qk_prologue) {
                     (true, true) => 0, // the attention kernel's prologue
                     (true, false) => 1,
                     (false, _) => 5,
@@ -712,15 +714,16 @@ impl CudaQwen3Moe {
         self.dev.write(self.s.token, &[token]).map_err(cuda_err)?;
         self.dev.write(self.s.pos, &[self.len as i32]).map_err(cuda_err)?;
         let attn_kernel = AttnKernel::for_len(self.len + 1);
+        let key = (attn_kernel, attn_kernel.takes_qk_prologue(self.len + 1));
         if self.use_graph {
-            if !self.graphs.contains_key(&attn_kernel) {
+            if !self.graphs.contains_key(&key) {
                 let dev = self.dev.clone();
-                let graph = dev.capture(|d| self.enqueue_step(d, attn_kernel)).map_err(cuda_err)?;
-                self.graphs.insert(attn_kernel, graph);
+                let graph = dev.capture(|d| self.enqueue_step(d, key.0, key.1)).map_err(cuda_err)?;
+                self.graphs.insert(key, graph);
             }
-            self.graphs[&attn_kernel].replay().map_err(cuda_err)?;
+            self.graphs[&key].replay().map_err(cuda_err)?;
         } else {
-            self.enqueue_step(&self.dev, attn_kernel).map_err(cuda_err)?;
+            self.enqueue_step(&self.dev, key.0, key.1).map_err(cuda_err)?;
         }
         self.len += 1;
         Ok(())
