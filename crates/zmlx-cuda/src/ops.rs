@@ -70,13 +70,15 @@ const TC4_SLICE: usize = 16 * 32;
 /// (K ≤ 1024, e.g. the MoE down projection: combine 7.0 vs 7.6 µs). The shape rule depends on
 /// the matrix alone and every launcher asks this same question, so a row is computed the same
 /// way fused or not (the path sums in another order than the FFMA loop: the two never mix).
-/// `ZMLX_TC=0` turns it off; [`Tc4Forced`] turns the shape rule off (tests).
+/// `ZMLX_TC=0` turns it off, `ZMLX_TC=all` turns the shape rule off (A/B runs), as does
+/// [`Tc4Forced`] (tests).
 pub fn uses_tc4(dev: &CudaDevice, dt: DType, wq: &QuantWeight) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("ZMLX_TC").is_ok_and(|v| v == "0"));
+    static ENV: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let env = ENV.get_or_init(|| std::env::var("ZMLX_TC").ok());
+    let off = env.as_deref() == Some("0");
     let sm: u32 = dev.arch().trim_start_matches("sm_").parse().unwrap_or(0);
     let shape = wq.n * wq.k >= 1 << 20 && (wq.n >= 65536 || wq.k <= 1024);
-    let forced = TC4_FORCED.load(std::sync::atomic::Ordering::Relaxed);
+    let forced = TC4_FORCED.load(std::sync::atomic::Ordering::Relaxed) || env.as_deref() == Some("all");
     !off && wq.bits == 4 && matches!(dt, DType::BF16 | DType::F16) && sm >= 80 && wq.k <= TC4_MAX_K && (shape || forced)
 }
 
