@@ -238,7 +238,9 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
 // conversions and sums; ncu showed decode's matvecs issue-bound (0.2 warp-instructions per
 // code, schedulers 43-59% busy, DRAM 19-36%). Here two codes become a bf16x2/f16x2 pair in
 // 2-3 instructions (mask under an exponent, then an exact fma that removes it) and mma.sync
-// does the products: ~0.08 warp-instructions per code.
+// does the products (ncu, swiglu shape: 0.16 warp-instructions per code with tile set-up and
+// reductions, vs 0.21). It measured faster only for the lm_head and short rows (K <= 1024),
+// so the host uses it there (docs/kernels.md, "Fifth pass").
 //
 // Contract of a row's value on this path (every kernel that uses it computes rows exactly
 // this way, so fused and unfused results stay bitwise equal): the row's 32-code chunks are
