@@ -15,10 +15,28 @@ typedef unsigned long long u64;
 #else
 #define ZMLX_GRID_DEP()
 #endif
-// Pass a pointer to data an earlier kernel wrote through this before loading from it, in
-// kernels that load other data before ZMLX_GRID_DEP: the loads then depend on a value the
-// compiler cannot move above the (volatile) wait. Non-coherent loads (__ldg) may otherwise
-// be hoisted above it, which once made decode nondeterministic (docs/kernels.md, fourth pass).
+// Data an earlier kernel wrote (activations, KV caches) is read with the coherent loads below,
+// never the non-coherent path (__ldg, ld.global.nc): under programmatic dependent launch a .nc
+// load placed after griddepcontrol.wait could still return data from before the earlier
+// kernel's writes (a decode whose x loads were .nc disagreed run to run; with ld.global.ca or
+// .cg it agreed: docs/kernels.md, "The PDL hazard"). asm volatile keeps them after the wait
+// (itself volatile). Weights, which nothing writes, keep __ldg. ZMLX_AFTER_DEP additionally
+// routes such pointers through an empty asm after the wait (older guard, kept: free).
+__device__ __forceinline__ uint4 ld_act16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.ca.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 ld_act8(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.ca.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ u32 ld_act4(const void* p) {
+  u32 v;
+  asm volatile("ld.global.ca.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
 #define ZMLX_AFTER_DEP(p) asm volatile("" : "+l"(p))
 
 // ---- dtype conversions by bit operations (RNE, like MLX) ----
@@ -77,21 +95,21 @@ struct DtF32 {
 // Load 8 consecutive values (16-bit dtypes: one 16-byte load; f32: two).
 template <class D> __device__ __forceinline__ void load8(const typename D::T* p, float* out);
 template <> __device__ __forceinline__ void load8<DtBF16>(const u16* p, float* out) {
-  uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  uint4 v = ld_act16(p);
   u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; i++) { out[2*i] = __uint_as_float(w[i] << 16); out[2*i+1] = __uint_as_float(w[i] & 0xffff0000u); }
 }
 template <> __device__ __forceinline__ void load8<DtF16>(const u16* p, float* out) {
-  uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  uint4 v = ld_act16(p);
   u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; i++) { out[2*i] = f16_to_f32((u16)(w[i] & 0xffffu)); out[2*i+1] = f16_to_f32((u16)(w[i] >> 16)); }
 }
 template <> __device__ __forceinline__ void load8<DtF32>(const float* p, float* out) {
-  float4 a = __ldg(reinterpret_cast<const float4*>(p));
-  float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w; out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+  const uint4 a = ld_act16(p), b = ld_act16(p + 4);
+  out[0] = __uint_as_float(a.x); out[1] = __uint_as_float(a.y); out[2] = __uint_as_float(a.z); out[3] = __uint_as_float(a.w);
+  out[4] = __uint_as_float(b.x); out[5] = __uint_as_float(b.y); out[6] = __uint_as_float(b.z); out[7] = __uint_as_float(b.w);
 }
 
 // ---- MLX's CPU transcendental polynomials (mlx/backend/cpu/simd/math.h) ----

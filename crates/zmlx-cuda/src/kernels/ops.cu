@@ -117,18 +117,18 @@ __device__ __forceinline__ int attn_rows_per_split(int len, int splits) {
 // Load 4 consecutive values (one 8-byte load for 16-bit dtypes).
 template <class D> __device__ __forceinline__ void load4(const typename D::T* p, float* o);
 template <> __device__ __forceinline__ void load4<DtBF16>(const u16* p, float* o) {
-  uint2 w = __ldg(reinterpret_cast<const uint2*>(p));
+  uint2 w = ld_act8(p);
   o[0] = __uint_as_float(w.x << 16); o[1] = __uint_as_float(w.x & 0xffff0000u);
   o[2] = __uint_as_float(w.y << 16); o[3] = __uint_as_float(w.y & 0xffff0000u);
 }
 template <> __device__ __forceinline__ void load4<DtF16>(const u16* p, float* o) {
-  uint2 w = __ldg(reinterpret_cast<const uint2*>(p));
+  uint2 w = ld_act8(p);
   o[0] = f16_to_f32((u16)(w.x & 0xffffu)); o[1] = f16_to_f32((u16)(w.x >> 16));
   o[2] = f16_to_f32((u16)(w.y & 0xffffu)); o[3] = f16_to_f32((u16)(w.y >> 16));
 }
 template <> __device__ __forceinline__ void load4<DtF32>(const float* p, float* o) {
-  float4 w = __ldg(reinterpret_cast<const float4*>(p));
-  o[0] = w.x; o[1] = w.y; o[2] = w.z; o[3] = w.w;
+  const uint4 w = ld_act16(p);
+  o[0] = __uint_as_float(w.x); o[1] = __uint_as_float(w.y); o[2] = __uint_as_float(w.z); o[3] = __uint_as_float(w.w);
 }
 
 // Long-context flash-decoding attention (chosen above ATT_SINGLE_MAX_LEN), pass 1. Block (kv head h, split s) covers positions
@@ -141,13 +141,13 @@ template <> __device__ __forceinline__ void load4<DtF32>(const float* p, float* 
 #define ATT_GMAX 16
 template <class D> __device__ __forceinline__ void load2(const typename D::T* p, float& a, float& b);
 template <> __device__ __forceinline__ void load2<DtBF16>(const u16* p, float& a, float& b) {
-  u32 w = __ldg(reinterpret_cast<const u32*>(p)); a = __uint_as_float(w << 16); b = __uint_as_float(w & 0xffff0000u);
+  u32 w = ld_act4(p); a = __uint_as_float(w << 16); b = __uint_as_float(w & 0xffff0000u);
 }
 template <> __device__ __forceinline__ void load2<DtF16>(const u16* p, float& a, float& b) {
-  u32 w = __ldg(reinterpret_cast<const u32*>(p)); a = f16_to_f32((u16)(w & 0xffffu)); b = f16_to_f32((u16)(w >> 16));
+  u32 w = ld_act4(p); a = f16_to_f32((u16)(w & 0xffffu)); b = f16_to_f32((u16)(w >> 16));
 }
 template <> __device__ __forceinline__ void load2<DtF32>(const float* p, float& a, float& b) {
-  float2 w = __ldg(reinterpret_cast<const float2*>(p)); a = w.x; b = w.y;
+  const uint2 w = ld_act8(p); a = __uint_as_float(w.x); b = __uint_as_float(w.y);
 }
 
 template <class D, int HD>

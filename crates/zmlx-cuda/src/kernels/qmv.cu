@@ -382,7 +382,7 @@ __device__ __forceinline__ float2 tc4_slice(const TcRows<D>& R, int c0, int c1, 
     if (g == t && c < c1) {
 #pragma unroll
       for (int q = 0; q < 4; q++) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + c * 32) + q);
+        const uint4 v = ld_act16(reinterpret_cast<const uint4*>(x + c * 32) + q);
         xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
       }
     }
