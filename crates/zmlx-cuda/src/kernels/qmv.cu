@@ -262,46 +262,32 @@ __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typena
 // Pair constants: MAGIC = (M, M) with M = 2^(mantissa bits), so (MAGIC | q) = M + q exactly;
 // fma(v, 1, -M) = q exactly.
 template <class D> struct Tc;
+// PT: the PTX element type of the dtype (bf16 / f16).
+#if ZMLX_TC
+#define ZMLX_TC_OPS(PT)                                                                                  \
+  static __device__ __forceinline__ u32 unmagic(u32 v) {                                                 \
+    u32 r;                                                                                               \
+    asm("fma.rn." #PT "x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(ONE), "r"(NEG));                     \
+    return r;                                                                                            \
+  }                                                                                                      \
+  static __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) { \
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." #PT "." #PT ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};" \
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1)); \
+  }
+#else  // the host never takes this path below sm_80
+#define ZMLX_TC_OPS(PT)                                                                                  \
+  static __device__ __forceinline__ u32 unmagic(u32) { __trap(); return 0u; }                           \
+  static __device__ __forceinline__ void mma(float*, u32, u32, u32, u32, u32, u32) { __trap(); }
+#endif
 template <> struct Tc<DtBF16> {
   static constexpr u32 MAGIC = 0x43004300u, NEG = 0xC300C300u, ONE = 0x3F803F80u;
-  static __device__ __forceinline__ u32 unmagic(u32 v) {
-    u32 r;
-#if ZMLX_TC
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(ONE), "r"(NEG));
-#else
-    r = 0u; __trap();
-#endif
-    return r;
-  }
-  static __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-#if ZMLX_TC
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
-  }
+  ZMLX_TC_OPS(bf16)
 };
 template <> struct Tc<DtF16> {
   static constexpr u32 MAGIC = 0x64006400u, NEG = 0xE400E400u, ONE = 0x3C003C00u;
-  static __device__ __forceinline__ u32 unmagic(u32 v) {
-    u32 r;
-#if ZMLX_TC
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(ONE), "r"(NEG));
-#else
-    r = 0u; __trap();
-#endif
-    return r;
-  }
-  static __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-#if ZMLX_TC
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
-  }
+  ZMLX_TC_OPS(f16)
 };
+#undef ZMLX_TC_OPS
 
 // Codes I and I+4 of a 4-bit word as a (low, high) pair in the dtype.
 template <class D, int I> __device__ __forceinline__ u32 code_pair(u32 w) {
