@@ -69,50 +69,30 @@ pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, u
         return Err(inv("gather_qmm_swiglu needs expert ids, k > 0, r in {1, 2}, threads 32..=256".into()));
     }
     let tag = dtype_tag(dt)?;
+    let mut args = vec![
+        Arg::Ptr(gate.w),
+        Arg::Ptr(gate.scales),
+        Arg::Ptr(gate.biases),
+        Arg::Ptr(up.w),
+        Arg::Ptr(up.scales),
+        Arg::Ptr(up.biases),
+        Arg::Ptr(ids),
+        Arg::Ptr(x),
+        Arg::Ptr(act),
+        Arg::I32(gate.n as i32),
+        Arg::I32(gate.k as i32),
+    ];
     if uses_tc4(dev, dt, gate) {
         // One 16-row tile of gate and up per block (r and threads do not apply).
-        return dev.launch(
-            &format!("fused_swiglu_tc_{tag}_g{}", gate.group_size),
-            ((gate.n as u32).div_ceil(16), k as u32, 1),
-            (tc4_threads(2 * tc4_slices(gate.k)), 1, 1),
-            0,
-            &[
-                Arg::Ptr(gate.w),
-                Arg::Ptr(gate.scales),
-                Arg::Ptr(gate.biases),
-                Arg::Ptr(up.w),
-                Arg::Ptr(up.scales),
-                Arg::Ptr(up.biases),
-                Arg::Ptr(ids),
-                Arg::Ptr(x),
-                Arg::Ptr(act),
-                Arg::I32(gate.n as i32),
-                Arg::I32(gate.k as i32),
-            ],
-        );
+        let name = format!("fused_swiglu_tc_{tag}_g{}", gate.group_size);
+        return dev.launch(&name, ((gate.n as u32).div_ceil(16), k as u32, 1), (tc4_threads(2 * tc4_slices(gate.k)), 1, 1), 0, &args);
     }
+    args.push(Arg::I32(((1u32 << gate.bits) - 1) as i32)); // qmask
     let rows_per_block = r * threads / 32;
-    dev.launch(
-        &format!("fused_swiglu_{tag}_b{}_g{}_r{r}", gate.bits, gate.group_size),
-        ((gate.n as u32).div_ceil(rows_per_block), k as u32, 1),
-        (threads, 1, 1),
-        0,
-        &[
-            Arg::Ptr(gate.w),
-            Arg::Ptr(gate.scales),
-            Arg::Ptr(gate.biases),
-            Arg::Ptr(up.w),
-            Arg::Ptr(up.scales),
-            Arg::Ptr(up.biases),
-            Arg::Ptr(ids),
-            Arg::Ptr(x),
-            Arg::Ptr(act),
-            Arg::I32(gate.n as i32),
-            Arg::I32(gate.k as i32),
-            Arg::I32(((1u32 << gate.bits) - 1) as i32),
-        ],
-    )
+    let name = format!("fused_swiglu_{tag}_b{}_g{}_r{r}", gate.bits, gate.group_size);
+    dev.launch(&name, ((gate.n as u32).div_ceil(rows_per_block), k as u32, 1), (threads, 1, 1), 0, &args)
 }
+
 
 /// Down projection of the k experts + weighted sum (+ residual) in one launch:
 /// `out[n] = r(residual[n] + m[n])` (or `m[n]` when `residual` is 0), where `m` is exactly
@@ -139,6 +119,19 @@ pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, 
         return Err(inv("gather_qmm_combine needs expert ids, weights, 0 < k <= 4096, r in {1, 2, 4}".into()));
     }
     let tag = dtype_tag(dt)?;
+    let mut args = vec![
+        Arg::Ptr(down.w),
+        Arg::Ptr(down.scales),
+        Arg::Ptr(down.biases),
+        Arg::Ptr(ids),
+        Arg::Ptr(weights),
+        Arg::I32(k as i32),
+        Arg::Ptr(act),
+        Arg::Ptr(residual),
+        Arg::Ptr(out),
+        Arg::I32(down.n as i32),
+        Arg::I32(down.k as i32),
+    ];
     if uses_tc4(dev, dt, down) {
         // One 16-row output tile per block; its warps walk the (slot, slice) pairs.
         let slices = tc4_slices(down.k);
@@ -146,48 +139,14 @@ pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, 
         if smem > 48 * 1024 {
             return Err(inv(format!("gather_qmm_combine: k={k} with K={} needs {smem} bytes of shared memory (> 48 KiB)", down.k)));
         }
-        return dev.launch(
-            &format!("fused_combine_tc_{tag}_g{}", down.group_size),
-            ((down.n as u32).div_ceil(16), 1, 1),
-            (tc4_threads(k * slices), 1, 1),
-            smem as u32,
-            &[
-                Arg::Ptr(down.w),
-                Arg::Ptr(down.scales),
-                Arg::Ptr(down.biases),
-                Arg::Ptr(ids),
-                Arg::Ptr(weights),
-                Arg::I32(k as i32),
-                Arg::Ptr(act),
-                Arg::Ptr(residual),
-                Arg::Ptr(out),
-                Arg::I32(down.n as i32),
-                Arg::I32(down.k as i32),
-            ],
-        );
+        let name = format!("fused_combine_tc_{tag}_g{}", down.group_size);
+        return dev.launch(&name, ((down.n as u32).div_ceil(16), 1, 1), (tc4_threads(k * slices), 1, 1), smem as u32, &args);
     }
-    let threads = 32 * k.min(8) as u32;
-    dev.launch(
-        &format!("fused_combine_{tag}_b{}_g{}_r{r}", down.bits, down.group_size),
-        ((down.n as u32).div_ceil(r), 1, 1),
-        (threads, 1, 1),
-        (k * r as usize * 4) as u32,
-        &[
-            Arg::Ptr(down.w),
-            Arg::Ptr(down.scales),
-            Arg::Ptr(down.biases),
-            Arg::Ptr(ids),
-            Arg::Ptr(weights),
-            Arg::I32(k as i32),
-            Arg::Ptr(act),
-            Arg::Ptr(residual),
-            Arg::Ptr(out),
-            Arg::I32(down.n as i32),
-            Arg::I32(down.k as i32),
-            Arg::I32(((1u32 << down.bits) - 1) as i32),
-        ],
-    )
+    args.push(Arg::I32(((1u32 << down.bits) - 1) as i32)); // qmask
+    let name = format!("fused_combine_{tag}_b{}_g{}_r{r}", down.bits, down.group_size);
+    dev.launch(&name, ((down.n as u32).div_ceil(r), 1, 1), (32 * k.min(8) as u32, 1, 1), (k * r as usize * 4) as u32, &args)
 }
+
 
 /// `h = r(x + delta)` (stored to `h_out`; `h_out == x` allowed) and `normed = rms_norm(h, w)`
 /// in one launch, over one row of `n`. Bitwise identical to add + rms_norm (same block size

@@ -123,53 +123,32 @@ fn qmv_launch(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64, ids
     aligned(x, 16, "x")?;
     let tag = dtype_tag(dt)?;
     let n = wq.n as u32;
+    let mut args = vec![
+        Arg::Ptr(wq.w),
+        Arg::Ptr(wq.scales),
+        Arg::Ptr(wq.biases),
+        Arg::Ptr(x),
+        Arg::Ptr(y),
+        Arg::Ptr(ids),
+        Arg::I32(wq.n as i32),
+        Arg::I32(wq.k as i32),
+        Arg::I32(x_stride as i32),
+    ];
     if uses_tc4(dev, dt, wq) {
         // One 16-row tile per block, its warps over the row's slices.
-        return dev.launch(
-            &crate::catalog::qmv_tc_fn_name(tag, wq.group_size),
-            (n.div_ceil(16), slots as u32, 1),
-            (tc4_threads(tc4_slices(wq.k)), 1, 1),
-            0,
-            &[
-                Arg::Ptr(wq.w),
-                Arg::Ptr(wq.scales),
-                Arg::Ptr(wq.biases),
-                Arg::Ptr(x),
-                Arg::Ptr(y),
-                Arg::Ptr(ids),
-                Arg::I32(wq.n as i32),
-                Arg::I32(wq.k as i32),
-                Arg::I32(x_stride as i32),
-                Arg::Ptr(residual),
-            ],
-        );
+        args.push(Arg::Ptr(residual));
+        let name = crate::catalog::qmv_tc_fn_name(tag, wq.group_size);
+        return dev.launch(&name, (n.div_ceil(16), slots as u32, 1), (tc4_threads(tc4_slices(wq.k)), 1, 1), 0, &args);
     }
+    args.extend([Arg::I32(((1u32 << wq.bits) - 1) as i32), Arg::Ptr(residual)]); // qmask: must be 2^bits - 1
     // Many rows: R rows per warp, 8 warps (loads of R rows in flight per lane). Few rows:
     // 1 row per warp, 4 warps, so the grid still covers every SM.
     let big = (n as u64).div_ceil(32) * slots as u64 >= 2 * dev.sm_count() as u64;
     let (r, threads) = if big { (rows_big, 256u32) } else { (1, 128) };
     let rows_per_block = r * threads / 32;
-    let grid = (n.div_ceil(rows_per_block), slots as u32, 1);
-    dev.launch(
-        &qmv_fn_name(tag, wq.bits, wq.group_size, r),
-        grid,
-        (threads, 1, 1),
-        0,
-        &[
-            Arg::Ptr(wq.w),
-            Arg::Ptr(wq.scales),
-            Arg::Ptr(wq.biases),
-            Arg::Ptr(x),
-            Arg::Ptr(y),
-            Arg::Ptr(ids),
-            Arg::I32(wq.n as i32),
-            Arg::I32(wq.k as i32),
-            Arg::I32(x_stride as i32),
-            Arg::I32(((1u32 << wq.bits) - 1) as i32), // qmask: must be 2^bits - 1
-            Arg::Ptr(residual),
-        ],
-    )
+    dev.launch(&qmv_fn_name(tag, wq.bits, wq.group_size, r), (n.div_ceil(rows_per_block), slots as u32, 1), (threads, 1, 1), 0, &args)
 }
+
 
 /// y[N] = W·x for a quantized W [N, K]; x [K], y [N] in `dt`. f32 accumulation, output
 /// rounded to `dt`.
