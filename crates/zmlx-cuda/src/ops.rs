@@ -76,7 +76,7 @@ pub fn uses_tc4(dev: &CudaDevice, dt: DType, wq: &QuantWeight) -> bool {
     static ENV: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let env = ENV.get_or_init(|| std::env::var("ZMLX_TC").ok());
     let off = env.as_deref() == Some("0");
-    let sm: u32 = dev.arch().trim_start_matches("sm_").parse().unwrap_or(0);
+    let sm = dev.compute_capability();
     let shape = wq.n * wq.k >= 1 << 20 && (wq.n >= 65536 || wq.k <= 1024);
     let forced = TC4_FORCED.load(std::sync::atomic::Ordering::Relaxed) || env.as_deref() == Some("all");
     !off && wq.bits == 4 && matches!(dt, DType::BF16 | DType::F16) && sm >= 80 && wq.k <= TC4_MAX_K && (shape || forced)

@@ -128,6 +128,8 @@ pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: String,
+    /// Compute capability as one number (90 for sm_90).
+    cc: u32,
     name: String,
     sm_count: u32,
     /// Launch with programmatic dependent launch (Hopper+): each kernel may start while the
@@ -171,6 +173,7 @@ impl CudaDevice {
             ctx,
             stream,
             arch: format!("sm_{maj}{min}"),
+            cc: (maj * 10 + min) as u32,
             name,
             sm_count,
             pdl,
@@ -183,6 +186,10 @@ impl CudaDevice {
 
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+    /// Compute capability as one number (90 for sm_90), for feature checks.
+    pub fn compute_capability(&self) -> u32 {
+        self.cc
     }
     pub fn name(&self) -> &str {
         &self.name
@@ -339,7 +346,7 @@ impl CudaDevice {
     /// Whether `name` can run with its grid as clusters of `cluster` blocks (sm_90+, and the
     /// GPU can co-schedule that many blocks of this size; up to 16, beyond the portable 8).
     pub fn cluster_fits(&self, name: &str, blocks: u32, threads: u32, smem: u32, cluster: u32) -> Result<bool> {
-        let sm: u32 = self.arch.trim_start_matches("sm_").parse().unwrap_or(0);
+        let sm = self.cc;
         if sm < 90 || cluster == 0 || cluster > 16 || blocks % cluster != 0 {
             return Ok(false);
         }
