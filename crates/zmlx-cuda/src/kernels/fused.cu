@@ -23,7 +23,7 @@ template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void gqs_impl(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
                                          const typename D::T* __restrict__ bg, const u32* __restrict__ wu,
                                          const typename D::T* __restrict__ su, const typename D::T* __restrict__ bu,
-                                         const u32* __restrict__ ids, const typename D::T* __restrict__ x,
+                                         const u32* ids, const typename D::T* x,
                                          typename D::T* __restrict__ act, int N, int K, u32 qmask) {
   const int slot = blockIdx.y;
   const long long wpr = (long long)K * BITS / 32;
@@ -68,8 +68,8 @@ __device__ __forceinline__ void gqs_impl(const u32* __restrict__ wg, const typen
 // order: top-k, gather_qmm_swiglu, this); act, wts and residual are read after the wait.
 template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void gqc_impl(const u32* __restrict__ w, const typename D::T* __restrict__ s,
-                                         const typename D::T* __restrict__ b, const u32* __restrict__ ids,
-                                         const float* __restrict__ wts, int k, const typename D::T* __restrict__ act,
+                                         const typename D::T* __restrict__ b, const u32* ids,
+                                         const float* wts, int k, const typename D::T* act,
                                          const typename D::T* residual, typename D::T* out, int N, int K, u32 qmask) {
   extern __shared__ float ys[];  // [k][R]
   const long long wpr = (long long)K * BITS / 32;
@@ -114,7 +114,7 @@ __device__ __forceinline__ void gqc_impl(const u32* __restrict__ w, const typena
 // (rms_norm_vals; same block size: the launcher mirrors ops::rms_norm). One row per block.
 // In place allowed (h_out == x).
 template <class D>
-__device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const typename D::T* __restrict__ delta,
+__device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const typename D::T* delta,
                                                   const typename D::T* __restrict__ w, typename D::T* h_out,
                                                   typename D::T* __restrict__ y, int n, float eps, float inv_n) {
   __shared__ float red[32];
@@ -172,7 +172,7 @@ __device__ __forceinline__ void add_rms_norm_impl(const typename D::T* x, const 
 // qmv in one launch, bitwise the two kernels, and no grid-wide handoff.
 template <class D, int BITS, int GS>
 __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const typename D::T* __restrict__ sc,
-                                                const typename D::T* __restrict__ bi, const typename D::T* __restrict__ h,
+                                                const typename D::T* __restrict__ bi, const typename D::T* h,
                                                 const typename D::T* __restrict__ nw, typename D::T* __restrict__ xn,
                                                 typename D::T* __restrict__ logits_out, u32* __restrict__ ids,
                                                 float* __restrict__ wout, u32* ws, int E, int K, int k, int round_probs,
@@ -256,7 +256,7 @@ __device__ __forceinline__ void moe_gating_impl(const u32* __restrict__ w, const
 // weight loads before waiting for the previous kernel (the weights are constant).
 template <class D, int BITS, int GS>
 __device__ __forceinline__ void qmulti_row(const u32* __restrict__ w, const typename D::T* __restrict__ sc,
-                                           const typename D::T* __restrict__ bi, const typename D::T* __restrict__ x,
+                                           const typename D::T* __restrict__ bi, const typename D::T* x,
                                            typename D::T* __restrict__ y, int row, int K, u32 qmask, int lane) {
   const long long wpr = (long long)K * BITS / 32;
   const int groups = K / GS;
@@ -270,7 +270,7 @@ __device__ __forceinline__ void qmulti_row(const u32* __restrict__ w, const type
   if (lane == 0) y[row] = D::st(v);
 }
 template <class D>
-__device__ __forceinline__ void qmv_multi_impl(const typename D::T* __restrict__ x, int K,
+__device__ __forceinline__ void qmv_multi_impl(const typename D::T* x, int K,
                                                const u32* w0, const typename D::T* s0, const typename D::T* b0, typename D::T* y0, int n0, int f0,
                                                const u32* w1, const typename D::T* s1, const typename D::T* b1, typename D::T* y1, int n1, int f1,
                                                const u32* w2, const typename D::T* s2, const typename D::T* b2, typename D::T* y2, int n2, int f2) {
@@ -345,7 +345,7 @@ template <class D, int GS>
 __device__ __forceinline__ void gqs_tc_impl(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
                                             const typename D::T* __restrict__ bg, const u32* __restrict__ wu,
                                             const typename D::T* __restrict__ su, const typename D::T* __restrict__ bu,
-                                            const u32* __restrict__ ids, const typename D::T* __restrict__ x,
+                                            const u32* ids, const typename D::T* x,
                                             typename D::T* __restrict__ act, int N, int K) {
   __shared__ float part[2 * TC_MAX_SLICES * 16];
   const int slot = blockIdx.y, chunks = K >> 5, row0 = blockIdx.x * 16;
@@ -369,8 +369,8 @@ __device__ __forceinline__ void gqs_tc_impl(const u32* __restrict__ wg, const ty
 // from two kernels back, as in gqc_impl); act, wts and residual after it.
 template <class D, int GS>
 __device__ __forceinline__ void gqc_tc_impl(const u32* __restrict__ w, const typename D::T* __restrict__ s,
-                                            const typename D::T* __restrict__ b, const u32* __restrict__ ids,
-                                            const float* __restrict__ wts, int k, const typename D::T* __restrict__ act,
+                                            const typename D::T* __restrict__ b, const u32* ids,
+                                            const float* wts, int k, const typename D::T* act,
                                             const typename D::T* residual, typename D::T* out, int N, int K) {
   extern __shared__ float part[];  // [k][slices][16]
   const int chunks = K >> 5, row0 = blockIdx.x * 16;
@@ -404,7 +404,7 @@ __device__ __forceinline__ void qmulti_tc_tile(const u32* w, const typename D::T
   if (r < 16 && row0 + r < N) y[row0 + r] = D::st(tc4_row(part, 0, (chunks + TC_SLICE - 1) / TC_SLICE, r));
 }
 template <class D>
-__device__ __forceinline__ void qmv_multi_tc_impl(const typename D::T* __restrict__ x, int K,
+__device__ __forceinline__ void qmv_multi_tc_impl(const typename D::T* x, int K,
                                                   const u32* w0, const typename D::T* s0, const typename D::T* b0, typename D::T* y0, int n0, int f0,
                                                   const u32* w1, const typename D::T* s1, const typename D::T* b1, typename D::T* y1, int n1, int f1,
                                                   const u32* w2, const typename D::T* s2, const typename D::T* b2, typename D::T* y2, int n2, int f2) {

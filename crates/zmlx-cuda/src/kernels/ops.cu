@@ -38,7 +38,7 @@ __device__ __forceinline__ void rms_norm_regs(const typename D::T* __restrict__ 
   rms_norm_vals<D>(v, w, n, eps, inv_n, red, out);
 }
 template <class D>
-__device__ __forceinline__ void rms_norm_impl(const typename D::T* __restrict__ x, const typename D::T* __restrict__ w,
+__device__ __forceinline__ void rms_norm_impl(const typename D::T* x, const typename D::T* __restrict__ w,
                                               typename D::T* __restrict__ y, int n, float eps, float inv_n) {
   __shared__ float red[32];
   x += (long long)blockIdx.x * n;
@@ -95,7 +95,7 @@ __device__ __forceinline__ void rope_impl(const typename D::T* x, typename D::T*
 
 // KV-cache append: cache [n_kv, max_len, hd]; writes k/v [n_kv, hd] at position *pos_ptr + pos_add.
 template <class D>
-__device__ __forceinline__ void kv_append_impl(const typename D::T* __restrict__ k, const typename D::T* __restrict__ v,
+__device__ __forceinline__ void kv_append_impl(const typename D::T* k, const typename D::T* v,
                                                typename D::T* kc, typename D::T* vc, const int* __restrict__ pos_ptr,
                                                int pos_add, int n_kv, int max_len, int hd) {
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
@@ -151,7 +151,7 @@ template <> __device__ __forceinline__ void load2<DtF32>(const float* p, float& 
 }
 
 template <class D, int HD>
-__device__ __forceinline__ void attn_split_long_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
+__device__ __forceinline__ void attn_split_long_impl(const typename D::T* q, const typename D::T* __restrict__ kc,
                                                 const typename D::T* __restrict__ vc, float* __restrict__ part,
                                                 const int* __restrict__ len_ptr, int len_add, int G, int max_len,
                                                 float scale) {
@@ -276,7 +276,7 @@ __device__ __forceinline__ void attn_split_long_impl(const typename D::T* __rest
 // (o relative to its split's max, max, sum) with weights exp(max_s - max).
 #define ATT_MAX_SPLITS 2048
 template <class D, int HD>
-__device__ __forceinline__ void attn_combine_long_impl(const float* __restrict__ part, typename D::T* __restrict__ y,
+__device__ __forceinline__ void attn_combine_long_impl(const float* part, typename D::T* __restrict__ y,
                                                   const int* __restrict__ len_ptr, int len_add, int G, int S, int max_len,
                                                   int chunk) {
   __shared__ float wsm[ATT_MAX_SPLITS];
@@ -390,7 +390,7 @@ template <class D> struct QkPrologue {
 // PRO: the qk_norm_rope prologue (`pro` non-null); without it the prologue's shared buffers
 // shrink to one float each.
 template <class D, int HD, bool PRO = false>
-__device__ __forceinline__ void attn_single_impl(const typename D::T* __restrict__ q, const typename D::T* __restrict__ kc,
+__device__ __forceinline__ void attn_single_impl(const typename D::T* q, const typename D::T* __restrict__ kc,
                                                  const typename D::T* __restrict__ vc, typename D::T* __restrict__ y,
                                                  float* __restrict__ part, const int* __restrict__ len_ptr, int len_add,
                                                  int G, int max_len, float scale, const QkPrologue<D>* pro = nullptr) {
@@ -540,7 +540,7 @@ __device__ __forceinline__ float seq_sum_f32(const float* p, int n) {
 // is inexact (their magnitudes span more than ~2^13). Weights are written as f32
 // (exact in the dtype when round_probs != 0).
 template <class D>
-__device__ __forceinline__ void softmax_topk_impl(const typename D::T* __restrict__ logits, u32* __restrict__ ids,
+__device__ __forceinline__ void softmax_topk_impl(const typename D::T* logits, u32* __restrict__ ids,
                                                   float* __restrict__ wout, int E, int k, int round_probs, int renorm) {
   extern __shared__ float pr[];  // E floats; one warp per row (blockDim.x == 32)
   __shared__ float topw[64];
@@ -619,7 +619,7 @@ __device__ __forceinline__ u32 warp_min_u32(u32 v) {
 }
 #define STK_PER 8
 template <class D>
-__device__ __forceinline__ void softmax_topk_fast_impl(const typename D::T* __restrict__ logits, u32* __restrict__ ids,
+__device__ __forceinline__ void softmax_topk_fast_impl(const typename D::T* logits, u32* __restrict__ ids,
                                                        float* __restrict__ wout, int E, int k, int round_probs, int renorm) {
   extern __shared__ float pr[];  // E floats; one warp per row (blockDim.x == 32)
   const int lane = threadIdx.x;
@@ -690,7 +690,7 @@ __device__ __forceinline__ void softmax_topk_fast_impl(const typename D::T* __re
 // the v rows are written to the caches at *pos_ptr when 0 <= pos < max_len (kv_append).
 #define QNR_WARPS 4
 template <class D>
-__device__ __forceinline__ void qk_norm_rope_append_impl(typename D::T* q, typename D::T* k, const typename D::T* __restrict__ v,
+__device__ __forceinline__ void qk_norm_rope_append_impl(typename D::T* q, typename D::T* k, const typename D::T* v,
                                                          const typename D::T* __restrict__ qw, const typename D::T* __restrict__ kw,
                                                          typename D::T* kc, typename D::T* vc, const int* __restrict__ pos_ptr,
                                                          int hq, int hkv, int hd, int max_len, float eps, float inv_n,
@@ -721,7 +721,7 @@ __device__ __forceinline__ void qk_norm_rope_append_impl(typename D::T* q, typen
 // `y * scores` as a dtype array), their sum accumulated in f32 from 0 in list order and
 // rounded once (MLX 0.32.4 reduces bf16/f16 sums in f32: zmlx-core `ops::sum_in_dtype`).
 template <class D>
-__device__ __forceinline__ void moe_combine_impl(const typename D::T* __restrict__ y, const float* __restrict__ w,
+__device__ __forceinline__ void moe_combine_impl(const typename D::T* y, const float* w,
                                                  typename D::T* __restrict__ out, int k, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
@@ -732,7 +732,7 @@ __device__ __forceinline__ void moe_combine_impl(const typename D::T* __restrict
 
 // swiglu: MLX sigmoid (e = r(exp|x|), y = 1/(1+e), s = r(x<0 ? y : 1-y)), silu = r(g*s), out = r(silu*u).
 template <class D>
-__device__ __forceinline__ void swiglu_impl(const typename D::T* __restrict__ g, const typename D::T* __restrict__ u,
+__device__ __forceinline__ void swiglu_impl(const typename D::T* g, const typename D::T* u,
                                             typename D::T* __restrict__ out, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
@@ -779,7 +779,7 @@ __device__ __forceinline__ u32 ordered_bits(float v) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 template <class D>
-__device__ __forceinline__ void argmax_impl(const typename D::T* __restrict__ x, u32* __restrict__ out,
+__device__ __forceinline__ void argmax_impl(const typename D::T* x, u32* __restrict__ out,
                                             u64* __restrict__ ws, int n) {
   __shared__ u64 rk[32];
   __shared__ bool last;
@@ -851,7 +851,7 @@ __device__ __forceinline__ u32 block_min_u32(u32 v, u32* sh) {
   return v;
 }
 template <class D>
-__device__ __forceinline__ void lpa_max_impl(const typename D::T* __restrict__ x, u32* __restrict__ ws, int n, int chunk) {
+__device__ __forceinline__ void lpa_max_impl(const typename D::T* x, u32* __restrict__ ws, int n, int chunk) {
   __shared__ float red[32];
   const int start = blockIdx.x * chunk, end = min(start + chunk, n);
   float m = -ZMLX_INF;
@@ -868,7 +868,7 @@ __device__ __forceinline__ void lpa_max_impl(const typename D::T* __restrict__ x
   }
 }
 template <class D>
-__device__ __forceinline__ void lpa_select_impl(const typename D::T* __restrict__ x, u32* __restrict__ ws,
+__device__ __forceinline__ void lpa_select_impl(const typename D::T* x, u32* __restrict__ ws,
                                                 u32* __restrict__ out, int n, int chunk) {
   __shared__ float red[32];
   __shared__ u32 redu[32];
@@ -960,8 +960,8 @@ __device__ __forceinline__ void affine_impl(const typename D::T* x, typename D::
 #define MVD_ROWS 128
 #define MVD_TK 32
 template <class D>
-__device__ __forceinline__ void mv_dense_impl(const typename D::T* __restrict__ w, const typename D::T* __restrict__ x,
-                                              typename D::T* __restrict__ y, const u32* __restrict__ ids, int N, int K,
+__device__ __forceinline__ void mv_dense_impl(const typename D::T* __restrict__ w, const typename D::T* x,
+                                              typename D::T* __restrict__ y, const u32* ids, int N, int K,
                                               int x_stride) {
   typedef typename D::T T;
   constexpr int WPR = MVD_TK * (int)sizeof(T) / 4;    // u32 words per row tile (16 bf16/f16, 32 f32)

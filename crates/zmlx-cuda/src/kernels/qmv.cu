@@ -178,9 +178,9 @@ __device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const ty
 
 template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void qmv_impl(const u32* __restrict__ w, const typename D::T* __restrict__ scales,
-                                         const typename D::T* __restrict__ biases, const typename D::T* __restrict__ x,
-                                         typename D::T* __restrict__ y, const u32* __restrict__ ids, int N, int K,
-                                         int x_stride, u32 qmask, const typename D::T* __restrict__ residual) {
+                                         const typename D::T* __restrict__ biases, const typename D::T* x,
+                                         typename D::T* __restrict__ y, const u32* ids, int N, int K,
+                                         int x_stride, u32 qmask, const typename D::T* residual) {
   // Plain matrices: the weights are prefetched before waiting for the previous kernel.
   const bool late_dep = ids == 0;
   if (!late_dep) ZMLX_GRID_DEP();
@@ -428,9 +428,9 @@ __device__ __forceinline__ float tc4_row(const float* part, int i, int slices, i
 // its warps over the slices. Same arguments and semantics as qmv_impl.
 template <class D, int GS>
 __device__ __forceinline__ void qmv_tc_impl(const u32* __restrict__ w, const typename D::T* __restrict__ scales,
-                                            const typename D::T* __restrict__ biases, const typename D::T* __restrict__ x,
-                                            typename D::T* __restrict__ y, const u32* __restrict__ ids, int N, int K,
-                                            int x_stride, const typename D::T* __restrict__ residual) {
+                                            const typename D::T* __restrict__ biases, const typename D::T* x,
+                                            typename D::T* __restrict__ y, const u32* ids, int N, int K,
+                                            int x_stride, const typename D::T* residual) {
   __shared__ float part[TC_MAX_SLICES * 16];
   const bool late_dep = ids == 0;  // plain matrices: weights requested before the wait
   if (!late_dep) ZMLX_GRID_DEP();
