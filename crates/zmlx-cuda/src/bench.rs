@@ -303,6 +303,25 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
         let us = time_graph(dev, 16, &|dv, i| fused::gather_qmm_combine_rows(dv, bf, &downw.ws[i % nd], idp(i), wts.ptr(), kk, actk.ptr(), h.ptr(), xn.ptr(), r))?;
         rows.push(row("gather_qmm_combine", format!("E=128 k=8 N=2048 K=768 b4 g64 +res r{r}"), bytes, us, copy));
     }
+    // the experts: gather_qmm_swiglu + gather_qmm_combine vs moe_experts (one launch)
+    let bytes = (2 * kk * pe_up + kk * pe_down + 3 * d * sz + 2 * kk * f * sz) as u64;
+    let bar = dev.alloc(fused::MOE_EXPERTS_WORKSPACE_BYTES)?;
+    dev.memset(bar.ptr(), 0, fused::MOE_EXPERTS_WORKSPACE_BYTES)?;
+    let us = time_graph(dev, 16, &|dv, i| {
+        fused::gather_qmm_swiglu(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], idp(i), kk, x.ptr(), act.ptr())?;
+        fused::gather_qmm_combine(dv, bf, &downw.ws[i % nd], idp(i), wts.ptr(), kk, act.ptr(), h.ptr(), xn.ptr())
+    })?;
+    rows.push(row("swiglu+combine", "E=128 k=8 F=768 D=2048 b4 g64 (2 launches)".into(), bytes, us, copy));
+    match fused::moe_experts_unsupported(dev, bf, &gate.ws[0], &upw.ws[0], &downw.ws[0], kk) {
+        None => {
+            let us = time_graph(dev, 16, &|dv, i| {
+                fused::moe_experts(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], &downw.ws[i % nd], idp(i), wts.ptr(), kk, x.ptr(), act.ptr(), h.ptr(), xn.ptr(), bar.ptr())
+            })?;
+            let (_, blocks, threads, smem) = fused::moe_experts_grid(dev, bf, &downw.ws[0], kk)?;
+            rows.push(row("moe_experts", format!("E=128 k=8 F=768 D=2048 b4 g64 (1 launch: {blocks}x{threads}, {smem} B smem)"), bytes, us, copy));
+        }
+        Some(why) => eprintln!("moe_experts not measured: {why}"),
+    }
     // norm + router + top-k
     let bytes = (pe_router + 3 * d * sz + kk * 8) as u64;
     let us = time_graph(dev, 32, &|dv, i| {

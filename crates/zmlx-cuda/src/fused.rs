@@ -39,6 +39,8 @@ pub fn fused_fn_names(tag: &str) -> Vec<String> {
         for g in QMV_GROUPS {
             v.push(format!("fused_swiglu_tc_{tag}_g{g}"));
             v.push(format!("fused_combine_tc_{tag}_g{g}"));
+            v.push(format!("fused_moe_experts_{tag}_g{g}_r1"));
+            v.push(format!("fused_moe_experts_{tag}_g{g}_r2"));
         }
         v.push(format!("fused_qmv_multi_tc_{tag}"));
     }
@@ -147,6 +149,107 @@ pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, 
     dev.launch(&name, ((down.n as u32).div_ceil(r), 1, 1), (32 * k.min(8) as u32, 1, 1), (k * r as usize * 4) as u32, &args)
 }
 
+
+/// Bytes of the [`moe_experts`] workspace (its grid barrier): zero it once after allocating;
+/// the kernel leaves it ready for the next call.
+pub const MOE_EXPERTS_WORKSPACE_BYTES: usize = 8;
+
+/// Threads per block and gate/up rows per warp of [`moe_experts`] (`ZMLX_MOE_EXPERTS=threads,rows`
+/// overrides them for measurements; results do not depend on them).
+fn moe_experts_geometry() -> (u32, u32) {
+    static G: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *G.get_or_init(|| {
+        let env = std::env::var("ZMLX_MOE_EXPERTS").ok();
+        let parsed = env.as_deref().and_then(|v| {
+            let (t, r) = v.split_once(',')?;
+            let (t, r) = (t.trim().parse::<u32>().ok()?, r.trim().parse::<u32>().ok()?);
+            (t % 32 == 0 && (64..=512).contains(&t) && (r == 1 || r == 2)).then_some((t, r))
+        });
+        parsed.unwrap_or((512, 2))
+    })
+}
+
+/// Dynamic shared memory of [`moe_experts`]: the down tile of the k experts (words, scales,
+/// biases of 16 rows each), act of the k slots, and the tc4 partials.
+fn moe_experts_smem(dt: DType, down: &QuantWeight, k: usize) -> usize {
+    let es = dt.size_bytes();
+    let slices = tc4_slices(down.k);
+    k * 16 * (down.k / 2 + 2 * (down.k / down.group_size as usize) * es) + k * down.k * es + k * slices * 16 * 4
+}
+
+/// Why [`moe_experts`] cannot run these experts here (None: it can): it needs 4-bit bf16/f16
+/// experts with one group size, gate/up on the FFMA path and down on the tc4 path
+/// ([`uses_tc4`]), a hidden size that is a multiple of 16, and a grid that fits at once.
+pub fn moe_experts_unsupported(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, down: &QuantWeight, k: usize) -> Option<String> {
+    let same = |a: &QuantWeight| (a.bits, a.group_size, a.n, a.k) == (4, down.group_size, gate.n, gate.k);
+    if !matches!(dt, DType::BF16 | DType::F16) || down.bits != 4 || !same(gate) || !same(up) {
+        return Some("needs 4-bit bf16/f16 experts with one group size".into());
+    }
+    if down.k != gate.n || down.n != gate.k || down.n % 16 != 0 || k == 0 || k > 64 {
+        return Some(format!("shapes: gate/up {}x{}, down {}x{}, k={k}", gate.n, gate.k, down.n, down.k));
+    }
+    if uses_tc4(dev, dt, gate) || !uses_tc4(dev, dt, down) {
+        return Some("needs gate/up on the FFMA path and down on the tensor-core path (ops::uses_tc4)".into());
+    }
+    match moe_experts_grid(dev, dt, down, k) {
+        Ok((_, 0, threads, smem)) => Some(format!("a block of {threads} threads with {smem} bytes of shared memory does not fit")),
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// [`moe_experts`]' kernel name, blocks (every block resident at once: the barrier waits for
+/// all of them; no more than that), threads per block and dynamic shared memory.
+pub fn moe_experts_grid(dev: &CudaDevice, dt: DType, down: &QuantWeight, k: usize) -> Result<(String, u32, u32, u32)> {
+    let (threads, r) = moe_experts_geometry();
+    let name = format!("fused_moe_experts_{}_g{}_r{r}", dtype_tag(dt)?, down.group_size);
+    let smem = moe_experts_smem(dt, down, k) as u32;
+    let blocks = dev.resident_blocks(&name, threads, smem)?;
+    Ok((name, blocks, threads, smem))
+}
+
+/// gather_qmm_swiglu + gather_qmm_combine in ONE launch (a persistent grid with a grid-wide
+/// barrier between the gate/up and the down phase; the down weights of each block's output
+/// tile are copied into shared memory while gate/up run). Same arguments and results as the
+/// two calls `gather_qmm_swiglu(gate, up, ids, k, x, act)` then `gather_qmm_combine(down, ids,
+/// weights, k, act, residual, out)`, bitwise; `act` is written too. `bar`: an
+/// [`MOE_EXPERTS_WORKSPACE_BYTES`] workspace, zeroed once. Check [`moe_experts_unsupported`] first.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_experts(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, down: &QuantWeight, ids: u64, weights: u64, k: usize, x: u64, act: u64, residual: u64, out: u64, bar: u64) -> Result<()> {
+    if let Some(why) = moe_experts_unsupported(dev, dt, gate, up, down, k) {
+        return Err(inv(format!("moe_experts: {why}")));
+    }
+    for (p, what) in [(up.w, "up"), (down.w, "down"), (x, "x"), (act, "act"), (down.scales, "down scales"), (down.biases, "down biases"), (bar, "barrier")] {
+        aligned(p, if what == "barrier" { 8 } else { 16 }, what)?;
+    }
+    if ids == 0 || weights == 0 {
+        return Err(inv("moe_experts needs expert ids and weights".into()));
+    }
+    let (name, blocks, threads, smem) = moe_experts_grid(dev, dt, down, k)?;
+    let args = [
+        Arg::Ptr(gate.w),
+        Arg::Ptr(gate.scales),
+        Arg::Ptr(gate.biases),
+        Arg::Ptr(up.w),
+        Arg::Ptr(up.scales),
+        Arg::Ptr(up.biases),
+        Arg::Ptr(down.w),
+        Arg::Ptr(down.scales),
+        Arg::Ptr(down.biases),
+        Arg::Ptr(ids),
+        Arg::Ptr(weights),
+        Arg::I32(k as i32),
+        Arg::Ptr(x),
+        Arg::Ptr(act),
+        Arg::Ptr(residual),
+        Arg::Ptr(out),
+        Arg::I32(down.n as i32),
+        Arg::I32(down.k as i32),
+        Arg::I32(15), // qmask (4-bit)
+        Arg::Ptr(bar),
+    ];
+    dev.launch(&name, (blocks, 1, 1), (threads, 1, 1), smem, &args)
+}
 
 /// `h = r(x + delta)` (stored to `h_out`; `h_out == x` allowed) and `normed = rms_norm(h, w)`
 /// in one launch, over one row of `n`. Bitwise identical to add + rms_norm (same block size

@@ -139,6 +139,7 @@ pub struct CudaDevice {
     funcs: Mutex<HashMap<String, sys::CUfunction>>,
     /// Whether a kernel can run as one cluster of this many blocks (asked once per shape).
     cluster_fits: Mutex<HashMap<(String, u32, u32, u32), bool>>,
+    resident: Mutex<HashMap<(String, u32, u32), u32>>,
     modules: Mutex<HashMap<String, sys::CUmodule>>,
     /// (module, seconds spent in NVRTC or 0 when it came from the disk cache)
     pub(crate) compile_log: Mutex<Vec<(String, f64, bool)>>,
@@ -179,6 +180,7 @@ impl CudaDevice {
             pdl,
             funcs: Mutex::new(HashMap::new()),
             cluster_fits: Mutex::new(HashMap::new()),
+            resident: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             compile_log: Mutex::new(Vec::new()),
         }))
@@ -365,6 +367,29 @@ impl CudaDevice {
         let fits = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f, &cfg) }.result().is_ok() && n > 0;
         self.cluster_fits.lock().unwrap().insert(key, fits);
         Ok(fits)
+    }
+
+    /// How many blocks of `name` (`threads` each, `smem` bytes of dynamic shared memory) the
+    /// whole GPU holds at once (0: it does not fit), for kernels with a grid-wide barrier, whose
+    /// blocks must all be resident. Also lets `name` use more than 48 KiB of dynamic shared memory.
+    pub fn resident_blocks(&self, name: &str, threads: u32, smem: u32) -> Result<u32> {
+        let key = (name.to_string(), threads, smem);
+        if let Some(&n) = self.resident.lock().unwrap().get(&key) {
+            return Ok(n);
+        }
+        let f = self.function(name)?;
+        self.bind()?;
+        if smem > 48 * 1024 {
+            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            if unsafe { sys::cuFuncSetAttribute(f, attr, smem as i32) }.result().is_err() {
+                return Ok(0);
+            }
+        }
+        let mut n: std::ffi::c_int = 0;
+        drv(unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, f, threads as i32, smem as usize) }.result(), name)?;
+        let blocks = n.max(0) as u32 * self.sm_count;
+        self.resident.lock().unwrap().insert(key, blocks);
+        Ok(blocks)
     }
 
     fn launch_config(&self, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32) -> sys::CUlaunchConfig {

@@ -1117,6 +1117,75 @@ pub(crate) mod fused_tests {
         })
     }
 
+    /// moe_experts (one persistent launch) vs gather_qmm_swiglu + gather_qmm_combine: act and
+    /// out bitwise, three runs on fresh ids/weights (the barrier must come back to zero; the
+    /// last run in place, out == residual), and out vs f64 (h + Σ w · down · act).
+    #[allow(clippy::too_many_arguments)]
+    pub fn test_moe_experts(dev: &CudaDevice, rng: &mut Rng, dt: DType, e: usize, d: usize, f: usize, k: usize, gs: usize) -> Result<TestRow> {
+        let sz = dt.size_bytes();
+        let shape = format!("{} E={e} D={d} F={f} k={k} b4 g{gs}", dtn(dt));
+        let (gq, uq, dq) = (qdata(rng, dt, e, f, d, 4, gs), qdata(rng, dt, e, f, d, 4, gs), qdata(rng, dt, e, d, f, 4, gs));
+        let (gb, ub, db) = (q_up(dev, dt, &gq)?, q_up(dev, dt, &uq)?, q_up(dev, dt, &dq)?);
+        let (gw, uw, dw) = (qw(&gb, e, f, d, 4, gs), qw(&ub, e, f, d, 4, gs), qw(&db, e, d, f, 4, gs));
+        if let Some(why) = fused::moe_experts_unsupported(dev, dt, &gw, &uw, &dw, k) {
+            // Expected below sm_80 (no tc4 path); on the GPUs we ship for it is a failure.
+            let expected = dev.compute_capability() < 80;
+            return Ok(TestRow { name: "moe_experts".into(), shape, passed: expected, worst: f64::NAN, rel_norm: 0.0, note: format!("not run: {why}") });
+        }
+        let bar = dev.alloc(fused::MOE_EXPERTS_WORKSPACE_BYTES)?;
+        dev.memset(bar.ptr(), 0, fused::MOE_EXPERTS_WORKSPACE_BYTES)?;
+        let (mut bad_act, mut bad_out, mut ro_max) = (0usize, 0usize, 0.0f64);
+        let mut nonfinite = 0usize;
+        for run in 0..3 {
+            let x = rng.vec(d, -1.0, 1.0, dt);
+            let h = rng.vec(d, -2.0, 2.0, dt);
+            let mut ids: Vec<u32> = Vec::new();
+            while ids.len() < k {
+                let id = (rng.next_u64() % e as u64) as u32;
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            let wv: Vec<f32> = (0..k).map(|_| 0.05 + (rng.next_u64() % 1000) as f32 / 1000.0).collect();
+            let (xb, hb) = (up(dev, dt, &x)?, up(dev, dt, &h)?);
+            let (idb, wb) = (dev.alloc(k * 4)?, dev.alloc(k * 4)?);
+            dev.write(idb.ptr(), &ids)?;
+            dev.write(wb.ptr(), &wv)?;
+            // the two launches
+            let (act1, out1) = (poisoned(dev, k * f * sz)?, poisoned(dev, d * sz)?);
+            fused::gather_qmm_swiglu(dev, dt, &gw, &uw, idb.ptr(), k, xb.ptr(), act1.ptr())?;
+            fused::gather_qmm_combine(dev, dt, &dw, idb.ptr(), wb.ptr(), k, act1.ptr(), hb.ptr(), out1.ptr())?;
+            // one launch (the last run in place)
+            let act2 = poisoned(dev, k * f * sz)?;
+            let out2 = if run == 2 { up(dev, dt, &h)? } else { poisoned(dev, d * sz)? };
+            let resid = if run == 2 { out2.ptr() } else { hb.ptr() };
+            fused::moe_experts(dev, dt, &gw, &uw, &dw, idb.ptr(), wb.ptr(), k, xb.ptr(), act2.ptr(), resid, out2.ptr(), bar.ptr())?;
+            bad_act += diff(&bytes(dev, act1.ptr(), k * f * sz)?, &bytes(dev, act2.ptr(), k * f * sz)?, sz);
+            bad_out += diff(&bytes(dev, out1.ptr(), d * sz)?, &bytes(dev, out2.ptr(), d * sz)?, sz);
+            // f64: out = h + Σ_j w_j · (down[e_j] · act_j), act as the device computed it
+            let act_f = down(dev, dt, act2.ptr(), k * f)?;
+            let mut out_ref: Vec<f64> = h.iter().map(|&v| v as f64).collect();
+            for (j, &id) in ids.iter().enumerate() {
+                let yr = re::qmv(&dq.words, &dq.scales, &dq.biases, &act_f[j * f..(j + 1) * f], id as usize, d, f, 4, gs);
+                for (o, yv) in out_ref.iter_mut().zip(&yr) {
+                    *o += wv[j] as f64 * yv.v;
+                }
+            }
+            let (ro, no) = rel(&down(dev, dt, out2.ptr(), d)?, &out_ref);
+            ro_max = ro_max.max(ro);
+            nonfinite += no;
+        }
+        let arrivals = dev.read::<u32>(bar.ptr(), 1)?[0];
+        Ok(TestRow {
+            name: "moe_experts".into(),
+            shape,
+            passed: bad_act == 0 && bad_out == 0 && arrivals == 0 && nonfinite == 0 && ro_max <= rel_bound(dt),
+            worst: (bad_act + bad_out) as f64,
+            rel_norm: ro_max,
+            note: format!("bitwise diffs vs the two launches act/out = {bad_act}/{bad_out} (3 runs, last in place); barrier arrivals left {arrivals}; f64 rel out {ro_max:.1e}"),
+        })
+    }
+
     /// gather_qmm_swiglu / gather_qmm_combine alone on ragged N (not a multiple of the rows
     /// per block) vs gather_qmv + swiglu / gather_qmv + moe_combine + add.
     #[allow(clippy::too_many_arguments)]
@@ -1275,6 +1344,14 @@ pub(crate) mod fused_tests {
         // Qwen3-30B-A3B: hidden 2048, 128 experts, top-8, FFN 768, 4-bit g64, router 8-bit g64.
         push("fused_moe_block", test_moe_block(dev, rng, bf, 128, 2048, 768, 8, 4, 64, 8, 1));
         push("fused_moe_block", test_moe_block(dev, rng, bf, 128, 2048, 768, 8, 4, 64, 8, 2));
+        // moe_experts where it applies (4-bit, down on tc4: K <= 1024, N·K >= 2^20; gate/up not):
+        // Qwen3-30B-A3B's shape, other groups and k, and a hidden size with more output tiles
+        // than resident blocks (blocks loop over tiles).
+        push("moe_experts", test_moe_experts(dev, rng, bf, 128, 2048, 768, 8, 64));
+        push("moe_experts", test_moe_experts(dev, rng, DType::F16, 24, 1536, 768, 4, 32));
+        push("moe_experts", test_moe_experts(dev, rng, bf, 16, 2048, 1024, 6, 128));
+        push("moe_experts", test_moe_experts(dev, rng, bf, 12, 4096, 512, 3, 64));
+        push("moe_experts", test_moe_experts(dev, rng, DType::F16, 20, 8192, 256, 10, 64));
         let ks = [1usize, 3, 8, 10, 5, 2];
         let mut i = 0;
         for dt in [bf, f16, f32] {

@@ -304,6 +304,8 @@ struct Scratch {
     argmax_ws: u64,
     /// moe_gating's workspace (its last-block counter is reset by the kernel).
     gating_ws: u64,
+    /// moe_experts' grid barrier (zeroed once; the kernel leaves it ready).
+    experts_ws: u64,
     token: u64,
     pos: u64,
     x: u64,
@@ -426,13 +428,14 @@ impl CudaQwen3Moe {
         let qd = a.num_attention_heads * hd;
         let kvd = a.num_key_value_heads * hd;
         let n_layers = a.num_hidden_layers;
-        let sizes = [4, 4, d * es, d * es, qd * es, kvd * es, kvd * es, qd * es, d * es, a.num_experts.max(1) * es, n_layers * k * 4, n_layers * k * 4, k * inter * es, k * inter * es, k * inter * es, k * d * es, d * es, a.vocab_size * es, attn.workspace_bytes(), 4, ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES, fused::moe_gating_workspace_bytes(a.num_experts.max(1))];
+        let sizes = [4, 4, d * es, d * es, qd * es, kvd * es, kvd * es, qd * es, d * es, a.num_experts.max(1) * es, n_layers * k * 4, n_layers * k * 4, k * inter * es, k * inter * es, k * inter * es, k * d * es, d * es, a.vocab_size * es, attn.workspace_bytes(), 4, ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES, fused::moe_gating_workspace_bytes(a.num_experts.max(1)), fused::MOE_EXPERTS_WORKSPACE_BYTES];
         let mut arena = dev.arena(sizes.iter().map(|s| s.div_ceil(256) * 256 + 256).sum()).map_err(cuda_err)?;
         let mut next = |i: usize| arena.alloc(sizes[i]).map_err(cuda_err);
         let s = Scratch {
             zero_id: next(19)?,
             argmax_ws: next(20)?,
             gating_ws: next(21)?,
+            experts_ws: next(22)?,
             token: next(0)?,
             pos: next(1)?,
             x: next(2)?,
@@ -456,6 +459,7 @@ impl CudaQwen3Moe {
         dev.memset(s.zero_id, 0, 4).map_err(cuda_err)?;
         dev.memset(s.argmax_ws, 0, ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES).map_err(cuda_err)?;
         dev.memset(s.gating_ws, 0, fused::moe_gating_workspace_bytes(a.num_experts.max(1))).map_err(cuda_err)?;
+        dev.memset(s.experts_ws, 0, fused::MOE_EXPERTS_WORKSPACE_BYTES).map_err(cuda_err)?;
         let device_bytes = weight_bytes + 2 * cache_bytes * a.num_hidden_layers + arena.capacity();
         Ok(CudaQwen3Moe {
             dev,
@@ -551,6 +555,10 @@ impl CudaQwen3Moe {
                             ops::softmax_topk(dev, dt, s.router, 1, router.n(), k, true, *renorm, ids, weights)?;
                         }
                     }
+                    if let (true, Some(g), Some(u), Some(dn)) = (l.moe.one_launch, experts.gate.quant(), experts.up.quant(), experts.down.quant()) {
+                        fused::moe_experts(dev, dt, g, u, dn, ids, weights, k, s.xn, s.act, s.x, s.x, s.experts_ws)?;
+                        added = true;
+                    } else {
                     match (l.moe.fused_swiglu, experts.gate.quant(), experts.up.quant()) {
                         (true, Some(g), Some(u)) => fused::gather_qmm_swiglu(dev, dt, g, u, ids, k, s.xn, s.act)?,
                         _ => {
@@ -568,6 +576,7 @@ impl CudaQwen3Moe {
                             experts.down.gather_mv(dev, dt, ids, k, s.act, true, s.y)?;
                             ops::moe_combine(dev, dt, s.y, weights, s.ff_out, k, d)?;
                         }
+                    }
                     }
                 }
                 DevFeedForward::Dense(m) => {
@@ -604,7 +613,7 @@ impl CudaQwen3Moe {
         for l in &mut self.layers {
             // Safety rule: the fused kernels read MLX-quantized weights only.
             match &l.ff {
-                DevFeedForward::Sparse { router, experts, .. } => {
+                DevFeedForward::Sparse { router, experts, top_k, .. } => {
                     // moe_gating and norm_router read a quantized router over a hidden size they take.
                     let router_ok = router.quant().is_some_and(|r| r.k <= fused::MOE_GATING_MAX_K);
                     let gating = on(Pattern::MoeGating) && router_ok;
@@ -620,7 +629,17 @@ impl CudaQwen3Moe {
                     if !q && (on(Pattern::GatherQmmSwiglu) || on(Pattern::GatherQmmCombine)) {
                         report.skip(Pattern::MoeMlp, "a layer with unquantized experts".into());
                     }
-                    l.moe = MoeVariant { fused_gating: gating, fused_swiglu: q && on(Pattern::GatherQmmSwiglu), fused_combine: q && on(Pattern::GatherQmmCombine) };
+                    let mut one_launch = false;
+                    if on(Pattern::MoeExperts) {
+                        match (experts.gate.quant(), experts.up.quant(), experts.down.quant()) {
+                            (Some(g), Some(u), Some(dn)) => match fused::moe_experts_unsupported(&self.dev, self.dtype, g, u, dn, *top_k) {
+                                None => one_launch = true,
+                                Some(why) => report.skip(Pattern::MoeExperts, why),
+                            },
+                            _ => report.skip(Pattern::MoeExperts, "a layer with unquantized experts".into()),
+                        }
+                    }
+                    l.moe = MoeVariant { fused_gating: gating, fused_swiglu: q && on(Pattern::GatherQmmSwiglu), fused_combine: q && on(Pattern::GatherQmmCombine), one_launch };
                     l.moe.report(&mut report);
                 }
                 DevFeedForward::Dense(m) => {

@@ -16,6 +16,9 @@ pub enum Pattern {
     GatherQmmCombine,
     /// The whole MoE block at decode in three launches (the three above together).
     MoeMlp,
+    /// gather_qmm_swiglu + gather_qmm_combine as ONE launch (a persistent grid with a grid-wide
+    /// barrier; the down weights arrive in shared memory while gate/up run).
+    MoeExperts,
     /// Dense SwiGLU MLP: gate + up + SiLU·mul in one pass.
     SwigluMlp,
     /// Residual add + RMSNorm, one launch.
@@ -30,8 +33,9 @@ pub enum Pattern {
     NormRouter,
 }
 
-pub const ALL_PATTERNS: [Pattern; 10] = [
+pub const ALL_PATTERNS: [Pattern; 11] = [
     Pattern::MoeMlp,
+    Pattern::MoeExperts,
     Pattern::MoeGating,
     Pattern::GatherQmmSwiglu,
     Pattern::GatherQmmCombine,
@@ -50,6 +54,7 @@ impl Pattern {
             Pattern::GatherQmmSwiglu => "gather_qmm_swiglu",
             Pattern::GatherQmmCombine => "gather_qmm_combine",
             Pattern::MoeMlp => "moe_mlp",
+            Pattern::MoeExperts => "moe_experts",
             Pattern::SwigluMlp => "swiglu_mlp",
             Pattern::AddRmsNorm => "add_rms_norm",
             Pattern::QkNormRope => "qk_norm_rope",
@@ -65,6 +70,7 @@ impl Pattern {
             Pattern::GatherQmmSwiglu => "expert gate qmv + up qmv + swiglu (k experts)",
             Pattern::GatherQmmCombine => "expert down qmv + weighted sum + residual add",
             Pattern::MoeMlp => "moe_gating + gather_qmm_swiglu + gather_qmm_combine",
+            Pattern::MoeExperts => "gather_qmm_swiglu + gather_qmm_combine in one launch (grid barrier)",
             Pattern::SwigluMlp => "dense gate + up + swiglu",
             Pattern::AddRmsNorm => "residual add + rms_norm",
             Pattern::QkNormRope => "q/k rms_norm + rope + kv append",
@@ -149,6 +155,8 @@ pub fn preset(model_type: &str, backend: Backend) -> Vec<PresetEntry> {
                 (true, Backend::Cpu, MoeGating) => (false, "CPU: routing is already a single pass; nothing to fuse"),
                 (true, Backend::Cuda, MoeGating) => (false, "identical, but slower on H100: decode 406 vs 412 tok/s (the kernel alone: 5.2 us as one thread block cluster vs 5.5 for qmv + softmax_topk; launches overlap, so the saved one buys little)"),
                 (true, Backend::Cuda, AddRmsNorm) => (false, "identical, but measured slower on H100 (4.0 vs 2.5 us for add + rms_norm, docs/kernels.md)"),
+                (true, Backend::Cpu, MoeExperts) => (false, "CPU: the same values as gather_qmm_swiglu + gather_qmm_combine; no launches to save"),
+                (true, Backend::Cuda, MoeExperts) => (true, "bitwise identical to gather_qmm_swiglu + gather_qmm_combine; one launch instead of two (4-bit experts with the down projection on tensor cores)"),
                 (true, _, MoeMlp) => (true, "as gather_qmm_swiglu + gather_qmm_combine: its moe_gating part stays off (see that line)"),
                 (true, _, GatherQmmSwiglu | GatherQmmCombine | SwigluMlp | AddRmsNorm) => {
                     (true, "bitwise identical to the unfused chain (tested on random inputs and on every fixture)")
@@ -224,11 +232,21 @@ pub struct MoeVariant {
     pub fused_gating: bool,
     pub fused_swiglu: bool,
     pub fused_combine: bool,
+    /// The experts (gate/up/swiglu and down/combine) as one launch: `moe_experts` (CUDA; the
+    /// CPU computes the same values as with fused_swiglu and fused_combine).
+    pub one_launch: bool,
 }
 
 impl MoeVariant {
     /// Record this block in the report under its most specific name.
     pub fn report(&self, r: &mut PatchReport) {
+        if self.one_launch {
+            r.add("moe_experts");
+            if self.fused_gating {
+                r.add("moe_gating");
+            }
+            return;
+        }
         match (self.fused_gating, self.fused_swiglu, self.fused_combine) {
             (true, true, true) => r.add("moe_mlp"),
             _ => {

@@ -38,6 +38,52 @@ __device__ __forceinline__ u32 ld_act4(const void* p) {
   return v;
 }
 #define ZMLX_AFTER_DEP(p) asm volatile("" : "+l"(p))
+// L2-only load (bypasses L1, which is not coherent between SMs): data other blocks of the
+// same kernel wrote before a grid barrier.
+__device__ __forceinline__ uint4 ld_cg16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+}
+// Asynchronous 16-byte copy global -> shared (sm_80+), and the wait for all of a thread's copies.
+__device__ __forceinline__ void cp_async16(void* dst_shared, const void* src) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+  const u32 a = (u32)__cvta_generic_to_shared(dst_shared);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(src) : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst_shared) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+  asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+#endif
+}
+// Grid-wide barrier for kernels whose blocks are all resident at once (the host sizes the grid
+// with the occupancy API). bar[0] = arrivals, bar[1] = generation; zero before the first call,
+// bar[0] is back to zero after every call (graph replays need no reset). The writes of every
+// block before the barrier are visible to every block after it (fence, then release/acquire
+// on the generation); read them with ld_cg16 or plain loads, never ld.global.nc.
+__device__ __forceinline__ void grid_barrier(u32* bar) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    volatile u32* gen_p = bar + 1;
+    const u32 gen = *gen_p;
+    __threadfence();
+    if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+      atomicExch(bar, 0u);
+      __threadfence();
+      atomicExch(bar + 1, gen + 1u);
+    } else {
+      u32 cur;
+      do {
+        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(cur) : "l"(bar + 1) : "memory");
+      } while (cur == gen);
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
 
 // ---- dtype conversions by bit operations (RNE, like MLX) ----
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }

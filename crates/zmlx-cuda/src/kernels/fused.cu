@@ -19,20 +19,17 @@ template <class D> __device__ __forceinline__ typename D::T swiglu_val(float gv,
 // 1. gather_qmm_swiglu: act[slot, n] = swiglu(r(gate[e]·x)[n], r(up[e]·x)[n]), e = ids[slot].
 // Replaces gather_qmv gate + gather_qmv up + swiglu. One warp: R gate rows and the same R up
 // rows (2R dot products, loads of all in flight), x shared. blockIdx.y = slot.
+// gqs_rows: one warp's rows row0 .. row0 + R - 1 of slot `slot` (expert e); also moe_experts' phase 1.
 template <class D, int BITS, int GS, int R>
-__device__ __forceinline__ void gqs_impl(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
+__device__ __forceinline__ void gqs_rows(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
                                          const typename D::T* __restrict__ bg, const u32* __restrict__ wu,
                                          const typename D::T* __restrict__ su, const typename D::T* __restrict__ bu,
-                                         const u32* ids, const typename D::T* x,
-                                         typename D::T* __restrict__ act, int N, int K, u32 qmask) {
-  const int slot = blockIdx.y;
+                                         long long e, int slot, int row0, const typename D::T* x,
+                                         typename D::T* act, int N, int K, u32 qmask) {
   const long long wpr = (long long)K * BITS / 32;
   const int groups = K / GS;
   const int chunks = K >> 5;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row0 = (blockIdx.x * (blockDim.x >> 5) + warp) * R;
-  if (row0 >= N) return;
-  const long long e = ids[slot];
+  const int lane = threadIdx.x & 31;
   const u32* wr[2 * R];
   const typename D::T* sr[2 * R];
   const typename D::T* br[2 * R];
@@ -55,6 +52,17 @@ __device__ __forceinline__ void gqs_impl(const u32* __restrict__ wg, const typen
     const float u = D::rnd(warp_sum(acc[R + r]));
     if (lane == r && row0 + r < N) act[(long long)slot * N + row0 + r] = swiglu_val<D>(g, u);
   }
+}
+template <class D, int BITS, int GS, int R>
+__device__ __forceinline__ void gqs_impl(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
+                                         const typename D::T* __restrict__ bg, const u32* __restrict__ wu,
+                                         const typename D::T* __restrict__ su, const typename D::T* __restrict__ bu,
+                                         const u32* ids, const typename D::T* x,
+                                         typename D::T* __restrict__ act, int N, int K, u32 qmask) {
+  const int slot = blockIdx.y;
+  const int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
+  if (row0 >= N) return;
+  gqs_rows<D, BITS, GS, R>(wg, sg, bg, wu, su, bu, ids[slot], slot, row0, x, act, N, K, qmask);
 }
 
 // 2. gather_qmm_combine: out[n] = r(residual[n] + r(m)), m = moe_combine of the k slots
@@ -391,6 +399,99 @@ __device__ __forceinline__ void gqc_tc_impl(const u32* __restrict__ w, const typ
   }
 }
 
+// 6. moe_experts: gather_qmm_swiglu + gather_qmm_combine in ONE persistent launch, for 4-bit
+// experts whose down projection is on the tc4 path (gate/up on qmv's FFMA path). Every block is
+// resident at once (the host sizes the grid with the occupancy API), so:
+//  - right after the dependency wait (ids and x come from earlier kernels), each block copies the
+//    down weights of its first 16-row output tile (all k experts) into shared memory with
+//    cp.async; they arrive while phase 1 runs, instead of after the gate/up kernel has drained;
+//  - phase 1: the grid's warps walk the (slot, R-row) units of gate/up with gqs_rows (so act is
+//    bitwise gather_qmm_swiglu's), act to global memory;
+//  - grid_barrier; act (all k slots) into shared memory with L2 loads;
+//  - phase 2: gqc_tc_impl's arithmetic on the staged tile (tc4_slice_shared, tc4_row, the
+//    weighted sum in slot order, the residual), so out is bitwise gather_qmm_combine's.
+// Down: N = hidden (a multiple of 16), K = NI (the gate/up rows). Dynamic shared memory
+// (host: fused::moe_experts_smem): words [k][16][NI/8] u32 | scales, biases [k][16][NI/GS] |
+// act [k][NI] | partials [k][slices][16] f32. bar: grid_barrier's two words.
+template <class D, int GS, int R>
+__device__ __forceinline__ void moe_experts_impl(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
+                                                 const typename D::T* __restrict__ bg, const u32* __restrict__ wu,
+                                                 const typename D::T* __restrict__ su, const typename D::T* __restrict__ bu,
+                                                 const u32* __restrict__ wd, const typename D::T* __restrict__ sd,
+                                                 const typename D::T* __restrict__ bd, const u32* ids, const float* wts,
+                                                 int k, const typename D::T* x, typename D::T* act,
+                                                 const typename D::T* residual, typename D::T* out, int N, int NI,
+                                                 u32 qmask, u32* bar) {
+  typedef typename D::T T;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int wpr = NI / 8, gpr = NI / GS;  // down: words and groups per row
+  u32* s_w = reinterpret_cast<u32*>(smem);
+  T* s_s = reinterpret_cast<T*>(s_w + k * 16 * wpr);
+  T* s_b = s_s + k * 16 * gpr;
+  T* s_act = s_b + k * 16 * gpr;
+  float* part = reinterpret_cast<float*>(s_act + k * NI);
+  const int tiles = N / 16, G = gridDim.x;
+  const int chunks = NI >> 5, slices = (chunks + TC_SLICE - 1) / TC_SLICE;
+  const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  ZMLX_GRID_DEP();
+  // The k experts' rows tile*16 .. +15 of down: three contiguous runs per expert (16-byte units).
+  auto stage = [&](int tile) {
+    const int wu16 = 16 * wpr / 4, su16 = 16 * gpr * (int)sizeof(T) / 16, per = wu16 + 2 * su16;
+    for (int i = threadIdx.x; i < k * per; i += blockDim.x) {
+      const int j = i / per, o = i % per;
+      const long long row = (long long)ids[j] * N + tile * 16;
+      if (o < wu16) cp_async16(s_w + (j * 16 * wpr) + 4 * o, wd + row * wpr + 4 * o);
+      else if (o < wu16 + su16) cp_async16(reinterpret_cast<uint4*>(s_s + j * 16 * gpr) + (o - wu16), reinterpret_cast<const uint4*>(sd + row * gpr) + (o - wu16));
+      else cp_async16(reinterpret_cast<uint4*>(s_b + j * 16 * gpr) + (o - wu16 - su16), reinterpret_cast<const uint4*>(bd + row * gpr) + (o - wu16 - su16));
+    }
+  };
+  int tile = blockIdx.x;
+  if (tile < tiles) stage(tile);
+  // Phase 1.
+  const int units = (NI + R - 1) / R;
+  for (int u = blockIdx.x * nw + warp; u < k * units; u += G * nw) {
+    const int slot = u / units;
+    gqs_rows<D, 4, GS, R>(wg, sg, bg, wu, su, bu, ids[slot], slot, (u % units) * R, x, act, NI, N, qmask);
+  }
+  grid_barrier(bar);
+  if (tile >= tiles) return;
+  for (int i = threadIdx.x; i < k * NI / 8; i += blockDim.x)
+    reinterpret_cast<uint4*>(s_act)[i] = ld_cg16(reinterpret_cast<const uint4*>(act) + i);
+  // Phase 2, tile by tile (more than one only when the grid is smaller than N / 16).
+  for (;; ) {
+    cp_async_wait_all();
+    __syncthreads();
+    const int g = (threadIdx.x & 31) >> 2, lane = threadIdx.x & 31;
+    for (int p = warp; p < k * slices; p += nw) {
+      const int j = p / slices, sl = p % slices;
+      TcRows<D> rr;
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        rr.w[h] = s_w + (j * 16 + g + 8 * h) * wpr;
+        rr.s[h] = s_s + (j * 16 + g + 8 * h) * gpr;
+        rr.b[h] = s_b + (j * 16 + g + 8 * h) * gpr;
+      }
+      rr.x = s_act + j * NI;
+      const float2 v = tc4_slice_shared<D, GS>(rr, sl * TC_SLICE, min(chunks, (sl + 1) * TC_SLICE));
+      if ((lane & 3) == 0) {
+        part[p * 16 + g] = v.x;
+        part[p * 16 + g + 8] = v.y;
+      }
+    }
+    __syncthreads();
+    const int r = threadIdx.x, row0 = tile * 16;
+    if (r < 16) {
+      float m = 0.0f;
+      for (int j = 0; j < k; j++) m = __fadd_rn(m, D::rnd(__fmul_rn(wts[j], D::rnd(tc4_row(part, j, slices, r)))));
+      out[row0 + r] = residual != 0 ? D::st(__fadd_rn(D::ld(residual[row0 + r]), D::rnd(m))) : D::st(m);
+    }
+    tile += G;
+    if (tile >= tiles) break;
+    __syncthreads();  // the staged tile and the partials are free again
+    stage(tile);
+  }
+}
+
 // qmv_multi: block = one 16-row tile of one of the (up to three) matrices, all 4-bit; the
 // tiles of matrix 0 first. f = group size of each matrix.
 template <class D, int GS>
@@ -426,6 +527,14 @@ __device__ __forceinline__ void qmv_multi_tc_impl(const typename D::T* x, int K,
   }
 }
 
+#define ZMLX_MOE_EXPERTS(DT, DN, GS, R)                                                                        \
+  extern "C" __global__ void __launch_bounds__(512) fused_moe_experts_##DN##_g##GS##_r##R(                     \
+      const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
+      const u32* wd, const DT::T* sd, const DT::T* bd, const u32* ids, const float* wts, int k, const DT::T* x,  \
+      DT::T* act, const DT::T* residual, DT::T* out, int N, int NI, u32 qmask, u32* bar) {                     \
+    moe_experts_impl<DT, GS, R>(wg, sg, bg, wu, su, bu, wd, sd, bd, ids, wts, k, x, act, residual, out, N, NI,  \
+                                qmask, bar);                                                                   \
+  }
 #define ZMLX_FUSED_TC1(DT, DN, GS)                                                                             \
   extern "C" __global__ void __launch_bounds__(32 * TC_MAX_WARPS) fused_swiglu_tc_##DN##_g##GS(                \
       const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
@@ -436,7 +545,8 @@ __device__ __forceinline__ void qmv_multi_tc_impl(const typename D::T* x, int K,
       const u32* w, const DT::T* s, const DT::T* b, const u32* ids, const float* wts, int k, const DT::T* act,  \
       const DT::T* residual, DT::T* out, int N, int K) {                                                       \
     gqc_tc_impl<DT, GS>(w, s, b, ids, wts, k, act, residual, out, N, K);                                       \
-  }
+  }                                                                                                            \
+  ZMLX_MOE_EXPERTS(DT, DN, GS, 1) ZMLX_MOE_EXPERTS(DT, DN, GS, 2)
 #define ZMLX_FUSED_TC(DT, DN)                                                                                  \
   ZMLX_FUSED_TC1(DT, DN, 32) ZMLX_FUSED_TC1(DT, DN, 64) ZMLX_FUSED_TC1(DT, DN, 128)                          \
   extern "C" __global__ void __launch_bounds__(32 * TC_MAX_WARPS) fused_qmv_multi_tc_##DN(                     \

@@ -319,6 +319,76 @@ __device__ __forceinline__ TcRows<D> tc_rows(const u32* w, const typename D::T* 
   return r;
 }
 
+// x of chunk c as 16 words (the B operand's source), from global memory (coherent loads: x
+// may come from the previous kernel) or from shared memory.
+template <bool SHARED> __device__ __forceinline__ void tc4_x_words(const void* x, int c, u32* xw) {
+  const uint4* p = reinterpret_cast<const uint4*>(x) + 4 * c;  // 32 codes = 64 bytes of x
+#pragma unroll
+  for (int q = 0; q < 4; q++) {
+    const uint4 v = SHARED ? p[q] : ld_act16(p + q);
+    xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
+  }
+}
+
+// Scales and biases of the step's chunks 2t, 2t + 1 for rows g, g + 8 ([row][j]); zeros where
+// a lane does not use them.
+template <class D, int GS>
+__device__ __forceinline__ void tc4_step_affine(const TcRows<D>& R, int cs, int c1, typename D::T sc[2][2], typename D::T bc[2][2]) {
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+      const int cc = cs + 2 * t + j;
+      if (GS >= 64 && j == 1) {  // chunks 2t and 2t + 1 share a group
+        sc[h][1] = sc[h][0];
+        bc[h][1] = bc[h][0];
+      } else {
+        sc[h][j] = bc[h][j] = 0;
+        if (t < 2 && cc < c1) {
+          sc[h][j] = R.s[h][(cc * 32) / GS];
+          bc[h][j] = R.b[h][(cc * 32) / GS];
+        }
+      }
+    }
+  }
+}
+
+// The arithmetic of one step (chunks cs .. cs + 3) of a 16-row tile: w0, w1 = the lane's chunk
+// words of rows g and g + 8, xw = x of chunk cs + g on lanes with g == t (zeros elsewhere).
+template <class D>
+__device__ __forceinline__ void tc4_step(const uint4& w0q, const uint4& w1q, const u32* xw, const typename D::T sc[2][2],
+                                         const typename D::T bc[2][2], int cs, int c1, float* acc) {
+  const int t = threadIdx.x & 3;
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, xs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int m = 0; m < 4; m++) {  // word m: codes 8m..8m+7 of the lane's chunk
+    const u32 w0 = word_of(w0q, m), w1 = word_of(w1q, m);
+    const u32 lo0 = __byte_perm(xw[4 * m], xw[4 * m + 2], 0x5410);      // x 8m, 8m+4
+    const u32 lo1 = __byte_perm(xw[4 * m], xw[4 * m + 2], 0x7632);      // x 8m+1, 8m+5
+    const u32 hi0 = __byte_perm(xw[4 * m + 1], xw[4 * m + 3], 0x5410);  // x 8m+2, 8m+6
+    const u32 hi1 = __byte_perm(xw[4 * m + 1], xw[4 * m + 3], 0x7632);  // x 8m+3, 8m+7
+    Tc<D>::mma(d, code_pair<D, 0>(w0), code_pair<D, 0>(w1), code_pair<D, 1>(w0), code_pair<D, 1>(w1), lo0, lo1);
+    Tc<D>::mma(d, code_pair<D, 2>(w0), code_pair<D, 2>(w1), code_pair<D, 3>(w0), code_pair<D, 3>(w1), hi0, hi1);
+    Tc<D>::mma(xs, Tc<D>::ONE, Tc<D>::ONE, Tc<D>::ONE, Tc<D>::ONE, lo0, lo1);
+    Tc<D>::mma(xs, Tc<D>::ONE, Tc<D>::ONE, Tc<D>::ONE, Tc<D>::ONE, hi0, hi1);
+  }
+  // Lane (g, t < 2) holds columns 2t, 2t + 1 = chunks 2t, 2t + 1 of the step.
+  if (t < 2) {
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+      if (cs + 2 * t + j < c1) {
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+          acc[h] = fmaf(D::ld(sc[h][j]), d[2 * h + j], fmaf(D::ld(bc[h][j]), xs[j], acc[h]));
+      }
+    }
+  }
+}
+__device__ __forceinline__ float2 tc4_pair_sum(const float* acc) {
+  return make_float2(acc[0] + __shfl_xor_sync(0xffffffffu, acc[0], 1), acc[1] + __shfl_xor_sync(0xffffffffu, acc[1], 1));
+}
+
 // One warp: the partial dots of a 16-row tile over chunks [c0, c1) (c1 - c0 <= TC_SLICE).
 // Weight, scale and bias loads of the whole slice are issued first; then `after` (the
 // dependency wait, see after_first_load); then x is read (x may come from the previous kernel).
@@ -336,21 +406,8 @@ __device__ __forceinline__ float2 tc4_slice(const TcRows<D>& R, int c0, int c1, 
     for (int h = 0; h < 2; h++) {
       wq[s][h] = make_uint4(0u, 0u, 0u, 0u);
       if (c < c1) wq[s][h] = __ldg(reinterpret_cast<const uint4*>(R.w[h]) + c);
-#pragma unroll
-      for (int j = 0; j < 2; j++) {
-        const int cc = c0 + 4 * s + 2 * t + j;
-        if (GS >= 64 && j == 1) {  // chunks 2t and 2t + 1 share a group
-          sc[s][h][1] = sc[s][h][0];
-          bc[s][h][1] = bc[s][h][0];
-        } else {
-          sc[s][h][j] = bc[s][h][j] = 0;
-          if (t < 2 && cc < c1) {
-            sc[s][h][j] = R.s[h][(cc * 32) / GS];
-            bc[s][h][j] = R.b[h][(cc * 32) / GS];
-          }
-        }
-      }
     }
+    tc4_step_affine<D, GS>(R, c0 + 4 * s, c1, sc[s], bc[s]);
   }
   after_first_load(after);
   const T* x = R.x;
@@ -365,39 +422,35 @@ __device__ __forceinline__ float2 tc4_slice(const TcRows<D>& R, int c0, int c1, 
     u32 xw[16];
 #pragma unroll
     for (int i = 0; i < 16; i++) xw[i] = 0u;
-    if (g == t && c < c1) {
-#pragma unroll
-      for (int q = 0; q < 4; q++) {
-        const uint4 v = ld_act16(reinterpret_cast<const uint4*>(x + c * 32) + q);
-        xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
-      }
-    }
-    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, xs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int m = 0; m < 4; m++) {  // word m: codes 8m..8m+7 of the lane's chunk
-      const u32 w0 = word_of(wq[s][0], m), w1 = word_of(wq[s][1], m);
-      const u32 lo0 = __byte_perm(xw[4 * m], xw[4 * m + 2], 0x5410);      // x 8m, 8m+4
-      const u32 lo1 = __byte_perm(xw[4 * m], xw[4 * m + 2], 0x7632);      // x 8m+1, 8m+5
-      const u32 hi0 = __byte_perm(xw[4 * m + 1], xw[4 * m + 3], 0x5410);  // x 8m+2, 8m+6
-      const u32 hi1 = __byte_perm(xw[4 * m + 1], xw[4 * m + 3], 0x7632);  // x 8m+3, 8m+7
-      Tc<D>::mma(d, code_pair<D, 0>(w0), code_pair<D, 0>(w1), code_pair<D, 1>(w0), code_pair<D, 1>(w1), lo0, lo1);
-      Tc<D>::mma(d, code_pair<D, 2>(w0), code_pair<D, 2>(w1), code_pair<D, 3>(w0), code_pair<D, 3>(w1), hi0, hi1);
-      Tc<D>::mma(xs, Tc<D>::ONE, Tc<D>::ONE, Tc<D>::ONE, Tc<D>::ONE, lo0, lo1);
-      Tc<D>::mma(xs, Tc<D>::ONE, Tc<D>::ONE, Tc<D>::ONE, Tc<D>::ONE, hi0, hi1);
-    }
-    // Lane (g, t < 2) holds columns 2t, 2t + 1 = chunks 2t, 2t + 1 of the step.
-    if (t < 2) {
-#pragma unroll
-      for (int j = 0; j < 2; j++) {
-        if (c0 + 4 * s + 2 * t + j < c1) {
-#pragma unroll
-          for (int h = 0; h < 2; h++)
-            acc[h] = fmaf(D::ld(sc[s][h][j]), d[2 * h + j], fmaf(D::ld(bc[s][h][j]), xs[j], acc[h]));
-        }
-      }
-    }
+    if (g == t && c < c1) tc4_x_words<false>(x, c, xw);
+    tc4_step<D>(wq[s][0], wq[s][1], xw, sc[s], bc[s], c0 + 4 * s, c1, acc);
   }
-  return make_float2(acc[0] + __shfl_xor_sync(0xffffffffu, acc[0], 1), acc[1] + __shfl_xor_sync(0xffffffffu, acc[1], 1));
+  return tc4_pair_sum(acc);
+}
+
+// tc4_slice with the tile's weights, scales, biases and x in shared memory (R's pointers are
+// shared-memory addresses): the same arithmetic, one step's operands loaded at a time.
+template <class D, int GS>
+__device__ __forceinline__ float2 tc4_slice_shared(const TcRows<D>& R, int c0, int c1) {
+  typedef typename D::T T;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float acc[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int s = 0; s < 4; s++) {
+    if (c0 + 4 * s >= c1) break;
+    const int c = c0 + 4 * s + t;
+    uint4 wq[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) wq[h] = c < c1 ? reinterpret_cast<const uint4*>(R.w[h])[c] : make_uint4(0u, 0u, 0u, 0u);
+    T sc[2][2], bc[2][2];
+    tc4_step_affine<D, GS>(R, c0 + 4 * s, c1, sc, bc);
+    u32 xw[16];
+#pragma unroll
+    for (int i = 0; i < 16; i++) xw[i] = 0u;
+    if (g == t && c < c1) tc4_x_words<true>(R.x, c, xw);
+    tc4_step<D>(wq[0], wq[1], xw, sc, bc, c0 + 4 * s, c1, acc);
+  }
+  return tc4_pair_sum(acc);
 }
 
 // A block's warps walk the (item, slice) pairs of `items` tiles (rows(i) gives item i's

@@ -288,7 +288,8 @@ impl Model {
         for layer in &mut self.layers {
             match &mut layer.mlp {
                 FeedForward::Sparse(moe) => {
-                    moe.variant = MoeVariant { fused_gating: false, fused_swiglu: on(Pattern::GatherQmmSwiglu), fused_combine: on(Pattern::GatherQmmCombine) };
+                    let one = on(Pattern::MoeExperts); // on the CPU: the same values as the two fused passes
+                    moe.variant = MoeVariant { fused_gating: false, fused_swiglu: one || on(Pattern::GatherQmmSwiglu), fused_combine: one || on(Pattern::GatherQmmCombine), one_launch: false };
                     moe.variant.report(&mut report);
                 }
                 FeedForward::Dense(mlp) => {
