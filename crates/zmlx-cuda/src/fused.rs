@@ -150,8 +150,9 @@ pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, 
 }
 
 
-/// Bytes of the [`moe_experts`] workspace (its grid barrier): zero it once after allocating;
-/// the kernel leaves it ready for the next call.
+/// Bytes of the [`moe_experts`] workspace (its grid barrier's arrival counter): zero it once
+/// after allocating; it only grows, by the grid size per call (so one workspace must serve
+/// one grid size: one kernel geometry per process, see [`moe_experts_grid`]).
 pub const MOE_EXPERTS_WORKSPACE_BYTES: usize = 8;
 
 /// Threads per block and gate/up rows per warp of [`moe_experts`] (`ZMLX_MOE_EXPERTS=threads,rows`
@@ -163,9 +164,9 @@ fn moe_experts_geometry() -> (u32, u32) {
         let parsed = env.as_deref().and_then(|v| {
             let (t, r) = v.split_once(',')?;
             let (t, r) = (t.trim().parse::<u32>().ok()?, r.trim().parse::<u32>().ok()?);
-            (t % 32 == 0 && (64..=512).contains(&t) && (r == 1 || r == 2)).then_some((t, r))
+            (t % 32 == 0 && (64..=if r == 1 { 768 } else { 512 }).contains(&t) && (r == 1 || r == 2)).then_some((t, r))
         });
-        parsed.unwrap_or((512, 2))
+        parsed.unwrap_or((768, 1))
     })
 }
 
@@ -174,7 +175,10 @@ fn moe_experts_geometry() -> (u32, u32) {
 fn moe_experts_smem(dt: DType, down: &QuantWeight, k: usize) -> usize {
     let es = dt.size_bytes();
     let slices = tc4_slices(down.k);
-    k * 16 * (down.k / 2 + 2 * (down.k / down.group_size as usize) * es) + k * down.k * es + k * slices * 16 * 4
+    // down rows padded to 16 words mod 32 (kernels/fused.cu, moe_experts_row_words)
+    let wpr = down.k / 8;
+    let row_words = wpr + (16 + 32 - wpr % 32) % 32;
+    k * 16 * (row_words * 4 + 2 * (down.k / down.group_size as usize) * es) + k * down.k * es + k * slices * 16 * 4
 }
 
 /// Why [`moe_experts`] cannot run these experts here (None: it can): it needs 4-bit bf16/f16
@@ -216,6 +220,14 @@ pub fn moe_experts_grid(dev: &CudaDevice, dt: DType, down: &QuantWeight, k: usiz
 /// [`MOE_EXPERTS_WORKSPACE_BYTES`] workspace, zeroed once. Check [`moe_experts_unsupported`] first.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_experts(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, down: &QuantWeight, ids: u64, weights: u64, k: usize, x: u64, act: u64, residual: u64, out: u64, bar: u64) -> Result<()> {
+    moe_experts_partial(dev, dt, gate, up, down, ids, weights, k, x, act, residual, out, bar, 0)
+}
+
+/// [`moe_experts`] stopped early, to time its phases (benchmarks only; `out` is not written):
+/// `stop_after` 1 = after gate/up (act written), 2 = after the grid barrier, 3 = after act and
+/// the down tile are in shared memory, 4 = after the down rows' partial sums, 0 = the whole kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_experts_partial(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, down: &QuantWeight, ids: u64, weights: u64, k: usize, x: u64, act: u64, residual: u64, out: u64, bar: u64, stop_after: i32) -> Result<()> {
     if let Some(why) = moe_experts_unsupported(dev, dt, gate, up, down, k) {
         return Err(inv(format!("moe_experts: {why}")));
     }
@@ -247,6 +259,7 @@ pub fn moe_experts(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWe
         Arg::I32(down.k as i32),
         Arg::I32(15), // qmask (4-bit)
         Arg::Ptr(bar),
+        Arg::I32(stop_after),
     ];
     dev.launch(&name, (blocks, 1, 1), (threads, 1, 1), smem, &args)
 }

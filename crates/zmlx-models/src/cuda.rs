@@ -714,7 +714,11 @@ impl CudaQwen3Moe {
                 let (ff, added) = match &l.ff {
                     DevFeedForward::Sparse { .. } => {
                         let m = l.moe;
-                        ((if m.fused_gating { 1 } else { 2 }) + (if m.fused_swiglu { 1 } else { 3 }) + (if m.fused_combine { 1 } else { 2 }), m.fused_combine)
+                        let experts = match (m.one_launch, m.fused_swiglu, m.fused_combine) {
+                            (true, _, _) => 1,
+                            (false, s, c) => (if s { 1 } else { 3 }) + (if c { 1 } else { 2 }),
+                        };
+                        ((if m.fused_gating { 1 } else { 2 }) + experts, m.fused_combine || m.one_launch)
                     }
                     DevFeedForward::Dense(_) => ((if l.fused_swiglu_mlp { 1 } else { 3 }) + 1, false),
                 };

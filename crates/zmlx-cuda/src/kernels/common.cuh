@@ -60,27 +60,22 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #endif
 }
 // Grid-wide barrier for kernels whose blocks are all resident at once (the host sizes the grid
-// with the occupancy API). bar[0] = arrivals, bar[1] = generation; zero before the first call,
-// bar[0] is back to zero after every call (graph replays need no reset). The writes of every
-// block before the barrier are visible to every block after it (fence, then release/acquire
-// on the generation); read them with ld_cg16 or plain loads, never ld.global.nc.
-__device__ __forceinline__ void grid_barrier(u32* bar) {
+// with the occupancy API). *bar counts arrivals and only grows: a call's target is the next
+// multiple of gridDim.x above the count its block found, so the counter needs zeroing once,
+// never between calls or graph replays, as long as every kernel using it has the same grid
+// size. One atomic per block, then a spin on the same word (acquire). Writes of every block
+// before the barrier are visible to every block after it; read them with ld_cg16 or plain
+// loads, never ld.global.nc.
+__device__ __forceinline__ void grid_barrier(u64* bar) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    volatile u32* gen_p = bar + 1;
-    const u32 gen = *gen_p;
     __threadfence();
-    if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-      atomicExch(bar, 0u);
-      __threadfence();
-      atomicExch(bar + 1, gen + 1u);
-    } else {
-      u32 cur;
-      do {
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(cur) : "l"(bar + 1) : "memory");
-      } while (cur == gen);
-    }
-    __threadfence();
+    const u64 g = gridDim.x;
+    const u64 target = (atomicAdd(reinterpret_cast<unsigned long long*>(bar), 1ull) / g + 1) * g;
+    u64 cur;
+    do {
+      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(cur) : "l"(bar) : "memory");
+    } while (cur < target);
   }
   __syncthreads();
 }

@@ -399,6 +399,14 @@ __device__ __forceinline__ void gqc_tc_impl(const u32* __restrict__ w, const typ
   }
 }
 
+// moe_experts' shared-memory row stride for down words (host: fused::moe_experts_smem): rows
+// 16 words apart modulo 32, so the 8 lanes of a 16-byte load phase (rows g, g + 1; chunks
+// t = 0..3) hit 32 different banks.
+__host__ __device__ __forceinline__ int moe_experts_row_words(int NI) {
+  const int wpr = NI / 8;
+  return wpr + ((16 - wpr % 32) + 32) % 32;
+}
+
 // 6. moe_experts: gather_qmm_swiglu + gather_qmm_combine in ONE persistent launch, for 4-bit
 // experts whose down projection is on the tc4 path (gate/up on qmv's FFMA path). Every block is
 // resident at once (the host sizes the grid with the occupancy API), so:
@@ -421,12 +429,14 @@ __device__ __forceinline__ void moe_experts_impl(const u32* __restrict__ wg, con
                                                  const typename D::T* __restrict__ bd, const u32* ids, const float* wts,
                                                  int k, const typename D::T* x, typename D::T* act,
                                                  const typename D::T* residual, typename D::T* out, int N, int NI,
-                                                 u32 qmask, u32* bar) {
+                                                 u32 qmask, u64* bar, int stop_after) {
   typedef typename D::T T;
   extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float s_wts[64];
   const int wpr = NI / 8, gpr = NI / GS;  // down: words and groups per row
+  const int wstride = moe_experts_row_words(NI);  // padded: rows g and g + 1 in other banks
   u32* s_w = reinterpret_cast<u32*>(smem);
-  T* s_s = reinterpret_cast<T*>(s_w + k * 16 * wpr);
+  T* s_s = reinterpret_cast<T*>(s_w + k * 16 * wstride);
   T* s_b = s_s + k * 16 * gpr;
   T* s_act = s_b + k * 16 * gpr;
   float* part = reinterpret_cast<float*>(s_act + k * NI);
@@ -434,40 +444,54 @@ __device__ __forceinline__ void moe_experts_impl(const u32* __restrict__ wg, con
   const int chunks = NI >> 5, slices = (chunks + TC_SLICE - 1) / TC_SLICE;
   const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   ZMLX_GRID_DEP();
-  // The k experts' rows tile*16 .. +15 of down: three contiguous runs per expert (16-byte units).
+  // The k experts' rows tile*16 .. +15 of down, in 16-byte units: words row by row (padded
+  // rows in shared memory), scales and biases as one contiguous run per expert.
   auto stage = [&](int tile) {
-    const int wu16 = 16 * wpr / 4, su16 = 16 * gpr * (int)sizeof(T) / 16, per = wu16 + 2 * su16;
+    const int wrow16 = wpr / 4, su16 = 16 * gpr * (int)sizeof(T) / 16, per = 16 * wrow16 + 2 * su16;
     for (int i = threadIdx.x; i < k * per; i += blockDim.x) {
       const int j = i / per, o = i % per;
       const long long row = (long long)ids[j] * N + tile * 16;
-      if (o < wu16) cp_async16(s_w + (j * 16 * wpr) + 4 * o, wd + row * wpr + 4 * o);
-      else if (o < wu16 + su16) cp_async16(reinterpret_cast<uint4*>(s_s + j * 16 * gpr) + (o - wu16), reinterpret_cast<const uint4*>(sd + row * gpr) + (o - wu16));
-      else cp_async16(reinterpret_cast<uint4*>(s_b + j * 16 * gpr) + (o - wu16 - su16), reinterpret_cast<const uint4*>(bd + row * gpr) + (o - wu16 - su16));
+      if (o < 16 * wrow16) {
+        const int rr = o / wrow16, c = o % wrow16;
+        cp_async16(s_w + (j * 16 + rr) * wstride + 4 * c, wd + (row + rr) * wpr + 4 * c);
+      } else if (o < 16 * wrow16 + su16) {
+        const int u = o - 16 * wrow16;
+        cp_async16(reinterpret_cast<uint4*>(s_s + j * 16 * gpr) + u, reinterpret_cast<const uint4*>(sd + row * gpr) + u);
+      } else {
+        const int u = o - 16 * wrow16 - su16;
+        cp_async16(reinterpret_cast<uint4*>(s_b + j * 16 * gpr) + u, reinterpret_cast<const uint4*>(bd + row * gpr) + u);
+      }
     }
   };
   int tile = blockIdx.x;
   if (tile < tiles) stage(tile);
+  // What phase 2 reads from earlier kernels, fetched now rather than after the barrier.
+  if (threadIdx.x < k) s_wts[threadIdx.x] = wts[threadIdx.x];
+  float res = 0.0f;
+  if (threadIdx.x < 16 && tile < tiles && residual != 0) res = D::ld(residual[tile * 16 + threadIdx.x]);
   // Phase 1.
   const int units = (NI + R - 1) / R;
   for (int u = blockIdx.x * nw + warp; u < k * units; u += G * nw) {
     const int slot = u / units;
     gqs_rows<D, 4, GS, R>(wg, sg, bg, wu, su, bu, ids[slot], slot, (u % units) * R, x, act, NI, N, qmask);
   }
+  if (stop_after == 1) return;  // measurements only (fused::moe_experts_partial)
   grid_barrier(bar);
-  if (tile >= tiles) return;
+  if (tile >= tiles || stop_after == 2) return;
   for (int i = threadIdx.x; i < k * NI / 8; i += blockDim.x)
     reinterpret_cast<uint4*>(s_act)[i] = ld_cg16(reinterpret_cast<const uint4*>(act) + i);
   // Phase 2, tile by tile (more than one only when the grid is smaller than N / 16).
-  for (;; ) {
+  for (;;) {
     cp_async_wait_all();
     __syncthreads();
+    if (stop_after == 3) return;
     const int g = (threadIdx.x & 31) >> 2, lane = threadIdx.x & 31;
     for (int p = warp; p < k * slices; p += nw) {
       const int j = p / slices, sl = p % slices;
       TcRows<D> rr;
 #pragma unroll
       for (int h = 0; h < 2; h++) {
-        rr.w[h] = s_w + (j * 16 + g + 8 * h) * wpr;
+        rr.w[h] = s_w + (j * 16 + g + 8 * h) * wstride;
         rr.s[h] = s_s + (j * 16 + g + 8 * h) * gpr;
         rr.b[h] = s_b + (j * 16 + g + 8 * h) * gpr;
       }
@@ -479,16 +503,18 @@ __device__ __forceinline__ void moe_experts_impl(const u32* __restrict__ wg, con
       }
     }
     __syncthreads();
+    if (stop_after == 4) return;
     const int r = threadIdx.x, row0 = tile * 16;
     if (r < 16) {
       float m = 0.0f;
-      for (int j = 0; j < k; j++) m = __fadd_rn(m, D::rnd(__fmul_rn(wts[j], D::rnd(tc4_row(part, j, slices, r)))));
-      out[row0 + r] = residual != 0 ? D::st(__fadd_rn(D::ld(residual[row0 + r]), D::rnd(m))) : D::st(m);
+      for (int j = 0; j < k; j++) m = __fadd_rn(m, D::rnd(__fmul_rn(s_wts[j], D::rnd(tc4_row(part, j, slices, r)))));
+      out[row0 + r] = residual != 0 ? D::st(__fadd_rn(res, D::rnd(m))) : D::st(m);
     }
     tile += G;
     if (tile >= tiles) break;
     __syncthreads();  // the staged tile and the partials are free again
     stage(tile);
+    if (threadIdx.x < 16 && residual != 0) res = D::ld(residual[tile * 16 + threadIdx.x]);
   }
 }
 
@@ -527,13 +553,14 @@ __device__ __forceinline__ void qmv_multi_tc_impl(const typename D::T* x, int K,
   }
 }
 
+// Launch bounds: R = 1 (82 registers) fits 768 threads = 24 warps per SM; R = 2 (128) 512.
 #define ZMLX_MOE_EXPERTS(DT, DN, GS, R)                                                                        \
-  extern "C" __global__ void __launch_bounds__(512) fused_moe_experts_##DN##_g##GS##_r##R(                     \
+  extern "C" __global__ void __launch_bounds__(R == 1 ? 768 : 512) fused_moe_experts_##DN##_g##GS##_r##R(      \
       const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
       const u32* wd, const DT::T* sd, const DT::T* bd, const u32* ids, const float* wts, int k, const DT::T* x,  \
-      DT::T* act, const DT::T* residual, DT::T* out, int N, int NI, u32 qmask, u32* bar) {                     \
+      DT::T* act, const DT::T* residual, DT::T* out, int N, int NI, u32 qmask, u64* bar, int stop_after) {     \
     moe_experts_impl<DT, GS, R>(wg, sg, bg, wu, su, bu, wd, sd, bd, ids, wts, k, x, act, residual, out, N, NI,  \
-                                qmask, bar);                                                                   \
+                                qmask, bar, stop_after);                                                       \
   }
 #define ZMLX_FUSED_TC1(DT, DN, GS)                                                                             \
   extern "C" __global__ void __launch_bounds__(32 * TC_MAX_WARPS) fused_swiglu_tc_##DN##_g##GS(                \
