@@ -225,7 +225,8 @@ pub fn moe_experts(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWe
 
 /// [`moe_experts`] stopped early, to time its phases (benchmarks only; `out` is not written):
 /// `stop_after` 1 = after gate/up (act written), 2 = after the grid barrier, 3 = after act and
-/// the down tile are in shared memory, 4 = after the down rows' partial sums, 0 = the whole kernel.
+/// the down tile are in shared memory, 4 = after the down rows' partial sums, 5 = gate/up only
+/// without copying the down tile, 0 = the whole kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_experts_partial(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, down: &QuantWeight, ids: u64, weights: u64, k: usize, x: u64, act: u64, residual: u64, out: u64, bar: u64, stop_after: i32) -> Result<()> {
     if let Some(why) = moe_experts_unsupported(dev, dt, gate, up, down, k) {

@@ -464,7 +464,7 @@ __device__ __forceinline__ void moe_experts_impl(const u32* __restrict__ wg, con
     }
   };
   int tile = blockIdx.x;
-  if (tile < tiles) stage(tile);
+  if (tile < tiles && stop_after != 5) stage(tile);
   // What phase 2 reads from earlier kernels, fetched now rather than after the barrier.
   if (threadIdx.x < k) s_wts[threadIdx.x] = wts[threadIdx.x];
   float res = 0.0f;
@@ -475,7 +475,7 @@ __device__ __forceinline__ void moe_experts_impl(const u32* __restrict__ wg, con
     const int slot = u / units;
     gqs_rows<D, 4, GS, R>(wg, sg, bg, wu, su, bu, ids[slot], slot, (u % units) * R, x, act, NI, N, qmask);
   }
-  if (stop_after == 1) return;  // measurements only (fused::moe_experts_partial)
+  if (stop_after == 1 || stop_after == 5) return;  // measurements only (fused::moe_experts_partial)
   grid_barrier(bar);
   if (tile >= tiles || stop_after == 2) return;
   for (int i = threadIdx.x; i < k * NI / 8; i += blockDim.x)
