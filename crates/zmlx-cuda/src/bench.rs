@@ -317,9 +317,8 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
             let us = time_graph(dev, 16, &|dv, i| {
                 fused::moe_experts(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], &downw.ws[i % nd], idp(i), wts.ptr(), kk, x.ptr(), act.ptr(), h.ptr(), xn.ptr(), bar.ptr())
             })?;
-            let (name, blocks, threads, smem) = fused::moe_experts_grid(dev, bf, &downw.ws[0], kk)?;
-            let variant = name.rsplit('_').next().unwrap_or("").to_string();
-            rows.push(row("moe_experts", format!("E=128 k=8 F=768 D=2048 b4 g64 (1 launch: {variant} {blocks}x{threads}, {smem} B smem)"), bytes, us, copy));
+            let (_, blocks, threads, smem) = fused::moe_experts_grid(dev, bf, &downw.ws[0], kk)?;
+            rows.push(row("moe_experts", format!("E=128 k=8 F=768 D=2048 b4 g64 (1 launch: {blocks}x{threads}, {smem} B smem)"), bytes, us, copy));
             for (stop, what) in [(5, "gate/up phase only, no down staging"), (1, "gate/up phase only"), (2, "up to the grid barrier"), (3, "+ act and down tile in smem"), (4, "+ tc4 partials")] {
                 let us = time_graph(dev, 16, &|dv, i| {
                     fused::moe_experts_partial(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], &downw.ws[i % nd], idp(i), wts.ptr(), kk, x.ptr(), act.ptr(), h.ptr(), xn.ptr(), bar.ptr(), stop)

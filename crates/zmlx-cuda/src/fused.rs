@@ -40,7 +40,7 @@ pub fn fused_fn_names(tag: &str) -> Vec<String> {
             v.push(format!("fused_swiglu_tc_{tag}_g{g}"));
             v.push(format!("fused_combine_tc_{tag}_g{g}"));
             v.push(format!("fused_moe_experts_{tag}_g{g}_r1"));
-            v.push(format!("fused_moe_experts_{tag}_g{g}_s1"));
+            v.push(format!("fused_moe_experts_{tag}_g{g}_r2"));
         }
         v.push(format!("fused_qmv_multi_tc_{tag}"));
     }
@@ -155,72 +155,30 @@ pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, 
 /// one grid size: one kernel geometry per process, see [`moe_experts_grid`]).
 pub const MOE_EXPERTS_WORKSPACE_BYTES: usize = 8;
 
-/// Threads per block of [`moe_experts`] and whether its gate/up units may be staged in shared
-/// memory (`ZMLX_MOE_EXPERTS=threads[,direct]` overrides them for measurements; results do not
-/// depend on them).
-fn moe_experts_options() -> (u32, bool) {
-    static G: std::sync::OnceLock<(u32, bool)> = std::sync::OnceLock::new();
+/// Threads per block and gate/up rows per warp of [`moe_experts`] (`ZMLX_MOE_EXPERTS=threads,rows`
+/// overrides them for measurements; results do not depend on them).
+fn moe_experts_geometry() -> (u32, u32) {
+    static G: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
     *G.get_or_init(|| {
-        let env = std::env::var("ZMLX_MOE_EXPERTS").ok().unwrap_or_default();
-        let mut parts = env.split(',');
-        let threads = parts.next().and_then(|t| t.trim().parse::<u32>().ok()).filter(|t| t % 32 == 0 && (64..=768).contains(t));
-        let direct = parts.next().is_some_and(|v| v.trim() == "direct");
-        (threads.unwrap_or(768), !direct)
+        let env = std::env::var("ZMLX_MOE_EXPERTS").ok();
+        let parsed = env.as_deref().and_then(|v| {
+            let (t, r) = v.split_once(',')?;
+            let (t, r) = (t.trim().parse::<u32>().ok()?, r.trim().parse::<u32>().ok()?);
+            (t % 32 == 0 && (64..=if r == 1 { 768 } else { 512 }).contains(&t) && (r == 1 || r == 2)).then_some((t, r))
+        });
+        parsed.unwrap_or((768, 1))
     })
 }
 
 /// Dynamic shared memory of [`moe_experts`]: the down tile of the k experts (words, scales,
-/// biases of 16 rows each), act of the k slots, the tc4 partials, and with `staged_warps`
-/// two gate/up units (a gate row and an up row with their scales and biases) per warp.
-fn moe_experts_smem(dt: DType, down: &QuantWeight, k: usize, staged_warps: usize) -> usize {
+/// biases of 16 rows each), act of the k slots, and the tc4 partials.
+fn moe_experts_smem(dt: DType, down: &QuantWeight, k: usize) -> usize {
     let es = dt.size_bytes();
     let slices = tc4_slices(down.k);
     // down rows padded to 16 words mod 32 (kernels/fused.cu, moe_experts_row_words)
     let wpr = down.k / 8;
     let row_words = wpr + (16 + 32 - wpr % 32) % 32;
-    let unit = 2 * (down.n / 2 + 2 * (down.n / down.group_size as usize) * es);
-    k * 16 * (row_words * 4 + 2 * (down.k / down.group_size as usize) * es) + k * down.k * es + k * slices * 16 * 4 + staged_warps * 2 * unit
-}
-
-static MOE_EXPERTS_DIRECT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// While alive, [`moe_experts`] reads gate/up straight from global memory (the variant without
-/// staging), so the self-tests cover both variants.
-pub struct MoeExpertsDirect(());
-impl MoeExpertsDirect {
-    #[allow(clippy::new_without_default)]
-    pub fn new() -> Self {
-        MOE_EXPERTS_DIRECT.store(true, std::sync::atomic::Ordering::Relaxed);
-        MoeExpertsDirect(())
-    }
-}
-impl Drop for MoeExpertsDirect {
-    fn drop(&mut self) {
-        MOE_EXPERTS_DIRECT.store(false, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// How [`moe_experts`] runs: kernel name, blocks (every block resident at once: the barrier
-/// waits for all of them; no more than that), threads per block, dynamic shared memory. The
-/// staged variant when every warp has at most two gate/up units and they fit in shared memory.
-pub fn moe_experts_grid(dev: &CudaDevice, dt: DType, down: &QuantWeight, k: usize) -> Result<(String, u32, u32, u32)> {
-    let (threads, may_stage) = moe_experts_options();
-    let tag = dtype_tag(dt)?;
-    let nw = threads as usize / 32;
-    // gate/up rows are [down.k] of K = down.n; their affine rows must be whole 16-byte units
-    let direct = MOE_EXPERTS_DIRECT.load(std::sync::atomic::Ordering::Relaxed);
-    if may_stage && !direct && (down.n / down.group_size as usize) % 8 == 0 {
-        let name = format!("fused_moe_experts_{tag}_g{}_s1", down.group_size);
-        let smem = moe_experts_smem(dt, down, k, nw) as u32;
-        let blocks = dev.resident_blocks(&name, threads, smem)?;
-        if blocks > 0 && 2 * blocks as usize * nw >= k * down.k {
-            return Ok((name, blocks, threads, smem));
-        }
-    }
-    let name = format!("fused_moe_experts_{tag}_g{}_r1", down.group_size);
-    let smem = moe_experts_smem(dt, down, k, 0) as u32;
-    let blocks = dev.resident_blocks(&name, threads, smem)?;
-    Ok((name, blocks, threads, smem))
+    k * 16 * (row_words * 4 + 2 * (down.k / down.group_size as usize) * es) + k * down.k * es + k * slices * 16 * 4
 }
 
 /// Why [`moe_experts`] cannot run these experts here (None: it can): it needs 4-bit bf16/f16
@@ -242,6 +200,16 @@ pub fn moe_experts_unsupported(dev: &CudaDevice, dt: DType, gate: &QuantWeight, 
         Ok(_) => None,
         Err(e) => Some(e.to_string()),
     }
+}
+
+/// [`moe_experts`]' kernel name, blocks (every block resident at once: the barrier waits for
+/// all of them; no more than that), threads per block and dynamic shared memory.
+pub fn moe_experts_grid(dev: &CudaDevice, dt: DType, down: &QuantWeight, k: usize) -> Result<(String, u32, u32, u32)> {
+    let (threads, r) = moe_experts_geometry();
+    let name = format!("fused_moe_experts_{}_g{}_r{r}", dtype_tag(dt)?, down.group_size);
+    let smem = moe_experts_smem(dt, down, k) as u32;
+    let blocks = dev.resident_blocks(&name, threads, smem)?;
+    Ok((name, blocks, threads, smem))
 }
 
 /// gather_qmm_swiglu + gather_qmm_combine in ONE launch (a persistent grid with a grid-wide

@@ -54,17 +54,6 @@ __device__ __forceinline__ void cp_async16(void* dst_shared, const void* src) {
   *reinterpret_cast<uint4*>(dst_shared) = *reinterpret_cast<const uint4*>(src);
 #endif
 }
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-// Wait until at most N of this thread's committed groups are still in flight.
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
 __device__ __forceinline__ void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
   asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");

@@ -19,22 +19,6 @@ template <class D> __device__ __forceinline__ typename D::T swiglu_val(float gv,
 // 1. gather_qmm_swiglu: act[slot, n] = swiglu(r(gate[e]·x)[n], r(up[e]·x)[n]), e = ids[slot].
 // Replaces gather_qmv gate + gather_qmv up + swiglu. One warp: R gate rows and the same R up
 // rows (2R dot products, loads of all in flight), x shared. blockIdx.y = slot.
-// The dot products and swiglu of gqs_rows, given the rows' pointers (gate rows 0..R-1, up rows
-// R..2R-1); WSH: the words are in shared memory (moe_experts' staged units).
-template <class D, int BITS, int GS, int R, bool WSH>
-__device__ __forceinline__ void gqs_dots(const u32* const* wr, const typename D::T* const* sr, const typename D::T* const* br,
-                                         int slot, int row0, const typename D::T* x, typename D::T* act, int N, int K, u32 qmask) {
-  const int lane = threadIdx.x & 31;
-  float acc[2 * R];
-  const typename D::T* xr[1] = {x};
-  qmv_lane_partials<D, BITS, GS, 2 * R, false, XGlobal<D>, bool, WSH>(wr, sr, br, XGlobal<D>{xr}, K >> 5, lane, qmask, acc);
-#pragma unroll
-  for (int r = 0; r < R; r++) {
-    const float g = D::rnd(warp_sum(acc[r]));
-    const float u = D::rnd(warp_sum(acc[R + r]));
-    if (lane == r && row0 + r < N) act[(long long)slot * N + row0 + r] = swiglu_val<D>(g, u);
-  }
-}
 // gqs_rows: one warp's rows row0 .. row0 + R - 1 of slot `slot` (expert e); also moe_experts' phase 1.
 template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void gqs_rows(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
@@ -44,6 +28,8 @@ __device__ __forceinline__ void gqs_rows(const u32* __restrict__ wg, const typen
                                          typename D::T* act, int N, int K, u32 qmask) {
   const long long wpr = (long long)K * BITS / 32;
   const int groups = K / GS;
+  const int chunks = K >> 5;
+  const int lane = threadIdx.x & 31;
   const u32* wr[2 * R];
   const typename D::T* sr[2 * R];
   const typename D::T* br[2 * R];
@@ -57,7 +43,15 @@ __device__ __forceinline__ void gqs_rows(const u32* __restrict__ wg, const typen
     sr[R + r] = su + row * groups;
     br[R + r] = bu + row * groups;
   }
-  gqs_dots<D, BITS, GS, R, false>(wr, sr, br, slot, row0, x, act, N, K, qmask);
+  float acc[2 * R];
+  const typename D::T* xr[1] = {x};
+  qmv_lane_partials<D, BITS, GS, 2 * R, false>(wr, sr, br, XGlobal<D>{xr}, chunks, lane, qmask, acc);
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const float g = D::rnd(warp_sum(acc[r]));
+    const float u = D::rnd(warp_sum(acc[R + r]));
+    if (lane == r && row0 + r < N) act[(long long)slot * N + row0 + r] = swiglu_val<D>(g, u);
+  }
 }
 template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void gqs_impl(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
@@ -427,7 +421,7 @@ __host__ __device__ __forceinline__ int moe_experts_row_words(int NI) {
 // Down: N = hidden (a multiple of 16), K = NI (the gate/up rows). Dynamic shared memory
 // (host: fused::moe_experts_smem): words [k][16][NI/8] u32 | scales, biases [k][16][NI/GS] |
 // act [k][NI] | partials [k][slices][16] f32. bar: grid_barrier's two words.
-template <class D, int GS, int R, bool STAGE>
+template <class D, int GS, int R>
 __device__ __forceinline__ void moe_experts_impl(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
                                                  const typename D::T* __restrict__ bg, const u32* __restrict__ wu,
                                                  const typename D::T* __restrict__ su, const typename D::T* __restrict__ bu,
@@ -470,62 +464,16 @@ __device__ __forceinline__ void moe_experts_impl(const u32* __restrict__ wg, con
     }
   };
   int tile = blockIdx.x;
-  // STAGE (R = 1; the host checks every warp has at most two units): each warp first copies
-  // its gate/up units into its own shared-memory region, one cp.async group per unit, so all
-  // of the block's expert bytes are requested before any compute; the down tile follows.
-  const int kw = N / 8, kg = N / GS, unit_words = 2 * kw + 2 * kg;  // gate/up rows: K = N
-  u32* my_units = reinterpret_cast<u32*>(part + k * slices * 16) + warp * 2 * unit_words;
-  const int gw = blockIdx.x * nw + warp, lane = threadIdx.x & 31;
-  if (STAGE) {
-    for (int i = 0; i < 2; i++) {
-      const int u = gw + i * G * nw;
-      if (u < k * NI) {
-        const long long grow = (long long)ids[u / NI] * NI + u % NI;
-        u32* dst = my_units + i * unit_words;
-        const int wq = kw / 4, aq = kg / 8;  // 16-byte units: words of a row, one affine array
-        for (int c = lane; c < 2 * wq + 4 * aq; c += 32) {
-          if (c < 2 * wq) {
-            const u32* w = c < wq ? wg : wu;
-            const int o = c < wq ? c : c - wq;
-            cp_async16(dst + (c < wq ? 0 : kw) + 4 * o, w + grow * kw + 4 * o);
-          } else {
-            const int a = (c - 2 * wq) / aq, o = (c - 2 * wq) % aq;  // gate s, gate b, up s, up b
-            const T* base = a == 0 ? sg : a == 1 ? bg : a == 2 ? su : bu;
-            cp_async16(reinterpret_cast<uint4*>(dst + 2 * kw) + a * aq + o, reinterpret_cast<const uint4*>(base + grow * kg) + o);
-          }
-        }
-      }
-      cp_async_commit();
-    }
-  }
   if (tile < tiles && stop_after != 5) stage(tile);
-  if (STAGE) cp_async_commit();
   // What phase 2 reads from earlier kernels, fetched now rather than after the barrier.
   if (threadIdx.x < k) s_wts[threadIdx.x] = wts[threadIdx.x];
   float res = 0.0f;
   if (threadIdx.x < 16 && tile < tiles && residual != 0) res = D::ld(residual[tile * 16 + threadIdx.x]);
   // Phase 1.
-  if (STAGE) {
-    for (int i = 0; i < 2; i++) {
-      const int u = gw + i * G * nw;
-      if (i == 0) cp_async_wait<2>();
-      else cp_async_wait<1>();
-      __syncwarp();
-      if (u < k * NI) {
-        const u32* base = my_units + i * unit_words;
-        const T* aff = reinterpret_cast<const T*>(base + 2 * kw);
-        const u32* wr[2] = {base, base + kw};
-        const T* sr[2] = {aff, aff + 2 * kg};
-        const T* br[2] = {aff + kg, aff + 3 * kg};
-        gqs_dots<D, 4, GS, 1, true>(wr, sr, br, u / NI, u % NI, x, act, NI, N, qmask);
-      }
-    }
-  } else {
-    const int units = (NI + R - 1) / R;
-    for (int u = gw; u < k * units; u += G * nw) {
-      const int slot = u / units;
-      gqs_rows<D, 4, GS, R>(wg, sg, bg, wu, su, bu, ids[slot], slot, (u % units) * R, x, act, NI, N, qmask);
-    }
+  const int units = (NI + R - 1) / R;
+  for (int u = blockIdx.x * nw + warp; u < k * units; u += G * nw) {
+    const int slot = u / units;
+    gqs_rows<D, 4, GS, R>(wg, sg, bg, wu, su, bu, ids[slot], slot, (u % units) * R, x, act, NI, N, qmask);
   }
   if (stop_after == 1 || stop_after == 5) return;  // measurements only (fused::moe_experts_partial)
   grid_barrier(bar);
@@ -537,7 +485,7 @@ __device__ __forceinline__ void moe_experts_impl(const u32* __restrict__ wg, con
     cp_async_wait_all();
     __syncthreads();
     if (stop_after == 3) return;
-    const int g = lane >> 2;
+    const int g = (threadIdx.x & 31) >> 2, lane = threadIdx.x & 31;
     for (int p = warp; p < k * slices; p += nw) {
       const int j = p / slices, sl = p % slices;
       TcRows<D> rr;
@@ -611,15 +559,8 @@ __device__ __forceinline__ void qmv_multi_tc_impl(const typename D::T* x, int K,
       const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
       const u32* wd, const DT::T* sd, const DT::T* bd, const u32* ids, const float* wts, int k, const DT::T* x,  \
       DT::T* act, const DT::T* residual, DT::T* out, int N, int NI, u32 qmask, u64* bar, int stop_after) {     \
-    moe_experts_impl<DT, GS, R, false>(wg, sg, bg, wu, su, bu, wd, sd, bd, ids, wts, k, x, act, residual, out, \
-                                       N, NI, qmask, bar, stop_after);                                         \
-  }                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(768) fused_moe_experts_##DN##_g##GS##_s1(                       \
-      const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
-      const u32* wd, const DT::T* sd, const DT::T* bd, const u32* ids, const float* wts, int k, const DT::T* x,  \
-      DT::T* act, const DT::T* residual, DT::T* out, int N, int NI, u32 qmask, u64* bar, int stop_after) {     \
-    moe_experts_impl<DT, GS, 1, true>(wg, sg, bg, wu, su, bu, wd, sd, bd, ids, wts, k, x, act, residual, out,  \
-                                      N, NI, qmask, bar, stop_after);                                          \
+    moe_experts_impl<DT, GS, R>(wg, sg, bg, wu, su, bu, wd, sd, bd, ids, wts, k, x, act, residual, out, N, NI,  \
+                                qmask, bar, stop_after);                                                       \
   }
 #define ZMLX_FUSED_TC1(DT, DN, GS)                                                                             \
   extern "C" __global__ void __launch_bounds__(32 * TC_MAX_WARPS) fused_swiglu_tc_##DN##_g##GS(                \
@@ -632,7 +573,7 @@ __device__ __forceinline__ void qmv_multi_tc_impl(const typename D::T* x, int K,
       const DT::T* residual, DT::T* out, int N, int K) {                                                       \
     gqc_tc_impl<DT, GS>(w, s, b, ids, wts, k, act, residual, out, N, K);                                       \
   }                                                                                                            \
-  ZMLX_MOE_EXPERTS(DT, DN, GS, 1)
+  ZMLX_MOE_EXPERTS(DT, DN, GS, 1) ZMLX_MOE_EXPERTS(DT, DN, GS, 2)
 #define ZMLX_FUSED_TC(DT, DN)                                                                                  \
   ZMLX_FUSED_TC1(DT, DN, 32) ZMLX_FUSED_TC1(DT, DN, 64) ZMLX_FUSED_TC1(DT, DN, 128)                          \
   extern "C" __global__ void __launch_bounds__(32 * TC_MAX_WARPS) fused_qmv_multi_tc_##DN(                     \

@@ -11,30 +11,23 @@
 // Each warp owns R rows; lane l walks the 32-code chunks l, l+32, ... of those rows,
 // loading the x chunk once for all R rows. blockIdx.y is the slot (expert) index.
 
-// WSH: the words are in shared memory (plain loads), else global weights (__ldg).
-template <bool WSH> __device__ __forceinline__ uint4 ldw16(const void* p) {
-  return WSH ? *reinterpret_cast<const uint4*>(p) : __ldg(reinterpret_cast<const uint4*>(p));
-}
-template <bool WSH> __device__ __forceinline__ uint2 ldw8(const void* p) {
-  return WSH ? *reinterpret_cast<const uint2*>(p) : __ldg(reinterpret_cast<const uint2*>(p));
-}
-template <int BITS, bool WSH = false> __device__ __forceinline__ void load_words(const u32* __restrict__ p, u32* q) {
+template <int BITS> __device__ __forceinline__ void load_words(const u32* __restrict__ p, u32* q) {
   if (BITS == 4) {
-    uint4 v = ldw16<WSH>(p);
+    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
     q[0] = v.x; q[1] = v.y; q[2] = v.z; q[3] = v.w;
   } else if (BITS == 8) {
-    uint4 v = ldw16<WSH>(p);
-    uint4 u = ldw16<WSH>(p + 4);
+    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + 1);
     q[0] = v.x; q[1] = v.y; q[2] = v.z; q[3] = v.w; q[4] = u.x; q[5] = u.y; q[6] = u.z; q[7] = u.w;
   } else if (BITS == 2) {
-    uint2 v = ldw8<WSH>(p);
+    uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
     q[0] = v.x; q[1] = v.y;
   } else if (BITS == 6) {
 #pragma unroll
-    for (int i = 0; i < 3; i++) { uint2 v = ldw8<WSH>(p + 2 * i); q[2*i] = v.x; q[2*i+1] = v.y; }
+    for (int i = 0; i < 3; i++) { uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i); q[2*i] = v.x; q[2*i+1] = v.y; }
   } else {
 #pragma unroll
-    for (int i = 0; i < BITS; i++) q[i] = WSH ? p[i] : __ldg(p + i);
+    for (int i = 0; i < BITS; i++) q[i] = __ldg(p + i);
   }
 }
 
@@ -114,7 +107,7 @@ __device__ __forceinline__ void after_first_load(bool dep) {
   if (dep) ZMLX_GRID_DEP();
 }
 template <class F> __device__ __forceinline__ void after_first_load(const F& f) { f(); }
-template <class D, int BITS, int GS, int R, bool XR, class XL, class After = bool, bool WSH = false>
+template <class D, int BITS, int GS, int R, bool XR, class XL, class After = bool>
 __device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const typename D::T* const* sr,
                                                   const typename D::T* const* br, const XL& xl, int chunks,
                                                   int lane, u32 qmask, float* acc, const After& after = false) {
@@ -128,7 +121,7 @@ __device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const ty
   if (c < chunks) {
 #pragma unroll
     for (int r = 0; r < R; r++) {
-      load_words<BITS, WSH>(wr[r] + (long long)c * BITS, q[r]);
+      load_words<BITS>(wr[r] + (long long)c * BITS, q[r]);
       s16[r] = sr[r][(c * 32) / GS];
       b16[r] = br[r][(c * 32) / GS];
     }
@@ -141,7 +134,7 @@ __device__ __forceinline__ void qmv_lane_partials(const u32* const* wr, const ty
     if (cn < chunks) {
 #pragma unroll
       for (int r = 0; r < R; r++) {
-        load_words<BITS, WSH>(wr[r] + (long long)cn * BITS, qn[r]);
+        load_words<BITS>(wr[r] + (long long)cn * BITS, qn[r]);
         sn[r] = sr[r][(cn * 32) / GS];
         bn[r] = br[r][(cn * 32) / GS];
       }
