@@ -140,6 +140,8 @@ pub struct CudaDevice {
     /// Whether a kernel can run as one cluster of this many blocks (asked once per shape).
     cluster_fits: Mutex<HashMap<(String, u32, u32, u32), bool>>,
     resident: Mutex<HashMap<(String, u32, u32), u32>>,
+    /// Kernel launches issued so far (graph captures included), for launches-per-token counts.
+    launches: std::sync::atomic::AtomicU64,
     modules: Mutex<HashMap<String, sys::CUmodule>>,
     /// (module, seconds spent in NVRTC or 0 when it came from the disk cache)
     pub(crate) compile_log: Mutex<Vec<(String, f64, bool)>>,
@@ -181,6 +183,7 @@ impl CudaDevice {
             funcs: Mutex::new(HashMap::new()),
             cluster_fits: Mutex::new(HashMap::new()),
             resident: Mutex::new(HashMap::new()),
+            launches: std::sync::atomic::AtomicU64::new(0),
             modules: Mutex::new(HashMap::new()),
             compile_log: Mutex::new(Vec::new()),
         }))
@@ -308,6 +311,7 @@ impl CudaDevice {
     /// (0: no cluster). Check [`Self::cluster_fits`] first.
     pub fn launch_in_cluster(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg], cluster: u32) -> Result<()> {
         let f = self.function(name)?;
+        self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.bind()?;
         // Each parameter lives in an 8-byte slot; CUDA reads the parameter's size from it.
         let mut slots: Vec<u64> = args
@@ -367,6 +371,11 @@ impl CudaDevice {
         let fits = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f, &cfg) }.result().is_ok() && n > 0;
         self.cluster_fits.lock().unwrap().insert(key, fits);
         Ok(fits)
+    }
+
+    /// Kernel launches issued on this device so far (captured ones included).
+    pub fn launch_count(&self) -> u64 {
+        self.launches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many blocks of `name` (`threads` each, `smem` bytes of dynamic shared memory) the

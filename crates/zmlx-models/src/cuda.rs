@@ -347,7 +347,10 @@ pub struct CudaQwen3Moe {
     _arena: Arena,
     /// One captured step per attention kernel (the length picks which one replays).
     /// One captured step per (attention kernel, q/k prologue in it).
-    graphs: HashMap<(AttnKernel, bool), CudaGraph>,
+    /// Captured decode steps by (attention kernel, q/k prologue), with their launch counts.
+    graphs: HashMap<(AttnKernel, bool), (CudaGraph, usize)>,
+    /// Launches of the last step (`launches_per_token`).
+    last_launches: Option<usize>,
     use_graph: bool,
     /// Tokens in the KV cache.
     len: usize,
@@ -480,6 +483,7 @@ impl CudaQwen3Moe {
             _buffers: bufs,
             _arena: arena,
             graphs: HashMap::new(),
+            last_launches: None,
             use_graph,
             len: 0,
             weight_bytes,
@@ -689,44 +693,10 @@ impl CudaQwen3Moe {
             .collect())
     }
 
-    /// Kernel launches in one decode step at the current length, counted from the variants
-    /// in place (the attention kernel depends on the length).
-    pub fn launches_per_token(&self) -> usize {
-        let attn_kernel = AttnKernel::for_len(self.len + 1);
-        let qk_prologue = attn_kernel.takes_qk_prologue(self.len + 1);
-        let attn_launches = attn_kernel.launches();
-        let per_layer: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let qk = match (l.fused_qk_rope, qk_prologue) {
-                    (true, true) => 0, // the attention kernel's prologue
-                    (true, false) => 1,
-                    (false, _) => 5,
-                };
-                let attn = (if l.fused_qkv { 1 } else { 3 }) + qk + attn_launches + 1;
-                // o_proj (+ add) is counted with the attention; then add and/or norm.
-                let post_attn = match (l.fused_o_add, l.norm_in_router(), l.fused_add_norm) {
-                    (true, true, _) => 0,
-                    (true, false, _) | (false, true, _) | (false, false, true) => 1,
-                    (false, false, false) => 2,
-                };
-                let (ff, added) = match &l.ff {
-                    DevFeedForward::Sparse { .. } => {
-                        let m = l.moe;
-                        let experts = match (m.one_launch, m.fused_swiglu, m.fused_combine) {
-                            (true, _, _) => 1,
-                            (false, s, c) => (if s { 1 } else { 3 }) + (if c { 1 } else { 2 }),
-                        };
-                        ((if m.fused_gating { 1 } else { 2 }) + experts, m.fused_combine || m.one_launch)
-                    }
-                    DevFeedForward::Dense(_) => ((if l.fused_swiglu_mlp { 1 } else { 3 }) + 1, false),
-                };
-                let tail = if added || l.fused_add_norm { 1 } else { 2 };
-                attn + post_attn + ff + tail
-            })
-            .sum();
-        2 + per_layer + 2
+    /// Kernel launches of the last decode step, as issued (counted by the device while the
+    /// step was captured into its graph, or while it ran eagerly); None before the first step.
+    pub fn launches_per_token(&self) -> Option<usize> {
+        self.last_launches
     }
 
     /// Run one step for `token` at the current position.
@@ -738,15 +708,19 @@ impl CudaQwen3Moe {
         self.dev.write(self.s.pos, &[self.len as i32]).map_err(cuda_err)?;
         let attn_kernel = AttnKernel::for_len(self.len + 1);
         let key = (attn_kernel, attn_kernel.takes_qk_prologue(self.len + 1));
+        let before = self.dev.launch_count();
         if self.use_graph {
             if !self.graphs.contains_key(&key) {
                 let dev = self.dev.clone();
                 let graph = dev.capture(|d| self.enqueue_step(d, key.0, key.1)).map_err(cuda_err)?;
-                self.graphs.insert(key, graph);
+                self.graphs.insert(key, (graph, (self.dev.launch_count() - before) as usize));
             }
-            self.graphs[&key].replay().map_err(cuda_err)?;
+            let (graph, launches) = &self.graphs[&key];
+            graph.replay().map_err(cuda_err)?;
+            self.last_launches = Some(*launches);
         } else {
             self.enqueue_step(&self.dev, key.0, key.1).map_err(cuda_err)?;
+            self.last_launches = Some((self.dev.launch_count() - before) as usize);
         }
         self.len += 1;
         Ok(())
@@ -790,7 +764,7 @@ impl Decoder for CudaQwen3Moe {
     }
 
     fn launches_per_token(&self) -> Option<usize> {
-        Some(CudaQwen3Moe::launches_per_token(self))
+        CudaQwen3Moe::launches_per_token(self)
     }
 
     fn last_routing(&self) -> Result<Option<Vec<(Vec<u32>, Vec<f32>)>>> {
