@@ -163,7 +163,7 @@ pub fn preset(model_type: &str, backend: Backend) -> Vec<PresetEntry> {
                 }
                 (true, Backend::Cpu, QkNormRope) => (true, "the same per-row ops in one pass (no transposed copies); bitwise identical on every fixture; speed-neutral on the tiny fixtures"),
                 (true, Backend::Cpu, QkvProj) => (false, "CPU: three matmuls over one input; nothing to fuse"),
-                (true, Backend::Cuda, QkNormRope) => (true, "bitwise identical to the 5-launch chain; runs as the attention kernel's prologue up to 1024 positions (one launch less per layer), else its own launch: 2.8 vs 6.6 us on H100"),
+                (true, Backend::Cuda, QkNormRope) => (true, "bitwise identical to the 5-launch chain; runs as the single-launch attention kernel's prologue up to 160 positions (one launch less per layer; ATT_QK_PROLOGUE_MAX_LEN), else its own launch: 2.8 vs 6.6 us on H100"),
                 (true, Backend::Cuda, QkvProj) => (true, "bitwise identical to three qmv; 6.2 vs 8.6 us on H100"),
                 (true, Backend::Cpu, OProjAdd) => (false, "CPU: the add is one pass over the hidden vector; nothing to fuse"),
                 (true, Backend::Cpu, NormRouter) => (false, "CPU: nothing to fuse"),
