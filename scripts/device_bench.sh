@@ -12,9 +12,9 @@ L="$OUT/log.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 for f in fixtures/tiny-qwen3-moe-*; do
   n=$(basename $f)
-  $Z validate --model $f --device cuda --reference cpu --no-patch --max-tokens 32 --runs 1 2>&1 | grep -E '^fidelity|^logits' | tr '\n' ' ' | sed "s|^|cuda-vs-cpu       $n: |"; echo
-  $Z validate --model $f --device cuda --reference cpu-exact --no-patch --max-tokens 32 --runs 1 2>&1 | grep -E '^fidelity|^logits' | tr '\n' ' ' | sed "s|^|cuda-vs-cpu-exact $n: |"; echo
-  $Z validate --model $f --device cuda --max-tokens 32 --runs 2 2>&1 | grep -E '^fidelity|^Patched|speedup' | tr '\n' ' ' | sed "s|^|patched-vs-not    $n: |"; echo
+  $Z validate --model $f --device cuda --reference cpu --no-patch --ignore-eos --max-tokens 32 --runs 1 2>&1 | grep -E '^fidelity|^logits' | tr '\n' ' ' | sed "s|^|cuda-vs-cpu       $n: |"; echo
+  $Z validate --model $f --device cuda --reference cpu-exact --no-patch --ignore-eos --max-tokens 32 --runs 1 2>&1 | grep -E '^fidelity|^logits' | tr '\n' ' ' | sed "s|^|cuda-vs-cpu-exact $n: |"; echo
+  $Z validate --model $f --device cuda --ignore-eos --max-tokens 32 --runs 2 2>&1 | grep -E '^fidelity|^Patched|speedup' | tr '\n' ' ' | sed "s|^|patched-vs-not    $n: |"; echo
 done
 echo "== validate dummy $M, 200 tokens"
 $Z validate --model $M --dummy-weights --device cuda --max-tokens 200 --runs 3 --json 2>&1 | grep -v '^{' 

@@ -31,6 +31,10 @@ pub struct Args {
     /// the CPU); `cpu-exact` accumulates quantized matmuls exactly, as a GPU does in f32.
     #[arg(long, value_parser = ["cpu", "cpu-exact"])]
     pub reference: Option<String>,
+    /// Decode all --max-tokens tokens even past an end-of-sequence token (a longer comparison
+    /// on models whose greedy continuation ends early).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -96,7 +100,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let opts = args.patch.options()?;
     let mut folder = ModelFolder::open(&args.engine.model)?;
     let prompt = prompt_ids(&folder, args.prompt.as_deref(), args.prompt_tokens.as_deref(), 16)?;
-    let eos = folder.eos_token_ids();
+    let eos = if args.ignore_eos { Vec::new() } else { folder.eos_token_ids() };
     let tokenizer = folder.tokenizer.take();
     let max_len = prompt.len() + args.max_tokens + 8;
     let mut eng = engine::open(folder, &args.engine, max_len)?;
@@ -155,7 +159,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
             println!("baseline: {:?}\npatched:  {:?}", t.decode(&base_tokens), t.decode(&tokens));
         }
     }
-    println!("baseline {b:.1} tok/s · patched {p:.1} tok/s · speedup {speedup:.2}x");
+    if total < 2 {
+        // generate() times decode steps only: none ran
+        println!("tok/s: n/a (greedy decode hit end-of-sequence after {total} token; --ignore-eos decodes all {})", args.max_tokens);
+    } else {
+        if total < args.max_tokens {
+            println!("stopped at end-of-sequence after {total} of {} tokens (--ignore-eos decodes all)", args.max_tokens);
+        }
+        println!("baseline {b:.1} tok/s · patched {p:.1} tok/s · speedup {speedup:.2}x");
+    }
     if let (Some(lb), Some(lp)) = (base_launches, eng.decoder.launches_per_token()) {
         println!("launches per token: {lb} → {lp}");
     }
