@@ -71,19 +71,14 @@ pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, u
         return Err(inv("gather_qmm_swiglu needs expert ids, k > 0, r in {1, 2}, threads 32..=256".into()));
     }
     let tag = dtype_tag(dt)?;
-    let mut args = vec![
-        Arg::Ptr(gate.w),
-        Arg::Ptr(gate.scales),
-        Arg::Ptr(gate.biases),
-        Arg::Ptr(up.w),
-        Arg::Ptr(up.scales),
-        Arg::Ptr(up.biases),
+    let mut args = [gate.args(), up.args()].concat();
+    args.extend([
         Arg::Ptr(ids),
         Arg::Ptr(x),
         Arg::Ptr(act),
         Arg::I32(gate.n as i32),
         Arg::I32(gate.k as i32),
-    ];
+    ]);
     if uses_tc4(dev, dt, gate) {
         // One 16-row tile of gate and up per block (r and threads do not apply).
         let name = format!("fused_swiglu_tc_{tag}_g{}", gate.group_size);
@@ -121,10 +116,8 @@ pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, 
         return Err(inv("gather_qmm_combine needs expert ids, weights, 0 < k <= 4096, r in {1, 2, 4}".into()));
     }
     let tag = dtype_tag(dt)?;
-    let mut args = vec![
-        Arg::Ptr(down.w),
-        Arg::Ptr(down.scales),
-        Arg::Ptr(down.biases),
+    let mut args = down.args().to_vec();
+    args.extend([
         Arg::Ptr(ids),
         Arg::Ptr(weights),
         Arg::I32(k as i32),
@@ -133,7 +126,7 @@ pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, 
         Arg::Ptr(out),
         Arg::I32(down.n as i32),
         Arg::I32(down.k as i32),
-    ];
+    ]);
     if uses_tc4(dev, dt, down) {
         // One 16-row output tile per block; its warps walk the (slot, slice) pairs.
         let slices = tc4_slices(down.k);
@@ -239,16 +232,8 @@ pub fn moe_experts_partial(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: 
         return Err(inv("moe_experts needs expert ids and weights".into()));
     }
     let (name, blocks, threads, smem) = moe_experts_grid(dev, dt, down, k)?;
-    let args = [
-        Arg::Ptr(gate.w),
-        Arg::Ptr(gate.scales),
-        Arg::Ptr(gate.biases),
-        Arg::Ptr(up.w),
-        Arg::Ptr(up.scales),
-        Arg::Ptr(up.biases),
-        Arg::Ptr(down.w),
-        Arg::Ptr(down.scales),
-        Arg::Ptr(down.biases),
+    let mut args = [gate.args(), up.args(), down.args()].concat();
+    args.extend([
         Arg::Ptr(ids),
         Arg::Ptr(weights),
         Arg::I32(k as i32),
@@ -261,7 +246,7 @@ pub fn moe_experts_partial(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: 
         Arg::I32(15), // qmask (4-bit)
         Arg::Ptr(bar),
         Arg::I32(stop_after),
-    ];
+    ]);
     dev.launch(&name, (blocks, 1, 1), (threads, 1, 1), smem, &args)
 }
 
@@ -358,15 +343,8 @@ fn gating_launch(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm
     let smem = (if norm_w != 0 { e.max(kk) } else { e } * 4) as u32;
     let cluster_smem = smem + (e * dt.size_bytes()) as u32;
     let cluster = allow_cluster && logits_out == 0 && dev.cluster_fits(&name, blocks, threads, cluster_smem, blocks)?;
-    dev.launch_in_cluster(
-        &name,
-        (blocks, 1, 1),
-        (threads, 1, 1),
-        if cluster { cluster_smem } else { smem },
-        &[
-            Arg::Ptr(router.w),
-            Arg::Ptr(router.scales),
-            Arg::Ptr(router.biases),
+    let mut args = router.args().to_vec();
+    args.extend([
             Arg::Ptr(h),
             Arg::Ptr(norm_w),
             Arg::Ptr(xn_out),
@@ -383,9 +361,8 @@ fn gating_launch(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm
             Arg::F32(eps),
             Arg::F32(rms_norm_inv_n(kk)),
             Arg::I32(cluster as i32),
-        ],
-        if cluster { blocks } else { 0 },
-    )
+    ]);
+    dev.launch_in_cluster(&name, (blocks, 1, 1), (threads, 1, 1), if cluster { cluster_smem } else { smem }, &args, if cluster { blocks } else { 0 })
 }
 
 /// One to three quantized matrix-vector products sharing x `[K]` in one launch (e.g. the

@@ -34,6 +34,11 @@ pub struct QuantWeight {
 }
 
 impl QuantWeight {
+    /// The kernel arguments of the weight: words, scales, biases (every quantized kernel takes them in this order).
+    pub fn args(&self) -> [Arg; 3] {
+        [Arg::Ptr(self.w), Arg::Ptr(self.scales), Arg::Ptr(self.biases)]
+    }
+
     /// Bytes of one expert's packed words, scales and biases (for bandwidth accounting).
     pub fn bytes_per_expert(&self, dt: DType) -> usize {
         let groups = self.n * self.k / self.group_size as usize;
@@ -123,17 +128,15 @@ fn qmv_launch(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64, ids
     aligned(x, 16, "x")?;
     let tag = dtype_tag(dt)?;
     let n = wq.n as u32;
-    let mut args = vec![
-        Arg::Ptr(wq.w),
-        Arg::Ptr(wq.scales),
-        Arg::Ptr(wq.biases),
+    let mut args = wq.args().to_vec();
+    args.extend([
         Arg::Ptr(x),
         Arg::Ptr(y),
         Arg::Ptr(ids),
         Arg::I32(wq.n as i32),
         Arg::I32(wq.k as i32),
         Arg::I32(x_stride as i32),
-    ];
+    ]);
     if uses_tc4(dev, dt, wq) {
         // One 16-row tile per block, its warps over the row's slices.
         args.push(Arg::Ptr(residual));
