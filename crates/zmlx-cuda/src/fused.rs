@@ -159,6 +159,9 @@ fn moe_experts_geometry() -> (u32, u32) {
             let (t, r) = (t.trim().parse::<u32>().ok()?, r.trim().parse::<u32>().ok()?);
             (t % 32 == 0 && (64..=if r == 1 { 768 } else { 512 }).contains(&t) && (r == 1 || r == 2)).then_some((t, r))
         });
+        if let (Some(v), None) = (&env, parsed) {
+            eprintln!("warning: ZMLX_MOE_EXPERTS={v} ignored (want threads,rows: rows 1 with 64..=768 threads or 2 with 64..=512, threads a multiple of 32); using 768,1");
+        }
         parsed.unwrap_or((768, 1))
     })
 }
