@@ -347,8 +347,9 @@ pub struct CudaQwen3Moe {
     _arena: Arena,
     /// One captured step per attention kernel (the length picks which one replays).
     /// One captured step per (attention kernel, q/k prologue in it).
-    /// Captured decode steps by (attention kernel, q/k prologue), with their launch counts.
-    graphs: HashMap<(AttnKernel, bool), (CudaGraph, usize)>,
+    /// Captured steps by (attention kernel, q/k prologue, lm_head + next token), with their
+    /// launch counts.
+    graphs: HashMap<(AttnKernel, bool, bool), (CudaGraph, usize)>,
     /// Launches of the last step (`launches_per_token`).
     last_launches: Option<usize>,
     use_graph: bool,
@@ -493,7 +494,9 @@ impl CudaQwen3Moe {
 
     /// Enqueue one decode step: token at `s.token`, position at `s.pos`; leaves logits in
     /// `s.logits` and the greedy token in `s.token`. Each block runs the variant `patch` chose.
-    fn enqueue_step(&self, dev: &CudaDevice, attn_kernel: AttnKernel, qk_prologue: bool) -> zmlx_cuda::Result<()> {
+    /// One step's launches; `head`: also the lm_head and the next token (every step but the
+    /// prompt's non-final tokens, whose logits nobody reads).
+    fn enqueue_step(&self, dev: &CudaDevice, attn_kernel: AttnKernel, qk_prologue: bool, head: bool) -> zmlx_cuda::Result<()> {
         let (dt, s, d, hd, eps) = (self.dtype, &self.s, self.hidden, self.head_dim, self.eps);
         let (hq, hkv) = (self.attn.n_heads, self.attn.n_kv_heads);
         self.embed.embed(dev, dt, s.token, s.x)?;
@@ -606,6 +609,9 @@ impl CudaQwen3Moe {
                 ops::rms_norm(dev, dt, s.x, next_norm, s.xn, 1, d, eps)?;
             }
         }
+        if !head {
+            return Ok(());
+        }
         self.lm_head.mv(dev, dt, s.xn, s.logits)?;
         ops::logprobs_argmax(dev, dt, s.logits, self.vocab, s.argmax_ws, s.token)
     }
@@ -700,26 +706,26 @@ impl CudaQwen3Moe {
     }
 
     /// Run one step for `token` at the current position.
-    fn step(&mut self, token: u32) -> Result<()> {
+    fn step(&mut self, token: u32, head: bool) -> Result<()> {
         if self.len >= self.attn.max_len {
             return Err(ModelError::invalid(format!("KV cache full ({} tokens)", self.attn.max_len)));
         }
         self.dev.write(self.s.token, &[token]).map_err(cuda_err)?;
         self.dev.write(self.s.pos, &[self.len as i32]).map_err(cuda_err)?;
         let attn_kernel = AttnKernel::for_len(self.len + 1);
-        let key = (attn_kernel, attn_kernel.takes_qk_prologue(self.len + 1));
+        let key = (attn_kernel, attn_kernel.takes_qk_prologue(self.len + 1), head);
         let before = self.dev.launch_count();
         if self.use_graph {
             if !self.graphs.contains_key(&key) {
                 let dev = self.dev.clone();
-                let graph = dev.capture(|d| self.enqueue_step(d, key.0, key.1)).map_err(cuda_err)?;
+                let graph = dev.capture(|d| self.enqueue_step(d, key.0, key.1, key.2)).map_err(cuda_err)?;
                 self.graphs.insert(key, (graph, (self.dev.launch_count() - before) as usize));
             }
             let (graph, launches) = &self.graphs[&key];
             graph.replay().map_err(cuda_err)?;
             self.last_launches = Some(*launches);
         } else {
-            self.enqueue_step(&self.dev, key.0, key.1).map_err(cuda_err)?;
+            self.enqueue_step(&self.dev, key.0, key.1, key.2).map_err(cuda_err)?;
             self.last_launches = Some((self.dev.launch_count() - before) as usize);
         }
         self.len += 1;
@@ -730,8 +736,8 @@ impl CudaQwen3Moe {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
             return Err(ModelError::invalid(format!("token id {bad} is out of range (vocab size {})", self.vocab)));
         }
-        for &t in tokens {
-            self.step(t)?;
+        for (i, &t) in tokens.iter().enumerate() {
+            self.step(t, i + 1 == tokens.len())?;
         }
         Ok(())
     }
