@@ -54,6 +54,15 @@ __device__ __forceinline__ void cp_async16(void* dst_shared, const void* src) {
   *reinterpret_cast<uint4*>(dst_shared) = *reinterpret_cast<const uint4*>(src);
 #endif
 }
+// cp_async16 that writes 16 zero bytes (reading nothing) when !valid.
+__device__ __forceinline__ void cp_async16_zfill(void* dst_shared, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+  const u32 a = (u32)__cvta_generic_to_shared(dst_shared);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst_shared) = valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
 __device__ __forceinline__ void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
   asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");

@@ -169,6 +169,18 @@ __device__ __forceinline__ void attn_split_long_impl(const typename D::T* q, con
     qs[i] = D::rnd(__fmul_rn(D::ld(q[(long long)h * G * HD + i]), scale_r));
   const typename D::T* kbase = kc + ((long long)h * max_len + t0) * HD;
   const typename D::T* vbase = vc + ((long long)h * max_len + t0) * HD;
+  // 16-bit dtypes: the chunk's V rows are copied into shared memory (cp.async, rows past n
+  // zero-filled) before the K loads, so the V round trip overlaps the scores; f32 V (twice
+  // the bytes) stays on register loads below.
+  constexpr bool VSM = sizeof(typename D::T) == 2;
+  __shared__ __align__(16) typename D::T vs[VSM ? ATT_CHUNK * HD : 8];
+  if constexpr (VSM) {
+    constexpr int U = HD * 2 / 16;  // 16-byte units per row
+    for (int i = tid; i < ATT_CHUNK * U; i += ATT_THREADS) {
+      const int t = i / U, u = i % U;
+      cp_async16_zfill(reinterpret_cast<uint4*>(vs + t * HD) + u, reinterpret_cast<const uint4*>(vbase + (long long)(t < n ? t : 0) * HD) + u, t < n);
+    }
+  }
   // Scores: LPR lanes per key row, 8 features per lane; IT row-iterations per warp.
   {
     const int LPR = HD / 8, RPW = 32 / LPR, IT = ATT_CHUNK / (NW * RPW);
@@ -211,13 +223,16 @@ __device__ __forceinline__ void attn_split_long_impl(const typename D::T* q, con
   // Issue this thread's V loads now; they land while the softmax runs.
   const int TPR = HD / 2, NG = ATT_THREADS / TPR, RPG = ATT_CHUNK / NG;
   const int grp = tid / TPR, d0 = (tid % TPR) * 2;
-  float v0[RPG], v1[RPG];
+  float v0[VSM ? 1 : RPG], v1[VSM ? 1 : RPG];
+  if constexpr (!VSM) {
 #pragma unroll
-  for (int i = 0; i < RPG; i++) {
-    const int t = grp + NG * i;
-    if (t < n) load2<D>(vbase + (long long)t * HD + d0, v0[i], v1[i]);
-    else { v0[i] = 0.0f; v1[i] = 0.0f; }
+    for (int i = 0; i < RPG; i++) {
+      const int t = grp + NG * i;
+      if (t < n) load2<D>(vbase + (long long)t * HD + d0, v0[i], v1[i]);
+      else { v0[i] = 0.0f; v1[i] = 0.0f; }
+    }
   }
+  if constexpr (VSM) cp_async_wait_all();
   __syncthreads();
   float* out = part + (((long long)h * S + s) * G) * (HD + 2);
   for (int g = warp; g < G; g += NW) {
@@ -240,12 +255,20 @@ __device__ __forceinline__ void attn_split_long_impl(const typename D::T* q, con
 #pragma unroll
   for (int i = 0; i < RPG; i++) {
     const int t = grp + NG * i;
+    float va, vb;  // the same values load2 gives (0 past n)
+    if constexpr (VSM) {
+      va = D::ld(vs[t * HD + d0]);
+      vb = D::ld(vs[t * HD + d0 + 1]);
+    } else {
+      va = v0[i];
+      vb = v1[i];
+    }
 #pragma unroll
     for (int g = 0; g < ATT_GMAX; g++) {
       if (g < G) {
         const float p = sc[g * ATT_CHUNK + t];  // 0 past n
-        acc0[g] = fmaf(p, v0[i], acc0[g]);
-        acc1[g] = fmaf(p, v1[i], acc1[g]);
+        acc0[g] = fmaf(p, va, acc0[g]);
+        acc1[g] = fmaf(p, vb, acc1[g]);
       }
     }
   }
