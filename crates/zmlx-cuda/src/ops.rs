@@ -261,7 +261,9 @@ pub const ATT_MAX_LEN: usize = 262144;
 /// [`ATT_SPLIT_MAX_LEN`], the 128-position flash-decoding kernel beyond (H100, Qwen3-30B
 /// shapes, crossovers measured in docs/kernels.md).
 pub const ATT_SINGLE_MAX_LEN: usize = 384;
-pub const ATT_SPLIT_MAX_LEN: usize = 6144;
+/// 4096 since the long kernel stages V in shared memory (16-bit caches): at 4096 positions
+/// Long 18.80 µs vs Split(16) 19.16, at 2048 13.95 vs Split(8) 11.73 (docs/kernels.md).
+pub const ATT_SPLIT_MAX_LEN: usize = 4096;
 /// Longest length at which the single-launch attention takes the q/k norm + rope prologue
 /// ([`AttnKernel::takes_qk_prologue`]): the crossover of the measurements cited there.
 pub const ATT_QK_PROLOGUE_MAX_LEN: usize = 160;
