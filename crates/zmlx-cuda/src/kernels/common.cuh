@@ -45,16 +45,8 @@ __device__ __forceinline__ uint4 ld_cg16(const void* p) {
   asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
   return v;
 }
-// Asynchronous 16-byte copy global -> shared (sm_80+), and the wait for all of a thread's copies.
-__device__ __forceinline__ void cp_async16(void* dst_shared, const void* src) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
-  const u32 a = (u32)__cvta_generic_to_shared(dst_shared);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(src) : "memory");
-#else
-  *reinterpret_cast<uint4*>(dst_shared) = *reinterpret_cast<const uint4*>(src);
-#endif
-}
-// cp_async16 that writes 16 zero bytes (reading nothing) when !valid.
+// Asynchronous 16-byte copy global -> shared (sm_80+; L2 only, coherent); with !valid it
+// writes 16 zero bytes and reads nothing. cp_async_wait_all: wait for all of a thread's copies.
 __device__ __forceinline__ void cp_async16_zfill(void* dst_shared, const void* src, bool valid) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
   const u32 a = (u32)__cvta_generic_to_shared(dst_shared);
@@ -63,6 +55,7 @@ __device__ __forceinline__ void cp_async16_zfill(void* dst_shared, const void* s
   *reinterpret_cast<uint4*>(dst_shared) = valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
 #endif
 }
+__device__ __forceinline__ void cp_async16(void* dst_shared, const void* src) { cp_async16_zfill(dst_shared, src, true); }
 __device__ __forceinline__ void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
   asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
@@ -85,6 +78,7 @@ __device__ __forceinline__ void grid_barrier(u64* bar) {
     do {
       asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(cur) : "l"(bar) : "memory");
     } while (cur < target);
+    __threadfence();  // as cooperative groups' grid sync: the block's later loads see every write
   }
   __syncthreads();
 }

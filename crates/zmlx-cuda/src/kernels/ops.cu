@@ -135,8 +135,9 @@ template <> __device__ __forceinline__ void load4<DtF32>(const float* p, float* 
 // [s*CHUNK, min((s+1)*CHUNK, len)) for the G query heads of h (GQA: q head i uses kv head
 // i / G). q is first scaled MLX-style: r(q * r(scale)). Scores and softmax in f32 (MLX exp),
 // partial output o = sum_t p_t v_t in f32. Writes [G][HD + 2] floats: o, max, sum.
-// All of a thread's K (and then V) loads are issued before their first use, so a block
-// waits on memory about twice, not once per row.
+// All of a thread's K loads are issued before their first use; 16-bit V rows are copied into
+// shared memory before them (f32 V: register loads after the scores), so a block waits on
+// memory about once (twice for f32), not once per row.
 #define ATT_CHUNK 128
 #define ATT_GMAX 16
 template <class D> __device__ __forceinline__ void load2(const typename D::T* p, float& a, float& b);
@@ -220,7 +221,7 @@ __device__ __forceinline__ void attn_split_long_impl(const typename D::T* q, con
       }
     }
   }
-  // Issue this thread's V loads now; they land while the softmax runs.
+  // f32: issue this thread's V loads now; they land while the softmax runs.
   const int TPR = HD / 2, NG = ATT_THREADS / TPR, RPG = ATT_CHUNK / NG;
   const int grp = tid / TPR, d0 = (tid % TPR) * 2;
   float v0[VSM ? 1 : RPG], v1[VSM ? 1 : RPG];
