@@ -90,7 +90,6 @@ pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, u
     dev.launch(&name, ((gate.n as u32).div_ceil(rows_per_block), k as u32, 1), (threads, 1, 1), 0, &args)
 }
 
-
 /// Down projection of the k experts + weighted sum (+ residual) in one launch:
 /// `out[n] = r(residual[n] + m[n])` (or `m[n]` when `residual` is 0), where `m` is exactly
 /// moe_combine of `y_j = gather_qmv(down, act_j)`: `m = r(m + r(w_j * r(y_j)))` in list
@@ -142,7 +141,6 @@ pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, 
     dev.launch(&name, ((down.n as u32).div_ceil(r), 1, 1), (32 * k.min(8) as u32, 1, 1), (k * r as usize * 4) as u32, &args)
 }
 
-
 /// Bytes of the [`moe_experts`] workspace (its grid barrier's arrival counter): zero it once
 /// after allocating; it only grows, by the grid size per call (so one workspace must serve
 /// one grid size: one kernel geometry per process, see [`moe_experts_grid`]).
@@ -181,6 +179,14 @@ fn moe_experts_smem(dt: DType, down: &QuantWeight, k: usize) -> usize {
 /// experts with one group size, gate/up on the FFMA path and down on the tc4 path
 /// ([`uses_tc4`]), a hidden size that is a multiple of 16, and a grid that fits at once.
 pub fn moe_experts_unsupported(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, down: &QuantWeight, k: usize) -> Option<String> {
+    if let Some(why) = moe_experts_shape_error(dev, dt, gate, up, down, k) {
+        return Some(why);
+    }
+    moe_experts_grid(dev, dt, down, k).err().map(|e| e.to_string())
+}
+
+/// The checks of [`moe_experts_unsupported`] that do not need the grid.
+fn moe_experts_shape_error(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, down: &QuantWeight, k: usize) -> Option<String> {
     let same = |a: &QuantWeight| (a.bits, a.group_size, a.n, a.k) == (4, down.group_size, gate.n, gate.k);
     if !matches!(dt, DType::BF16 | DType::F16) || down.bits != 4 || !same(gate) || !same(up) {
         return Some("needs 4-bit bf16/f16 experts with one group size".into());
@@ -191,20 +197,20 @@ pub fn moe_experts_unsupported(dev: &CudaDevice, dt: DType, gate: &QuantWeight, 
     if uses_tc4(dev, dt, gate) || !uses_tc4(dev, dt, down) {
         return Some("needs gate/up on the FFMA path and down on the tensor-core path (ops::uses_tc4)".into());
     }
-    match moe_experts_grid(dev, dt, down, k) {
-        Ok((_, 0, threads, smem)) => Some(format!("a block of {threads} threads with {smem} bytes of shared memory does not fit")),
-        Ok(_) => None,
-        Err(e) => Some(e.to_string()),
-    }
+    None
 }
 
 /// [`moe_experts`]' kernel name, blocks (every block resident at once: the barrier waits for
-/// all of them; no more than that), threads per block and dynamic shared memory.
+/// all of them; no more than that), threads per block and dynamic shared memory; an error when
+/// not even one block fits.
 pub fn moe_experts_grid(dev: &CudaDevice, dt: DType, down: &QuantWeight, k: usize) -> Result<(String, u32, u32, u32)> {
     let (threads, r) = moe_experts_geometry();
     let name = format!("fused_moe_experts_{}_g{}_r{r}", dtype_tag(dt)?, down.group_size);
     let smem = moe_experts_smem(dt, down, k) as u32;
     let blocks = dev.resident_blocks(&name, threads, smem)?;
+    if blocks == 0 {
+        return Err(inv(format!("a block of {threads} threads with {smem} bytes of shared memory does not fit")));
+    }
     Ok((name, blocks, threads, smem))
 }
 
@@ -225,7 +231,7 @@ pub fn moe_experts(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWe
 /// without copying the down tile, 0 = the whole kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_experts_partial(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, down: &QuantWeight, ids: u64, weights: u64, k: usize, x: u64, act: u64, residual: u64, out: u64, bar: u64, stop_after: i32) -> Result<()> {
-    if let Some(why) = moe_experts_unsupported(dev, dt, gate, up, down, k) {
+    if let Some(why) = moe_experts_shape_error(dev, dt, gate, up, down, k) {
         return Err(inv(format!("moe_experts: {why}")));
     }
     for (p, what) in [(up.w, "up"), (down.w, "down"), (x, "x"), (act, "act"), (down.scales, "down scales"), (down.biases, "down biases"), (bar, "barrier")] {
@@ -234,7 +240,7 @@ pub fn moe_experts_partial(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: 
     if ids == 0 || weights == 0 {
         return Err(inv("moe_experts needs expert ids and weights".into()));
     }
-    let (name, blocks, threads, smem) = moe_experts_grid(dev, dt, down, k)?;
+    let (name, blocks, threads, smem) = moe_experts_grid(dev, dt, down, k).map_err(|e| inv(format!("moe_experts: {e}")))?;
     let mut args = [gate.args(), up.args(), down.args()].concat();
     args.extend([
         Arg::Ptr(ids),
@@ -348,22 +354,22 @@ fn gating_launch(dev: &CudaDevice, dt: DType, router: &QuantWeight, h: u64, norm
     let cluster = allow_cluster && logits_out == 0 && dev.cluster_fits(&name, blocks, threads, cluster_smem, blocks)?;
     let mut args = router.args().to_vec();
     args.extend([
-            Arg::Ptr(h),
-            Arg::Ptr(norm_w),
-            Arg::Ptr(xn_out),
-            Arg::Ptr(logits_out),
-            Arg::Ptr(ids),
-            Arg::Ptr(weights),
-            Arg::Ptr(workspace),
-            Arg::I32(e as i32),
-            Arg::I32(kk as i32),
-            Arg::I32(k as i32),
-            Arg::I32(round_probs as i32),
-            Arg::I32(renorm as i32),
-            Arg::I32(((1u32 << router.bits) - 1) as i32),
-            Arg::F32(eps),
-            Arg::F32(rms_norm_inv_n(kk)),
-            Arg::I32(cluster as i32),
+        Arg::Ptr(h),
+        Arg::Ptr(norm_w),
+        Arg::Ptr(xn_out),
+        Arg::Ptr(logits_out),
+        Arg::Ptr(ids),
+        Arg::Ptr(weights),
+        Arg::Ptr(workspace),
+        Arg::I32(e as i32),
+        Arg::I32(kk as i32),
+        Arg::I32(k as i32),
+        Arg::I32(round_probs as i32),
+        Arg::I32(renorm as i32),
+        Arg::I32(((1u32 << router.bits) - 1) as i32),
+        Arg::F32(eps),
+        Arg::F32(rms_norm_inv_n(kk)),
+        Arg::I32(cluster as i32),
     ]);
     dev.launch_in_cluster(&name, (blocks, 1, 1), (threads, 1, 1), if cluster { cluster_smem } else { smem }, &args, if cluster { blocks } else { 0 })
 }

@@ -152,7 +152,6 @@ fn qmv_launch(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64, ids
     dev.launch(&qmv_fn_name(tag, wq.bits, wq.group_size, r), (n.div_ceil(rows_per_block), slots as u32, 1), (threads, 1, 1), 0, &args)
 }
 
-
 /// y[N] = W·x for a quantized W [N, K]; x [K], y [N] in `dt`. f32 accumulation, output
 /// rounded to `dt`.
 pub fn qmv(dev: &CudaDevice, dt: DType, wq: &QuantWeight, x: u64, y: u64) -> Result<()> {
@@ -319,14 +318,6 @@ impl AttnKernel {
             return false;
         }
         self == AttnKernel::Single && len <= ATT_QK_PROLOGUE_MAX_LEN
-    }
-    /// Kernel launches it takes.
-    pub fn launches(self) -> usize {
-        if self == AttnKernel::Single {
-            1
-        } else {
-            2
-        }
     }
 }
 

@@ -139,6 +139,7 @@ pub struct CudaDevice {
     funcs: Mutex<HashMap<String, sys::CUfunction>>,
     /// Whether a kernel can run as one cluster of this many blocks (asked once per shape).
     cluster_fits: Mutex<HashMap<(String, u32, u32, u32), bool>>,
+    /// Blocks of a kernel the whole GPU holds at once, by (name, threads, shared memory).
     resident: Mutex<HashMap<(String, u32, u32), u32>>,
     /// Kernel launches issued so far (graph captures included), for launches-per-token counts.
     launches: std::sync::atomic::AtomicU64,

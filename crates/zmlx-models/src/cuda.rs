@@ -345,8 +345,6 @@ pub struct CudaQwen3Moe {
     s: Scratch,
     _buffers: Vec<DevBuf>,
     _arena: Arena,
-    /// One captured step per attention kernel (the length picks which one replays).
-    /// One captured step per (attention kernel, q/k prologue in it).
     /// Captured steps by (attention kernel, q/k prologue, lm_head + next token), with their
     /// launch counts.
     graphs: HashMap<(AttnKernel, bool, bool), (CudaGraph, usize)>,
@@ -492,10 +490,9 @@ impl CudaQwen3Moe {
         })
     }
 
-    /// Enqueue one decode step: token at `s.token`, position at `s.pos`; leaves logits in
-    /// `s.logits` and the greedy token in `s.token`. Each block runs the variant `patch` chose.
-    /// One step's launches; `head`: also the lm_head and the next token (every step but the
-    /// prompt's non-final tokens, whose logits nobody reads).
+    /// Enqueue one step: token at `s.token`, position at `s.pos`. With `head` (every step but
+    /// the prompt's non-final tokens, whose logits nobody reads) it leaves logits in `s.logits`
+    /// and the greedy token in `s.token`. Each block runs the variant `patch` chose.
     fn enqueue_step(&self, dev: &CudaDevice, attn_kernel: AttnKernel, qk_prologue: bool, head: bool) -> zmlx_cuda::Result<()> {
         let (dt, s, d, hd, eps) = (self.dtype, &self.s, self.hidden, self.head_dim, self.eps);
         let (hq, hkv) = (self.attn.n_heads, self.attn.n_kv_heads);
@@ -566,24 +563,24 @@ impl CudaQwen3Moe {
                         fused::moe_experts(dev, dt, g, u, dn, ids, weights, k, s.xn, s.act, s.x, s.x, s.experts_ws)?;
                         added = true;
                     } else {
-                    match (l.moe.fused_swiglu, experts.gate.quant(), experts.up.quant()) {
-                        (true, Some(g), Some(u)) => fused::gather_qmm_swiglu(dev, dt, g, u, ids, k, s.xn, s.act)?,
-                        _ => {
-                            experts.gate.gather_mv(dev, dt, ids, k, s.xn, false, s.g)?;
-                            experts.up.gather_mv(dev, dt, ids, k, s.xn, false, s.u)?;
-                            ops::swiglu(dev, dt, s.g, s.u, s.act, k * experts.gate.n())?;
+                        match (l.moe.fused_swiglu, experts.gate.quant(), experts.up.quant()) {
+                            (true, Some(g), Some(u)) => fused::gather_qmm_swiglu(dev, dt, g, u, ids, k, s.xn, s.act)?,
+                            _ => {
+                                experts.gate.gather_mv(dev, dt, ids, k, s.xn, false, s.g)?;
+                                experts.up.gather_mv(dev, dt, ids, k, s.xn, false, s.u)?;
+                                ops::swiglu(dev, dt, s.g, s.u, s.act, k * experts.gate.n())?;
+                            }
                         }
-                    }
-                    match (l.moe.fused_combine, experts.down.quant()) {
-                        (true, Some(dn)) => {
-                            fused::gather_qmm_combine(dev, dt, dn, ids, weights, k, s.act, s.x, s.x)?;
-                            added = true;
+                        match (l.moe.fused_combine, experts.down.quant()) {
+                            (true, Some(dn)) => {
+                                fused::gather_qmm_combine(dev, dt, dn, ids, weights, k, s.act, s.x, s.x)?;
+                                added = true;
+                            }
+                            _ => {
+                                experts.down.gather_mv(dev, dt, ids, k, s.act, true, s.y)?;
+                                ops::moe_combine(dev, dt, s.y, weights, s.ff_out, k, d)?;
+                            }
                         }
-                        _ => {
-                            experts.down.gather_mv(dev, dt, ids, k, s.act, true, s.y)?;
-                            ops::moe_combine(dev, dt, s.y, weights, s.ff_out, k, d)?;
-                        }
-                    }
                     }
                 }
                 DevFeedForward::Dense(m) => {

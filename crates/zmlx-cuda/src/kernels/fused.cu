@@ -372,6 +372,15 @@ __device__ __forceinline__ void gqs_tc_impl(const u32* __restrict__ wg, const ty
   }
 }
 
+// Row r of a combine tile from the tc4 partials of its k slots: m = sum_f32 r(w_j * r(y_j)) in
+// slot order, as moe_combine (the caller adds the residual: r(residual + r(m)), or r(m)).
+template <class D>
+__device__ __forceinline__ float combine_tc_sum(const float* wts, const float* part, int k, int slices, int r) {
+  float m = 0.0f;
+  for (int j = 0; j < k; j++) m = __fadd_rn(m, D::rnd(__fmul_rn(wts[j], D::rnd(tc4_row(part, j, slices, r)))));
+  return m;
+}
+
 // gather_qmm_combine: block = one 16-row tile of the output; item j = slot j's expert rows
 // with x = act_j. ids are read and weights requested before the dependency wait (ids come
 // from two kernels back, as in gqc_impl); act, wts and residual after it.
@@ -393,8 +402,7 @@ __device__ __forceinline__ void gqc_tc_impl(const u32* __restrict__ w, const typ
   __syncthreads();
   const int r = threadIdx.x, slices = (chunks + TC_SLICE - 1) / TC_SLICE;
   if (r < 16 && row0 + r < N) {
-    float m = 0.0f;
-    for (int j = 0; j < k; j++) m = __fadd_rn(m, D::rnd(__fmul_rn(wts[j], D::rnd(tc4_row(part, j, slices, r)))));
+    const float m = combine_tc_sum<D>(wts, part, k, slices, r);
     out[row0 + r] = residual != 0 ? D::st(__fadd_rn(D::ld(residual[row0 + r]), D::rnd(m))) : D::st(m);
   }
 }
@@ -402,7 +410,7 @@ __device__ __forceinline__ void gqc_tc_impl(const u32* __restrict__ w, const typ
 // moe_experts' shared-memory row stride for down words (host: fused::moe_experts_smem): rows
 // 16 words apart modulo 32, so the 8 lanes of a 16-byte load phase (rows g, g + 1; chunks
 // t = 0..3) hit 32 different banks.
-__host__ __device__ __forceinline__ int moe_experts_row_words(int NI) {
+__device__ __forceinline__ int moe_experts_row_words(int NI) {
   const int wpr = NI / 8;
   return wpr + ((16 - wpr % 32) + 32) % 32;
 }
@@ -420,7 +428,7 @@ __host__ __device__ __forceinline__ int moe_experts_row_words(int NI) {
 //    weighted sum in slot order, the residual), so out is bitwise gather_qmm_combine's.
 // Down: N = hidden (a multiple of 16), K = NI (the gate/up rows). Dynamic shared memory
 // (host: fused::moe_experts_smem): words [k][16][NI/8] u32 | scales, biases [k][16][NI/GS] |
-// act [k][NI] | partials [k][slices][16] f32. bar: grid_barrier's two words.
+// act [k][NI] | partials [k][slices][16] f32. bar: grid_barrier's arrival counter.
 template <class D, int GS, int R>
 __device__ __forceinline__ void moe_experts_impl(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
                                                  const typename D::T* __restrict__ bg, const u32* __restrict__ wu,
@@ -485,9 +493,9 @@ __device__ __forceinline__ void moe_experts_impl(const u32* __restrict__ wg, con
     cp_async_wait_all();
     __syncthreads();
     if (stop_after == 3) return;
-    const int g = (threadIdx.x & 31) >> 2, lane = threadIdx.x & 31;
-    for (int p = warp; p < k * slices; p += nw) {
-      const int j = p / slices, sl = p % slices;
+    // Item j: slot j's 16 staged rows (lane (g, t) feeds rows g and g + 8) with x = act_j.
+    auto rows = [&](int j) {
+      const int g = (threadIdx.x & 31) >> 2;
       TcRows<D> rr;
 #pragma unroll
       for (int h = 0; h < 2; h++) {
@@ -496,19 +504,15 @@ __device__ __forceinline__ void moe_experts_impl(const u32* __restrict__ wg, con
         rr.b[h] = s_b + (j * 16 + g + 8 * h) * gpr;
       }
       rr.x = s_act + j * NI;
-      const float2 v = tc4_slice_shared<D, GS>(rr, sl * TC_SLICE, min(chunks, (sl + 1) * TC_SLICE));
-      if ((lane & 3) == 0) {
-        part[p * 16 + g] = v.x;
-        part[p * 16 + g + 8] = v.y;
-      }
-    }
+      return rr;
+    };
+    tc4_block<D, GS, true>(k, chunks, rows, false, part);
     __syncthreads();
     if (stop_after == 4) return;
-    const int r = threadIdx.x, row0 = tile * 16;
+    const int r = threadIdx.x;
     if (r < 16) {
-      float m = 0.0f;
-      for (int j = 0; j < k; j++) m = __fadd_rn(m, D::rnd(__fmul_rn(s_wts[j], D::rnd(tc4_row(part, j, slices, r)))));
-      out[row0 + r] = residual != 0 ? D::st(__fadd_rn(res, D::rnd(m))) : D::st(m);
+      const float m = combine_tc_sum<D>(s_wts, part, k, slices, r);
+      out[tile * 16 + r] = residual != 0 ? D::st(__fadd_rn(res, D::rnd(m))) : D::st(m);
     }
     tile += G;
     if (tile >= tiles) break;

@@ -456,13 +456,16 @@ __device__ __forceinline__ float2 tc4_slice_shared(const TcRows<D>& R, int c0, i
 // A block's warps walk the (item, slice) pairs of `items` tiles (rows(i) gives item i's
 // TcRows: a matrix, an expert, a slot), each slice's partials into part[(i * slices + s) * 16 + r].
 // The first pair of each warp runs `after` once its loads are issued. The caller syncs.
-template <class D, int GS, class RowsOf>
+// SHARED: the tiles are in shared memory (tc4_slice_shared; `dep` does not apply).
+template <class D, int GS, bool SHARED = false, class RowsOf>
 __device__ __forceinline__ void tc4_block(int items, int chunks, const RowsOf& rows, bool dep, float* part) {
   const int slices = (chunks + TC_SLICE - 1) / TC_SLICE;
   const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, lane = threadIdx.x & 31;
   for (int p = warp; p < items * slices; p += nw) {
-    const int i = p / slices, s = p % slices;
-    const float2 v = tc4_slice<D, GS>(rows(i), s * TC_SLICE, min(chunks, (s + 1) * TC_SLICE), dep && p == warp);
+    const int i = p / slices, s = p % slices, c0 = s * TC_SLICE, c1 = min(chunks, (s + 1) * TC_SLICE);
+    float2 v;
+    if constexpr (SHARED) v = tc4_slice_shared<D, GS>(rows(i), c0, c1);
+    else v = tc4_slice<D, GS>(rows(i), c0, c1, dep && p == warp);
     if ((lane & 3) == 0) {
       part[p * 16 + (lane >> 2)] = v.x;
       part[p * 16 + (lane >> 2) + 8] = v.y;
