@@ -395,6 +395,51 @@ fn fused_benches(dev: &CudaDevice, rng: &mut Rng, copy: f64) -> Result<Vec<Bench
         fused::gather_qmm_combine(dv, bf, &downw.ws[i % nd], gid.ptr(), gwt.ptr(), kk, act.ptr(), hs.ptr(), hs.ptr())
     })?;
     rows.push(row("MoE block fused-x", "add,norm,qmv,topk + swiglu,combine (6)".into(), bytes, us, copy));
+    let us = time_graph(dev, 16, &|dv, i| {
+        ops::add(dv, bf, hs.ptr(), delta.ptr(), hs.ptr(), d)?;
+        ops::rms_norm(dv, bf, hs.ptr(), nw.ptr(), xn.ptr(), 1, d, 1e-6)?;
+        ops::qmv(dv, bf, &router.ws[i % nr], xn.ptr(), logits.ptr())?;
+        let routing = fused::Routing { logits: logits.ptr(), n_experts: e, renorm: true };
+        fused::gather_qmm_swiglu_routed(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], routing, kk, xn.ptr(), act.ptr())?;
+        fused::gather_qmm_combine_routed(dv, bf, &downw.ws[i % nd], routing, gid.ptr(), gwt.ptr(), kk, act.ptr(), hs.ptr(), hs.ptr())
+    })?;
+    rows.push(row("MoE block routed", "add,norm,qmv + swiglu,combine routing themselves (5)".into(), bytes, us, copy));
+    // The experts with the top-k: softmax_topk + the two kernels vs the two routing themselves
+    // (16 logit sets, so the experts differ from call to call as with the id sets above).
+    let lsets = random_floats(dev, rng, bf, nsets * e, -4.0, 4.0)?;
+    let lp = |i: usize| lsets.ptr() + ((i % nsets) * e * sz) as u64;
+    let bytes = (2 * kk * pe_up + kk * pe_down + 3 * d * sz + 2 * kk * f * sz) as u64;
+    let us = time_graph(dev, 16, &|dv, i| {
+        ops::softmax_topk(dv, bf, lp(i), 1, e, kk, true, true, gid.ptr(), gwt.ptr())?;
+        fused::gather_qmm_swiglu(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], gid.ptr(), kk, x.ptr(), act.ptr())?;
+        fused::gather_qmm_combine(dv, bf, &downw.ws[i % nd], gid.ptr(), gwt.ptr(), kk, act.ptr(), h.ptr(), xn.ptr())
+    })?;
+    rows.push(row("topk+swiglu+combine", "E=128 k=8 F=768 D=2048 b4 g64 (3 launches)".into(), bytes, us, copy));
+    let us = time_graph(dev, 16, &|dv, i| {
+        let routing = fused::Routing { logits: lp(i), n_experts: e, renorm: true };
+        fused::gather_qmm_swiglu_routed(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], routing, kk, x.ptr(), act.ptr())?;
+        fused::gather_qmm_combine_routed(dv, bf, &downw.ws[i % nd], routing, gid.ptr(), gwt.ptr(), kk, act.ptr(), h.ptr(), xn.ptr())
+    })?;
+    rows.push(row("moe_topk_experts", "E=128 k=8 F=768 D=2048 b4 g64 (2 launches)".into(), bytes, us, copy));
+    // each kernel alone, routed vs reading ids / weights (what the routing costs each)
+    let bytes = (2 * kk * pe_up + d * sz + kk * f * sz) as u64;
+    for (r, t) in [(1u32, 128u32), (1, 256), (2, 128)] {
+        for routed in [false, true] {
+            let us = time_graph(dev, 16, &|dv, i| {
+                let routing = routed.then_some(fused::Routing { logits: lp(i), n_experts: e, renorm: true });
+                fused::swiglu_launch(dv, bf, &gate.ws[i % ng], &upw.ws[i % nu], idp(i), routing, kk, x.ptr(), act.ptr(), r, t)
+            })?;
+            rows.push(row(if routed { "swiglu routed" } else { "swiglu" }, format!("E=128 k=8 N=768 K=2048 b4 g64 r{r} t{t}"), bytes, us, copy));
+        }
+    }
+    let bytes = (kk * pe_down + kk * f * sz + 2 * d * sz) as u64;
+    for routed in [false, true] {
+        let us = time_graph(dev, 16, &|dv, i| {
+            let routing = routed.then_some(fused::Routing { logits: lp(i), n_experts: e, renorm: true });
+            fused::combine_launch(dv, bf, &downw.ws[i % nd], if routed { gid.ptr() } else { idp(i) }, gwt.ptr(), routing, kk, actk.ptr(), h.ptr(), xn.ptr(), 4)
+        })?;
+        rows.push(row(if routed { "combine routed" } else { "combine" }, "E=128 k=8 N=2048 K=768 b4 g64 +res".into(), bytes, us, copy));
+    }
     Ok(rows)
 }
 

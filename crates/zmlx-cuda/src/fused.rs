@@ -47,6 +47,38 @@ pub fn fused_fn_names(tag: &str) -> Vec<String> {
     v
 }
 
+/// Routing inside the expert kernels (pattern `moe_topk_experts`): instead of ids and weights
+/// from a softmax_topk launch, every block of [`gather_qmm_swiglu_routed`] /
+/// [`gather_qmm_combine_routed`] computes them from the router's logits `[n_experts]` with
+/// softmax_topk's own warp code (probabilities rounded to the dtype, as the engine's top-k),
+/// so the results are bitwise those of softmax_topk + the two kernels, one launch fewer.
+#[derive(Clone, Copy, Debug)]
+pub struct Routing {
+    pub logits: u64,
+    pub n_experts: usize,
+    pub renorm: bool,
+}
+
+/// Largest expert count and top-k the routed kernels take (softmax_topk's warp path).
+pub const ROUTED_MAX_EXPERTS: usize = 256;
+pub const ROUTED_MAX_K: usize = 32;
+
+/// Why the routed expert kernels cannot route `k` of `n_experts`, if they cannot.
+pub fn routing_unsupported(n_experts: usize, k: usize) -> Option<String> {
+    (n_experts == 0 || n_experts > ROUTED_MAX_EXPERTS || k == 0 || k > ROUTED_MAX_K || k > n_experts)
+        .then(|| format!("routing in the expert kernels takes up to {ROUTED_MAX_EXPERTS} experts and top-k up to {ROUTED_MAX_K} (have {n_experts}, {k})"))
+}
+
+fn routing_args(routing: Option<Routing>, k: usize) -> Result<(u64, i32, i32)> {
+    match routing {
+        None => Ok((0, 0, 0)),
+        Some(r) => match routing_unsupported(r.n_experts, k) {
+            Some(why) => Err(inv(why)),
+            None => Ok((r.logits, r.n_experts as i32, r.renorm as i32)),
+        },
+    }
+}
+
 /// `act[k, N] = swiglu(gather_qmv(gate), gather_qmv(up))` in one launch: for slot i,
 /// expert `ids[i]`, the gate and up rows are computed by one warp with qmv's exact per-row
 /// code (x shared, `[K]`), rounded to `dt` as qmv stores them, then swiglu with its per-op
@@ -60,6 +92,18 @@ pub fn gather_qmm_swiglu(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &Q
 /// and block size (`threads`: 32..=256, a multiple of 32); results do not depend on them.
 #[allow(clippy::too_many_arguments)]
 pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, ids: u64, k: usize, x: u64, act: u64, r: u32, threads: u32) -> Result<()> {
+    swiglu_launch(dev, dt, gate, up, ids, None, k, x, act, r, threads)
+}
+
+/// [`gather_qmm_swiglu`] with the routing computed in each block from the router's logits
+/// (`moe_topk_experts`): the same act, bitwise, as softmax_topk then gather_qmm_swiglu.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_qmm_swiglu_routed(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, routing: Routing, k: usize, x: u64, act: u64) -> Result<()> {
+    swiglu_launch(dev, dt, gate, up, 0, Some(routing), k, x, act, 1, 128)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn swiglu_launch(dev: &CudaDevice, dt: DType, gate: &QuantWeight, up: &QuantWeight, ids: u64, routing: Option<Routing>, k: usize, x: u64, act: u64, r: u32, threads: u32) -> Result<()> {
     check_q(gate, "gate")?;
     check_q(up, "up")?;
     if (gate.n, gate.k, gate.bits, gate.group_size, gate.n_experts) != (up.n, up.k, up.bits, up.group_size, up.n_experts) {
@@ -67,13 +111,16 @@ pub fn gather_qmm_swiglu_rows(dev: &CudaDevice, dt: DType, gate: &QuantWeight, u
     }
     aligned(up.w, 16, "up")?;
     aligned(x, 16, "x")?;
-    if ids == 0 || k == 0 || !(r == 1 || r == 2) || threads % 32 != 0 || !(32..=256).contains(&threads) {
-        return Err(inv("gather_qmm_swiglu needs expert ids, k > 0, r in {1, 2}, threads 32..=256".into()));
+    if (ids == 0 && routing.is_none()) || k == 0 || !(r == 1 || r == 2) || threads % 32 != 0 || !(32..=256).contains(&threads) {
+        return Err(inv("gather_qmm_swiglu needs expert ids or routing, k > 0, r in {1, 2}, threads 32..=256".into()));
     }
+    let (logits, n_experts, _) = routing_args(routing, k)?;
     let tag = dtype_tag(dt)?;
     let mut args = [gate.args(), up.args()].concat();
     args.extend([
         Arg::Ptr(ids),
+        Arg::Ptr(logits),
+        Arg::I32(n_experts),
         Arg::Ptr(x),
         Arg::Ptr(act),
         Arg::I32(gate.n as i32),
@@ -109,16 +156,34 @@ pub fn gather_qmm_combine(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: 
 /// the block has min(k, 8) warps, one slot each in turn); results do not depend on it.
 #[allow(clippy::too_many_arguments)]
 pub fn gather_qmm_combine_rows(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64, r: u32) -> Result<()> {
+    combine_launch(dev, dt, down, ids, weights, None, k, act, residual, out, r)
+}
+
+/// [`gather_qmm_combine`] with the routing computed in each block from the router's logits
+/// (`moe_topk_experts`), before the dependency wait (the logits must come from two or more
+/// kernels back: router → gather_qmm_swiglu_routed → this). `ids` / `weights` receive the
+/// routing (as softmax_topk writes them) for `--routing-stats`; nothing reads them back.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_qmm_combine_routed(dev: &CudaDevice, dt: DType, down: &QuantWeight, routing: Routing, ids: u64, weights: u64, k: usize, act: u64, residual: u64, out: u64) -> Result<()> {
+    combine_launch(dev, dt, down, ids, weights, Some(routing), k, act, residual, out, 4)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn combine_launch(dev: &CudaDevice, dt: DType, down: &QuantWeight, ids: u64, weights: u64, routing: Option<Routing>, k: usize, act: u64, residual: u64, out: u64, r: u32) -> Result<()> {
     check_q(down, "down")?;
     aligned(act, 16, "act")?;
     if ids == 0 || weights == 0 || k == 0 || k > 4096 || ![1, 2, 4].contains(&r) {
         return Err(inv("gather_qmm_combine needs expert ids, weights, 0 < k <= 4096, r in {1, 2, 4}".into()));
     }
+    let (logits, n_experts, renorm) = routing_args(routing, k)?;
     let tag = dtype_tag(dt)?;
     let mut args = down.args().to_vec();
     args.extend([
         Arg::Ptr(ids),
         Arg::Ptr(weights),
+        Arg::Ptr(logits),
+        Arg::I32(n_experts),
+        Arg::I32(renorm),
         Arg::I32(k as i32),
         Arg::Ptr(act),
         Arg::Ptr(residual),

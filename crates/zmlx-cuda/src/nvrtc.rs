@@ -117,15 +117,21 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 
 /// Options every kernel is compiled with (FMA contraction stays on; kernels that need
 /// exact op-by-op rounding use `__fmul_rn`/`__fadd_rn`/`__fmaf_rn` explicitly).
+/// `ZMLX_KERNEL_DEFINES="-DNAME ..."` adds preprocessor switches (same-binary A/B runs of a
+/// kernel variant; they are options, so part of the cache key).
 pub fn compile_options(arch: &str) -> Vec<String> {
-    vec![
+    let mut opts = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".into(),
         "--fmad=true".into(),
         "--prec-div=true".into(),
         "--prec-sqrt=true".into(),
         "--ftz=false".into(),
-    ]
+    ];
+    if let Ok(defs) = std::env::var("ZMLX_KERNEL_DEFINES") {
+        opts.extend(defs.split_whitespace().filter(|d| d.starts_with("-D")).map(String::from));
+    }
+    opts
 }
 
 /// Compile `src` for `arch` (e.g. "sm_90"); returns the cubin. Needs only libnvrtc.

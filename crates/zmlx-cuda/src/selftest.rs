@@ -1024,7 +1024,8 @@ pub(crate) mod fused_tests {
 
     /// One MoE block: unfused (rms_norm, qmv router, softmax_topk, gather gate, gather up,
     /// swiglu, gather down, moe_combine, add) vs fused (moe_gating with the norm,
-    /// gather_qmm_swiglu, gather_qmm_combine with the residual, in place).
+    /// gather_qmm_swiglu, gather_qmm_combine with the residual, in place; and routed from the
+    /// logits inside both expert kernels, moe_topk_experts).
     #[allow(clippy::too_many_arguments)]
     pub fn test_moe_block(dev: &CudaDevice, rng: &mut Rng, dt: DType, e: usize, d: usize, f: usize, k: usize, bits: u32, gs: usize, rbits: u32, r: u32) -> Result<TestRow> {
         let sz = dt.size_bytes();
@@ -1082,6 +1083,18 @@ pub(crate) mod fused_tests {
             bad[0] += diff(&bytes(dev, ids.ptr(), k * 4)?, &bytes(dev, ids3.ptr(), k * 4)?, 4);
             bad[1] += diff(&bytes(dev, wts.ptr(), k * 4)?, &bytes(dev, wts3.ptr(), k * 4)?, 4);
         }
+        // moe_topk_experts: both expert kernels route themselves from the logits; the combine's
+        // block 0 stores ids / weights as softmax_topk writes them (in place, out == residual)
+        if fused::routing_unsupported(e, k).is_none() {
+            let routing = fused::Routing { logits: logits.ptr(), n_experts: e, renorm: true };
+            let (ids4, wts4, act4, out4) = (poisoned(dev, k * 4)?, poisoned(dev, k * 4)?, poisoned(dev, k * f * sz)?, up(dev, dt, &h)?);
+            fused::gather_qmm_swiglu_routed(dev, dt, &gw, &uw, routing, k, xb.ptr(), act4.ptr())?;
+            fused::gather_qmm_combine_routed(dev, dt, &dw, routing, ids4.ptr(), wts4.ptr(), k, act4.ptr(), out4.ptr(), out4.ptr())?;
+            bad[0] += diff(&bytes(dev, ids.ptr(), k * 4)?, &bytes(dev, ids4.ptr(), k * 4)?, 4);
+            bad[1] += diff(&bytes(dev, wts.ptr(), k * 4)?, &bytes(dev, wts4.ptr(), k * 4)?, 4);
+            bad[2] += diff(&bytes(dev, act.ptr(), k * f * sz)?, &bytes(dev, act4.ptr(), k * f * sz)?, sz);
+            bad[3] += diff(&bytes(dev, out.ptr(), d * sz)?, &bytes(dev, out4.ptr(), d * sz)?, sz);
+        }
         // combine without residual vs moe_combine alone
         let ff2 = poisoned(dev, d * sz)?;
         fused::gather_qmm_combine_rows(dev, dt, &dw, ids.ptr(), wts.ptr(), k, act.ptr(), 0, ff2.ptr(), 1)?;
@@ -1111,7 +1124,7 @@ pub(crate) mod fused_tests {
             worst: bad.iter().sum::<usize>() as f64,
             rel_norm: ra.max(ro),
             note: format!(
-                "bitwise diffs ids/w/act/out/combine-only/xn = {}/{}/{}/{}/{}/{} (x2 runs, in place); gating ws {gws}; f64 rel act {ra:.1e} out {ro:.1e}",
+                "bitwise diffs ids/w/act/out/combine-only/xn = {}/{}/{}/{}/{}/{} (x2 runs, in place; + routed in the expert kernels); gating ws {gws}; f64 rel act {ra:.1e} out {ro:.1e}",
                 bad[0], bad[1], bad[2], bad[3], bad[4], bad[5]
             ),
         })

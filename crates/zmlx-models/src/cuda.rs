@@ -548,7 +548,10 @@ impl CudaQwen3Moe {
                     let k = *top_k;
                     let (ids, weights) = (s.ids + (i * k * 4) as u64, s.weights + (i * k * 4) as u64);
                     // `patch` sets a fused variant only where every weight it reads is quantized.
+                    let routing = fused::Routing { logits: s.router, n_experts: router.n(), renorm: *renorm };
                     match (l.moe.fused_gating, l.fused_norm_router, router.quant()) {
+                        // moe_topk_experts: the expert kernels route themselves from the logits.
+                        _ if l.moe.routed => router.mv(dev, dt, s.xn, s.router)?,
                         (true, _, Some(r)) => fused::moe_gating(dev, dt, r, s.xn, 0, eps, 0, k, true, *renorm, ids, weights, s.gating_ws)?,
                         (false, true, Some(r)) => {
                             fused::norm_router(dev, dt, r, s.x, l.post_norm, eps, s.xn, s.router)?;
@@ -564,6 +567,7 @@ impl CudaQwen3Moe {
                         added = true;
                     } else {
                         match (l.moe.fused_swiglu, experts.gate.quant(), experts.up.quant()) {
+                            (true, Some(g), Some(u)) if l.moe.routed => fused::gather_qmm_swiglu_routed(dev, dt, g, u, routing, k, s.xn, s.act)?,
                             (true, Some(g), Some(u)) => fused::gather_qmm_swiglu(dev, dt, g, u, ids, k, s.xn, s.act)?,
                             _ => {
                                 experts.gate.gather_mv(dev, dt, ids, k, s.xn, false, s.g)?;
@@ -573,7 +577,11 @@ impl CudaQwen3Moe {
                         }
                         match (l.moe.fused_combine, experts.down.quant()) {
                             (true, Some(dn)) => {
-                                fused::gather_qmm_combine(dev, dt, dn, ids, weights, k, s.act, s.x, s.x)?;
+                                if l.moe.routed {
+                                    fused::gather_qmm_combine_routed(dev, dt, dn, routing, ids, weights, k, s.act, s.x, s.x)?;
+                                } else {
+                                    fused::gather_qmm_combine(dev, dt, dn, ids, weights, k, s.act, s.x, s.x)?;
+                                }
                                 added = true;
                             }
                             _ => {
@@ -646,7 +654,24 @@ impl CudaQwen3Moe {
                             _ => report.skip(Pattern::MoeExperts, "a layer with unquantized experts".into()),
                         }
                     }
-                    l.moe = MoeVariant { fused_gating: gating, fused_swiglu: q && on(Pattern::GatherQmmSwiglu), fused_combine: q && on(Pattern::GatherQmmCombine), one_launch };
+                    let (fused_swiglu, fused_combine) = (q && on(Pattern::GatherQmmSwiglu), q && on(Pattern::GatherQmmCombine));
+                    // moe_topk_experts needs both expert kernels fused (each routes itself) and
+                    // takes the place of moe_gating / the one-launch experts (which read ids).
+                    let mut routed = false;
+                    if on(Pattern::MoeTopkExperts) {
+                        let why = if !(fused_swiglu && fused_combine) {
+                            Some("needs gather_qmm_swiglu and gather_qmm_combine".to_string())
+                        } else if gating || one_launch {
+                            Some("moe_gating / moe_experts route this block instead".to_string())
+                        } else {
+                            fused::routing_unsupported(router.n(), *top_k)
+                        };
+                        match why {
+                            None => routed = true,
+                            Some(why) => report.skip(Pattern::MoeTopkExperts, why),
+                        }
+                    }
+                    l.moe = MoeVariant { fused_gating: gating, fused_swiglu, fused_combine, one_launch, routed };
                     l.moe.report(&mut report);
                 }
                 DevFeedForward::Dense(m) => {

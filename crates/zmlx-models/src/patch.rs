@@ -31,9 +31,12 @@ pub enum Pattern {
     OProjAdd,
     /// Post-attention RMSNorm + router matvec, one launch (the top-k stays separate).
     NormRouter,
+    /// Softmax + top-k + renorm computed inside gather_qmm_swiglu and gather_qmm_combine from
+    /// the router's logits: no top-k launch (the MoE block is router + 2 launches).
+    MoeTopkExperts,
 }
 
-pub const ALL_PATTERNS: [Pattern; 11] = [
+pub const ALL_PATTERNS: [Pattern; 12] = [
     Pattern::MoeMlp,
     Pattern::MoeExperts,
     Pattern::MoeGating,
@@ -45,6 +48,7 @@ pub const ALL_PATTERNS: [Pattern; 11] = [
     Pattern::QkvProj,
     Pattern::OProjAdd,
     Pattern::NormRouter,
+    Pattern::MoeTopkExperts,
 ];
 
 impl Pattern {
@@ -61,6 +65,7 @@ impl Pattern {
             Pattern::QkvProj => "qkv_proj",
             Pattern::OProjAdd => "o_proj_add",
             Pattern::NormRouter => "norm_router",
+            Pattern::MoeTopkExperts => "moe_topk_experts",
         }
     }
 
@@ -77,6 +82,7 @@ impl Pattern {
             Pattern::QkvProj => "q, k, v projections (one qmv launch)",
             Pattern::OProjAdd => "attention o_proj qmv + residual add",
             Pattern::NormRouter => "post-attention rms_norm + router qmv",
+            Pattern::MoeTopkExperts => "softmax + top-k + renorm into gather_qmm_swiglu / gather_qmm_combine",
         }
     }
 
@@ -169,6 +175,8 @@ pub fn preset(model_type: &str, backend: Backend) -> Vec<PresetEntry> {
                 (true, Backend::Cpu, NormRouter) => (false, "CPU: nothing to fuse"),
                 (true, Backend::Cuda, NormRouter) => (false, "identical, but slower on H100: 8.3 vs 7.3 us with the top-k (every block repeats the norm before its router rows)"),
                 (true, Backend::Cuda, OProjAdd) => (true, "bitwise identical to qmv then add; 5.05 vs 5.60 us on H100"),
+                (true, Backend::Cpu, MoeTopkExperts) => (false, "CPU: routing is already a single pass; nothing to fuse"),
+                (true, Backend::Cuda, MoeTopkExperts) => (false, "identical, but slower on H100: decode 391 vs 425 tok/s; each block routes itself (~2 us of one warp) and the expert kernels run in 1-2 waves: swiglu 14.4 vs 9.3 us, combine 9.6 vs 7.2, vs 3.2 for the top-k launch"),
             };
             PresetEntry { pattern, on, why }
         })
@@ -235,6 +243,8 @@ pub struct MoeVariant {
     /// The experts (gate/up/swiglu and down/combine) as one launch: `moe_experts` (CUDA; the
     /// CPU computes the same values as with fused_swiglu and fused_combine).
     pub one_launch: bool,
+    /// Softmax + top-k inside the two expert kernels (`moe_topk_experts`, CUDA).
+    pub routed: bool,
 }
 
 impl MoeVariant {
@@ -246,6 +256,9 @@ impl MoeVariant {
                 r.add("moe_gating");
             }
             return;
+        }
+        if self.routed {
+            r.add("moe_topk_experts");
         }
         match (self.fused_gating, self.fused_swiglu, self.fused_combine) {
             (true, true, true) => r.add("moe_mlp"),

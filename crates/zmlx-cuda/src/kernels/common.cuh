@@ -45,6 +45,17 @@ __device__ __forceinline__ uint4 ld_cg16(const void* p) {
   asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
   return v;
 }
+// One element, L2 only (u16 for bf16/f16, f32).
+__device__ __forceinline__ u16 ld_cg_elem(const u16* p) {
+  u16 v;
+  asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ float ld_cg_elem(const float* p) {
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
+  return v;
+}
 // Asynchronous 16-byte copy global -> shared (sm_80+; L2 only, coherent); with !valid it
 // writes 16 zero bytes and reads nothing. cp_async_wait_all: wait for all of a thread's copies.
 __device__ __forceinline__ void cp_async16_zfill(void* dst_shared, const void* src, bool valid) {
@@ -136,20 +147,23 @@ struct DtF32 {
   static __device__ __forceinline__ float rnd(float f) { return f; }
 };
 
-// Load 8 consecutive values (16-bit dtypes: one 16-byte load; f32: two).
-template <class D> __device__ __forceinline__ void load8(const typename D::T* p, float* out);
-template <> __device__ __forceinline__ void load8<DtBF16>(const u16* p, float* out) {
-  uint4 v = ld_act16(p);
-  u32 w[4] = {v.x, v.y, v.z, v.w};
+// 8 consecutive 16-bit values (one 16-byte word) as floats.
+template <class D> __device__ __forceinline__ void unpack8(const uint4& v, float* out);
+template <> __device__ __forceinline__ void unpack8<DtBF16>(const uint4& v, float* out) {
+  const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; i++) { out[2*i] = __uint_as_float(w[i] << 16); out[2*i+1] = __uint_as_float(w[i] & 0xffff0000u); }
 }
-template <> __device__ __forceinline__ void load8<DtF16>(const u16* p, float* out) {
-  uint4 v = ld_act16(p);
-  u32 w[4] = {v.x, v.y, v.z, v.w};
+template <> __device__ __forceinline__ void unpack8<DtF16>(const uint4& v, float* out) {
+  const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; i++) { out[2*i] = f16_to_f32((u16)(w[i] & 0xffffu)); out[2*i+1] = f16_to_f32((u16)(w[i] >> 16)); }
 }
+template <> __device__ __forceinline__ void unpack8<DtF32>(const uint4&, float*) { __trap(); }
+// Load 8 consecutive values (16-bit dtypes: one 16-byte load; f32: two).
+template <class D> __device__ __forceinline__ void load8(const typename D::T* p, float* out);
+template <> __device__ __forceinline__ void load8<DtBF16>(const u16* p, float* out) { unpack8<DtBF16>(ld_act16(p), out); }
+template <> __device__ __forceinline__ void load8<DtF16>(const u16* p, float* out) { unpack8<DtF16>(ld_act16(p), out); }
 template <> __device__ __forceinline__ void load8<DtF32>(const float* p, float* out) {
   const uint4 a = ld_act16(p), b = ld_act16(p + 4);
   out[0] = __uint_as_float(a.x); out[1] = __uint_as_float(a.y); out[2] = __uint_as_float(a.z); out[3] = __uint_as_float(a.w);

@@ -16,6 +16,27 @@ template <class D> __device__ __forceinline__ typename D::T swiglu_val(float gv,
   return D::st(__fmul_rn(silu, uv));
 }
 
+// moe_topk_experts: a block routes itself from the router logits [E] with softmax_topk's warp
+// code (warp 0; E <= 32 * STK_PER, k <= 32, probabilities rounded to the dtype), so no top-k
+// launch runs between the router and the experts: ids_sh[0..k) and, when w_sh != 0, the
+// weights, bitwise what softmax_topk writes. Round r depends on rounds < r only, so a block
+// that needs slot s alone runs k = s + 1 rounds. Every thread of the block must call it.
+template <class D>
+__device__ __forceinline__ void route_block(const typename D::T* logits, int E, int k, int renorm, u32* ids_sh, float* w_sh) {
+  __shared__ float pr[32 * STK_PER];
+  if (threadIdx.x < 32) softmax_topk_warp<D, true>(logits, ids_sh, w_sh, E, k, 1, renorm, pr);
+  __syncthreads();
+}
+// The expert of this block's slot (blockIdx.y): from ids, or routed in the block (logits != 0).
+template <class D>
+__device__ __forceinline__ long long slot_expert(const u32* ids, const typename D::T* logits, int E) {
+  const int slot = blockIdx.y;
+  if (logits == 0) return ids[slot];
+  __shared__ u32 ids_sh[32];
+  route_block<D>(logits, E, slot + 1, 0, ids_sh, 0);
+  return ids_sh[slot];
+}
+
 // 1. gather_qmm_swiglu: act[slot, n] = swiglu(r(gate[e]·x)[n], r(up[e]·x)[n]), e = ids[slot].
 // Replaces gather_qmv gate + gather_qmv up + swiglu. One warp: R gate rows and the same R up
 // rows (2R dot products, loads of all in flight), x shared. blockIdx.y = slot.
@@ -57,12 +78,12 @@ template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void gqs_impl(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
                                          const typename D::T* __restrict__ bg, const u32* __restrict__ wu,
                                          const typename D::T* __restrict__ su, const typename D::T* __restrict__ bu,
-                                         const u32* ids, const typename D::T* x,
+                                         const u32* ids, const typename D::T* logits, int E, const typename D::T* x,
                                          typename D::T* __restrict__ act, int N, int K, u32 qmask) {
-  const int slot = blockIdx.y;
+  const long long e = slot_expert<D>(ids, logits, E);
   const int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
   if (row0 >= N) return;
-  gqs_rows<D, BITS, GS, R>(wg, sg, bg, wu, su, bu, ids[slot], slot, row0, x, act, N, K, qmask);
+  gqs_rows<D, BITS, GS, R>(wg, sg, bg, wu, su, bu, e, blockIdx.y, row0, x, act, N, K, qmask);
 }
 
 // 2. gather_qmm_combine: out[n] = r(residual[n] + r(m)), m = moe_combine of the k slots
@@ -74,12 +95,26 @@ __device__ __forceinline__ void gqs_impl(const u32* __restrict__ wg, const typen
 // Programmatic dependent launch: ids are read and the first expert weights requested before
 // waiting for the previous kernel, so ids must come from an earlier kernel (the engine's
 // order: top-k, gather_qmm_swiglu, this); act, wts and residual are read after the wait.
+// Routed (logits != 0, moe_topk_experts): the block computes ids and weights from the logits
+// (router two kernels back) before the wait; block 0 stores them to ids / wts (routing stats).
+template <class D>
+__device__ __forceinline__ void combine_route(u32*& ids, float*& wts, const typename D::T* logits, int E, int k,
+                                              int renorm, u32* ids_sh, float* w_sh) {
+  if (logits == 0) return;
+  route_block<D>(logits, E, k, renorm, ids_sh, w_sh);
+  if (blockIdx.x == 0 && threadIdx.x < k) { ids[threadIdx.x] = ids_sh[threadIdx.x]; wts[threadIdx.x] = w_sh[threadIdx.x]; }
+  ids = ids_sh;
+  wts = w_sh;
+}
 template <class D, int BITS, int GS, int R>
 __device__ __forceinline__ void gqc_impl(const u32* __restrict__ w, const typename D::T* __restrict__ s,
-                                         const typename D::T* __restrict__ b, const u32* ids,
-                                         const float* wts, int k, const typename D::T* act,
+                                         const typename D::T* __restrict__ b, u32* ids, float* wts,
+                                         const typename D::T* logits, int E, int renorm, int k, const typename D::T* act,
                                          const typename D::T* residual, typename D::T* out, int N, int K, u32 qmask) {
   extern __shared__ float ys[];  // [k][R]
+  __shared__ u32 ids_sh[32];
+  __shared__ float w_sh[32];
+  combine_route<D>(ids, wts, logits, E, k, renorm, ids_sh, w_sh);
   const long long wpr = (long long)K * BITS / 32;
   const int groups = K / GS;
   const int chunks = K >> 5;
@@ -306,20 +341,22 @@ __device__ __forceinline__ void qmv_multi_impl(const typename D::T* x, int K,
 
 #define ZMLX_FUSED_C(DT, DN, BITS, GS, R)                                                                      \
   extern "C" __global__ void __launch_bounds__(256) fused_combine_##DN##_b##BITS##_g##GS##_r##R(               \
-      const u32* w, const DT::T* s, const DT::T* b, const u32* ids, const float* wts, int k, const DT::T* act,  \
-      const DT::T* residual, DT::T* out, int N, int K, u32 qmask) {                                            \
-    gqc_impl<DT, BITS, GS, R>(w, s, b, ids, wts, k, act, residual, out, N, K, qmask);                          \
+      const u32* w, const DT::T* s, const DT::T* b, u32* ids, float* wts, const DT::T* logits, int E,          \
+      int renorm, int k, const DT::T* act, const DT::T* residual, DT::T* out, int N, int K, u32 qmask) {        \
+    gqc_impl<DT, BITS, GS, R>(w, s, b, ids, wts, logits, E, renorm, k, act, residual, out, N, K, qmask);       \
   }
 #define ZMLX_FUSED_Q(DT, DN, BITS, GS)                                                                         \
   extern "C" __global__ void __launch_bounds__(256) fused_swiglu_##DN##_b##BITS##_g##GS##_r1(                  \
       const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
-      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask) { ZMLX_GRID_DEP();                                   \
-    gqs_impl<DT, BITS, GS, 1>(wg, sg, bg, wu, su, bu, ids, x, act, N, K, qmask);                               \
+      const u32* ids, const DT::T* logits, int E, const DT::T* x, DT::T* act, int N, int K, u32 qmask) {        \
+    ZMLX_GRID_DEP();                                                                                           \
+    gqs_impl<DT, BITS, GS, 1>(wg, sg, bg, wu, su, bu, ids, logits, E, x, act, N, K, qmask);                    \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(256) fused_swiglu_##DN##_b##BITS##_g##GS##_r2(                  \
       const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
-      const u32* ids, const DT::T* x, DT::T* act, int N, int K, u32 qmask) { ZMLX_GRID_DEP();                                   \
-    gqs_impl<DT, BITS, GS, 2>(wg, sg, bg, wu, su, bu, ids, x, act, N, K, qmask);                               \
+      const u32* ids, const DT::T* logits, int E, const DT::T* x, DT::T* act, int N, int K, u32 qmask) {        \
+    ZMLX_GRID_DEP();                                                                                           \
+    gqs_impl<DT, BITS, GS, 2>(wg, sg, bg, wu, su, bu, ids, logits, E, x, act, N, K, qmask);                    \
   }                                                                                                            \
   ZMLX_FUSED_C(DT, DN, BITS, GS, 1) ZMLX_FUSED_C(DT, DN, BITS, GS, 2) ZMLX_FUSED_C(DT, DN, BITS, GS, 4)          \
   extern "C" __global__ void __launch_bounds__(512) fused_gating_##DN##_b##BITS##_g##GS(                       \
@@ -353,11 +390,11 @@ template <class D, int GS>
 __device__ __forceinline__ void gqs_tc_impl(const u32* __restrict__ wg, const typename D::T* __restrict__ sg,
                                             const typename D::T* __restrict__ bg, const u32* __restrict__ wu,
                                             const typename D::T* __restrict__ su, const typename D::T* __restrict__ bu,
-                                            const u32* ids, const typename D::T* x,
+                                            const u32* ids, const typename D::T* logits, int E, const typename D::T* x,
                                             typename D::T* __restrict__ act, int N, int K) {
   __shared__ float part[2 * TC_MAX_SLICES * 16];
   const int slot = blockIdx.y, chunks = K >> 5, row0 = blockIdx.x * 16;
-  const long long off = (long long)ids[slot] * N;  // rows of expert ids[slot]
+  const long long off = slot_expert<D>(ids, logits, E) * N;  // rows of the slot's expert
   auto rows = [&](int i) {
     return i == 0 ? tc_rows<D, GS>(wg + off * (K / 8), sg + off * (K / GS), bg + off * (K / GS), x, N, K, row0)
                   : tc_rows<D, GS>(wu + off * (K / 8), su + off * (K / GS), bu + off * (K / GS), x, N, K, row0);
@@ -386,10 +423,13 @@ __device__ __forceinline__ float combine_tc_sum(const float* wts, const float* p
 // from two kernels back, as in gqc_impl); act, wts and residual after it.
 template <class D, int GS>
 __device__ __forceinline__ void gqc_tc_impl(const u32* __restrict__ w, const typename D::T* __restrict__ s,
-                                            const typename D::T* __restrict__ b, const u32* ids,
-                                            const float* wts, int k, const typename D::T* act,
+                                            const typename D::T* __restrict__ b, u32* ids, float* wts,
+                                            const typename D::T* logits, int E, int renorm, int k, const typename D::T* act,
                                             const typename D::T* residual, typename D::T* out, int N, int K) {
   extern __shared__ float part[];  // [k][slices][16]
+  __shared__ u32 ids_sh[32];
+  __shared__ float w_sh[32];
+  combine_route<D>(ids, wts, logits, E, k, renorm, ids_sh, w_sh);
   const int chunks = K >> 5, row0 = blockIdx.x * 16;
   auto rows = [&](int j) {
     const long long off = (long long)ids[j] * N;
@@ -569,13 +609,14 @@ __device__ __forceinline__ void qmv_multi_tc_impl(const typename D::T* x, int K,
 #define ZMLX_FUSED_TC1(DT, DN, GS)                                                                             \
   extern "C" __global__ void __launch_bounds__(32 * TC_MAX_WARPS) fused_swiglu_tc_##DN##_g##GS(                \
       const u32* wg, const DT::T* sg, const DT::T* bg, const u32* wu, const DT::T* su, const DT::T* bu,          \
-      const u32* ids, const DT::T* x, DT::T* act, int N, int K) { ZMLX_GRID_DEP();                              \
-    gqs_tc_impl<DT, GS>(wg, sg, bg, wu, su, bu, ids, x, act, N, K);                                            \
+      const u32* ids, const DT::T* logits, int E, const DT::T* x, DT::T* act, int N, int K) {                  \
+    ZMLX_GRID_DEP();                                                                                           \
+    gqs_tc_impl<DT, GS>(wg, sg, bg, wu, su, bu, ids, logits, E, x, act, N, K);                                 \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(32 * TC_MAX_WARPS) fused_combine_tc_##DN##_g##GS(               \
-      const u32* w, const DT::T* s, const DT::T* b, const u32* ids, const float* wts, int k, const DT::T* act,  \
-      const DT::T* residual, DT::T* out, int N, int K) {                                                       \
-    gqc_tc_impl<DT, GS>(w, s, b, ids, wts, k, act, residual, out, N, K);                                       \
+      const u32* w, const DT::T* s, const DT::T* b, u32* ids, float* wts, const DT::T* logits, int E,          \
+      int renorm, int k, const DT::T* act, const DT::T* residual, DT::T* out, int N, int K) {                  \
+    gqc_tc_impl<DT, GS>(w, s, b, ids, wts, logits, E, renorm, k, act, residual, out, N, K);                    \
   }                                                                                                            \
   ZMLX_MOE_EXPERTS(DT, DN, GS, 1) ZMLX_MOE_EXPERTS(DT, DN, GS, 2)
 #define ZMLX_FUSED_TC(DT, DN)                                                                                  \

@@ -357,7 +357,14 @@ __device__ __forceinline__ void attn_combine_long_impl(const float* part, typena
 // exp(old max - new max) when a later chunk raises the max (online softmax across chunks).
 // Streams are added in fixed order; out = r(num / den). Correct for any length ≤ max_len;
 // the host picks it where it is fastest (AttnKernel::for_len).
+// Programmatic dependent launch: the rows below the newest (len - 1) were written by earlier
+// steps, so 16-bit caches have them requested before the dependency wait (the previous kernel,
+// or this kernel's prologue, writes q and row len - 1): each thread's first K row into
+// registers, the first ATS_VROWS V rows into shared memory (cp.async). They are the values the
+// loads after the wait would return, so the arithmetic and results are unchanged. Rows below
+// len - 1 must therefore not be written by the kernel launched just before this one.
 #define ATS_CH 512
+#define ATS_VROWS 128
 template <class D, int N> __device__ __forceinline__ void load_n(const typename D::T* p, float* o) {
   if constexpr (N == 4) load4<D>(p, o);
   else if constexpr (N == 2) load2<D>(p, o[0], o[1]);
@@ -434,6 +441,26 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* q, const t
   const int rps = S == 1 ? len : attn_rows_per_split(len, S);
   const int r0 = split * rps, r1 = min(len, r0 + rps);
   if (S > 1 && r0 >= len) return;
+  const typename D::T* kb = kc + ((long long)h * max_len + r0) * HD;
+  const typename D::T* vb = vc + ((long long)h * max_len + r0) * HD;
+#ifdef ZMLX_ATT_NO_EARLY
+  constexpr bool EARLY = false;
+#else
+  constexpr bool EARLY = sizeof(typename D::T) == 2;
+#endif
+  constexpr int KC = HD < 64 ? HD : 64;   // K features loaded at once (registers)
+  constexpr int KW = EARLY ? KC / 8 : 1;  // 16-byte words of a K row's first KC features
+  __shared__ __align__(16) typename D::T vst[EARLY ? ATS_VROWS * HD : 8];
+  const int nold = EARLY ? max(0, min(r1, len - 1) - r0) : 0;  // rows [0, nold) predate this step
+  const bool kpre = tid < min(nold, ATS_CH);
+  const int nvs = min(nold, ATS_VROWS);
+  uint4 kraw[KW];
+  if (kpre) {
+#pragma unroll
+    for (int u = 0; u < KW; u++) kraw[u] = ld_act16(kb + (long long)tid * HD + 8 * u);
+  }
+  for (int i = tid; i < nvs * (HD / 8); i += ATT_THREADS) cp_async16(vst + 8 * i, vb + 8 * i);
+  ZMLX_GRID_DEP();
   constexpr int PHD = PRO ? HD : 1;
   __shared__ float knew[PHD], vnew[PHD], nbuf[2][PHD];
   int pnew = -1;  // the new position's row within [r0, r1) when the prologue provides it
@@ -466,8 +493,6 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* q, const t
     }
     if (mine) pnew = pos - r0;
   }
-  const typename D::T* kb = kc + ((long long)h * max_len + r0) * HD;
-  const typename D::T* vb = vc + ((long long)h * max_len + r0) * HD;
   const int nrows = r1 - r0;
   const int stream = warp * RPW + lane / LPR, f0 = (lane % LPR) * FPL;
   float acc[FPL];
@@ -480,16 +505,21 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* q, const t
     float cmax = -ZMLX_INF;
     for (int t = tid; t < n; t += ATT_THREADS) {
       const typename D::T* kr = kb + (long long)(c0 + t) * HD;
-      constexpr int KC = HD < 64 ? HD : 64;  // features loaded at once (registers)
       float s = 0.0f;
       if (PRO && c0 + t == pnew) {  // the prologue's row, same products in the same order
         for (int e = 0; e < PHD; e++) s = fmaf(qs[e], knew[e], s);
       } else {
+        const bool pre = EARLY && c0 == 0 && t == tid && kpre;  // first KC features loaded before the wait
 #pragma unroll
         for (int e0 = 0; e0 < HD; e0 += KC) {
           float kv[KC];
+          if (pre && e0 == 0) {
 #pragma unroll
-          for (int e = 0; e < KC; e += 8) load8<D>(kr + e0 + e, kv + e);
+            for (int u = 0; u < KW; u++) unpack8<D>(kraw[u], kv + 8 * u);
+          } else {
+#pragma unroll
+            for (int e = 0; e < KC; e += 8) load8<D>(kr + e0 + e, kv + e);
+          }
 #pragma unroll
           for (int e = 0; e < KC; e++) s = fmaf(qs[e0 + e], kv[e], s);
         }
@@ -497,6 +527,7 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* q, const t
       sc[t] = s;
       cmax = fmaxf(cmax, s);
     }
+    if (EARLY && c0 == 0) cp_async_wait_all();  // the staged V rows, published by block_max's barriers
     const float m_new = fmaxf(m_run, block_max(cmax, red));  // its barriers publish sc
     const float alpha = mlx_exp(__fsub_rn(m_run, m_new));     // 0 on the first chunk
     float lsum = 0.0f;
@@ -514,6 +545,9 @@ __device__ __forceinline__ void attn_single_impl(const typename D::T* q, const t
       if (PRO && c0 + t == pnew) {
 #pragma unroll
         for (int i = 0; i < FPL; i++) v[i] = vnew[PRO ? f0 + i : 0];
+      } else if (EARLY && c0 == 0 && t < nvs) {
+#pragma unroll
+        for (int i = 0; i < FPL; i++) v[i] = D::ld(vst[t * HD + f0 + i]);
       } else {
         load_n<D, FPL>(vb + (long long)(c0 + t) * HD + f0, v);
       }
@@ -642,20 +676,21 @@ __device__ __forceinline__ u32 warp_min_u32(u32 v) {
 #endif
 }
 #define STK_PER 8
-template <class D>
-__device__ __forceinline__ void softmax_topk_fast_impl(const typename D::T* logits, u32* __restrict__ ids,
-                                                       float* __restrict__ wout, int E, int k, int round_probs, int renorm) {
-  extern __shared__ float pr[];  // E floats; one warp per row (blockDim.x == 32)
-  const int lane = threadIdx.x;
-  logits += (long long)blockIdx.x * E;
-  ids += (long long)blockIdx.x * k;
-  wout += (long long)blockIdx.x * k;
+// One warp (lane = threadIdx.x & 31) routes one row: ids[0..k) and, when wout != 0, the
+// weights, to global or shared memory; pr: E floats of shared memory. L2_ONLY: the logits are
+// in global memory and read from L2 (ld.global.cg), so the fused routing (moe_topk_experts:
+// gather_qmm_combine) may read them before its dependency wait when they come from two
+// kernels back; else plain loads (moe_gating passes logits in shared memory).
+template <class D, bool L2_ONLY>
+__device__ __forceinline__ void softmax_topk_warp(const typename D::T* logits, u32* ids, float* wout, int E, int k,
+                                                  int round_probs, int renorm, float* pr) {
+  const int lane = threadIdx.x & 31;
   float xv[STK_PER];
   float m = -ZMLX_INF;
 #pragma unroll
   for (int j = 0; j < STK_PER; j++) {
     const int i = lane + 32 * j;
-    xv[j] = i < E ? D::ld(logits[i]) : 0.0f;
+    xv[j] = i < E ? D::ld(L2_ONLY ? ld_cg_elem(logits + i) : logits[i]) : 0.0f;
     if (i < E) m = fmaxf(m, xv[j]);
   }
   m = warp_max(m);
@@ -693,6 +728,7 @@ __device__ __forceinline__ void softmax_topk_fast_impl(const typename D::T* logi
     if (lane == r) myw = v;
     if (lane == 0) ids[r] = wi;
   }
+  if (wout == 0) return;
   if (renorm) {
     float s = 0.0f;
     for (int j = 0; j < k; j++) s = __fadd_rn(s, __shfl_sync(0xffffffffu, myw, j));
@@ -701,6 +737,13 @@ __device__ __forceinline__ void softmax_topk_fast_impl(const typename D::T* logi
   } else if (lane < k) {
     wout[lane] = myw;
   }
+}
+template <class D>
+__device__ __forceinline__ void softmax_topk_fast_impl(const typename D::T* logits, u32* __restrict__ ids,
+                                                       float* __restrict__ wout, int E, int k, int round_probs, int renorm) {
+  extern __shared__ float pr[];  // E floats; one warp per row (blockDim.x == 32)
+  const long long row = blockIdx.x;
+  softmax_topk_warp<D, false>(logits + row * E, ids + row * k, wout + row * k, E, k, round_probs, renorm, pr);
 }
 
 // Per-head q/k RMSNorm + RoPE (in place on q and k) + K/V cache append in one launch.
@@ -1057,14 +1100,13 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
 #define ZMLX_ATTN_HD(DT, DN, HD)                                                                               \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_single_##DN##_d##HD(                         \
       const DT::T* q, const DT::T* kc, const DT::T* vc, DT::T* y, float* part, const int* len, int len_add,     \
-      int G, int max_len, float scale) { ZMLX_GRID_DEP();                                                      \
+      int G, int max_len, float scale) { /* waits inside, after the early loads */                            \
     attn_single_impl<DT, HD>(q, kc, vc, y, part, len, len_add, G, max_len, scale);                             \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_single_qknr_##DN##_d##HD(                    \
       const DT::T* q, DT::T* kc, DT::T* vc, DT::T* y, float* part, const int* len, int len_add, int G,         \
       int max_len, float scale, const DT::T* k, const DT::T* v, const DT::T* qw, const DT::T* kw, float eps,   \
-      float inv_n, float step) {                                                                               \
-    ZMLX_GRID_DEP();                                                                                           \
+      float inv_n, float step) { /* waits inside, after the early loads */                                     \
     const QkPrologue<DT> pro{k, v, qw, kw, kc, vc, eps, inv_n, step};                                          \
     attn_single_impl<DT, HD, true>(q, kc, vc, y, part, len, len_add, G, max_len, scale, &pro);                       \
   }                                                                                                            \

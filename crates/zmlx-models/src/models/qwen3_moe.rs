@@ -289,7 +289,7 @@ impl Model {
             match &mut layer.mlp {
                 FeedForward::Sparse(moe) => {
                     let one = on(Pattern::MoeExperts); // on the CPU: the same values as the two fused passes
-                    moe.variant = MoeVariant { fused_gating: false, fused_swiglu: one || on(Pattern::GatherQmmSwiglu), fused_combine: one || on(Pattern::GatherQmmCombine), one_launch: false };
+                    moe.variant = MoeVariant { fused_gating: false, fused_swiglu: one || on(Pattern::GatherQmmSwiglu), fused_combine: one || on(Pattern::GatherQmmCombine), one_launch: false, routed: false };
                     moe.variant.report(&mut report);
                 }
                 FeedForward::Dense(mlp) => {
