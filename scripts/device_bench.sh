@@ -14,6 +14,7 @@ for f in fixtures/tiny-qwen3-moe-*; do
   n=$(basename $f)
   $Z validate --model $f --device cuda --reference cpu --no-patch --ignore-eos --max-tokens 32 --runs 1 2>&1 | grep -E '^fidelity|^logits' | tr '\n' ' ' | sed "s|^|cuda-vs-cpu       $n: |"; echo
   $Z validate --model $f --device cuda --reference cpu-exact --no-patch --ignore-eos --max-tokens 32 --runs 1 2>&1 | grep -E '^fidelity|^logits' | tr '\n' ' ' | sed "s|^|cuda-vs-cpu-exact $n: |"; echo
+  $Z validate --model $f --device cuda --numerics mlx-cpu --reference cpu --no-patch --ignore-eos --max-tokens 32 --runs 1 2>&1 | grep -E '^fidelity|^logits' | tr '\n' ' ' | sed "s|^|cuda-mlx-cpu-vs-cpu $n: |"; echo
   $Z validate --model $f --device cuda --ignore-eos --max-tokens 32 --runs 2 2>&1 | grep -E '^fidelity|^Patched|speedup' | tr '\n' ' ' | sed "s|^|patched-vs-not    $n: |"; echo
 done
 echo "== validate dummy $M, 200 tokens"

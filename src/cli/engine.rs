@@ -30,6 +30,17 @@ pub struct EngineArgs {
     /// CUDA: launch every kernel eagerly instead of replaying a captured graph.
     #[arg(long)]
     pub no_graph: bool,
+    /// CUDA arithmetic. `fast`: f32 accumulation, fused patterns. `mlx-cpu`: every op rounded
+    /// and summed as MLX's CPU backend does (unpatched, serial kernels, slow), so the logits
+    /// equal the CPU reference's bit for bit. The CPU always computes as MLX's CPU.
+    #[arg(long, value_enum, default_value = "fast")]
+    pub numerics: Numerics,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Numerics {
+    Fast,
+    MlxCpu,
 }
 
 /// `--patterns`, `--exclude`, `--no-patch`.
@@ -169,7 +180,10 @@ fn open_cuda(folder: ModelFolder, args: &EngineArgs, ordinal: usize, max_len: us
         let dtype = zmlx_models::nn::Loader::infer_dtype(&ckpt, "model.embed_tokens")?;
         Box::new(CheckpointSource::new(&dev, &ckpt, &folder.config.quantization, dtype))
     };
-    let engine = CudaQwen3Moe::new(dev.clone(), &model_args, source, max_len, !args.no_graph)?;
+    let mut engine = CudaQwen3Moe::new(dev.clone(), &model_args, source, max_len, !args.no_graph)?;
+    if args.numerics == Numerics::MlxCpu {
+        engine.use_mlx_cpu_numerics()?;
+    }
     Ok(Engine {
         model_type: folder.config.model_type.clone(),
         device_name: format!("cuda:{ordinal} ({})", dev.name()),

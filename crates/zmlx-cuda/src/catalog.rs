@@ -9,6 +9,7 @@ pub const COMMON: &str = include_str!("kernels/common.cuh");
 pub const QMV: &str = include_str!("kernels/qmv.cu");
 pub const OPS: &str = include_str!("kernels/ops.cu");
 pub const FUSED: &str = include_str!("kernels/fused.cu");
+pub const MLX_CPU: &str = include_str!("kernels/mlx_cpu.cu");
 
 pub const QMV_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 pub const QMV_GROUPS: [u32; 3] = [32, 64, 128];
@@ -57,6 +58,8 @@ pub fn module_of(function: &str) -> String {
         format!("qmv_{tag}")
     } else if function.starts_with("fused_") {
         format!("fused_{tag}")
+    } else if function.starts_with("mlxcpu_") {
+        format!("mlxcpu_{tag}")
     } else {
         format!("ops_{tag}")
     }
@@ -110,12 +113,16 @@ pub fn module_spec(name: &str) -> Option<ModuleSpec> {
             }
             Some(ModuleSpec { name: name.into(), source, functions: crate::fused::fused_fn_names(tag) })
         }
+        "mlxcpu" => {
+            let functions = crate::mlx_cpu::KERNELS.iter().map(|k| format!("mlxcpu_{k}_{tag}")).collect();
+            Some(ModuleSpec { name: name.into(), source: format!("{COMMON}\n{MLX_CPU}\nZMLX_MLX_CPU({st}, {tag})\n"), functions })
+        }
         _ => None,
     }
 }
 
 pub fn all_modules() -> Vec<ModuleSpec> {
-    ["qmv", "ops", "fused"]
+    ["qmv", "ops", "fused", "mlxcpu"]
         .iter()
         .flat_map(|k| ["bf16", "f16", "f32"].iter().map(move |t| format!("{k}_{t}")))
         .filter_map(|n| module_spec(&n))

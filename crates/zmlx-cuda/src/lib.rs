@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod catalog;
 pub mod fused;
+pub mod mlx_cpu;
 pub mod nvrtc;
 pub mod ops;
 pub mod reference;

@@ -951,6 +951,7 @@ pub fn run_self_tests_dump(dev: &CudaDevice, dump: Option<&Path>) -> Vec<TestRow
         }
     }
     rows.extend(engine_kernel_tests(dev, &mut rng));
+    rows.extend(crate::mlx_cpu::tests::run(dev, &mut rng));
     rows.extend(fused_tests::run(dev, &mut rng));
     rows.extend(latency_tests::run(dev, &mut rng));
     rows

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use zmlx_core::DType;
-use zmlx_cuda::{fused, ops, Arena, AttnKernel, AttnShape, CudaDevice, CudaGraph, DevBuf, QuantWeight};
+use zmlx_cuda::{fused, mlx_cpu, ops, Arena, AttnKernel, AttnShape, CudaDevice, CudaGraph, DevBuf, QuantWeight};
 
 use crate::error::{ModelError, Result};
 use crate::generate::Decoder;
@@ -44,9 +44,10 @@ impl DevLinear {
         }
     }
 
-    /// y = W·x.
-    fn mv(&self, dev: &CudaDevice, dt: DType, x: u64, y: u64) -> zmlx_cuda::Result<()> {
+    /// y = W·x (`mc`: MLX's CPU arithmetic, [`CudaQwen3Moe::use_mlx_cpu_numerics`]).
+    fn mv(&self, dev: &CudaDevice, dt: DType, mc: bool, x: u64, y: u64) -> zmlx_cuda::Result<()> {
         match self {
+            DevLinear::Quant(q) if mc => mlx_cpu::qmm(dev, dt, q, 0, 1, x, false, y),
             DevLinear::Quant(q) => ops::qmv(dev, dt, q, x, y),
             DevLinear::Dense { w, n, k, .. } => ops::mv_dense(dev, dt, *w, *n, *k, x, y),
         }
@@ -54,8 +55,9 @@ impl DevLinear {
 
     /// y[i] = W[ids[i]]·x_i for the k selected experts.
     #[allow(clippy::too_many_arguments)]
-    fn gather_mv(&self, dev: &CudaDevice, dt: DType, ids: u64, k: usize, x: u64, x_per_slot: bool, y: u64) -> zmlx_cuda::Result<()> {
+    fn gather_mv(&self, dev: &CudaDevice, dt: DType, mc: bool, ids: u64, k: usize, x: u64, x_per_slot: bool, y: u64) -> zmlx_cuda::Result<()> {
         match self {
+            DevLinear::Quant(q) if mc => mlx_cpu::qmm(dev, dt, q, ids, k, x, x_per_slot, y),
             DevLinear::Quant(q) => ops::gather_qmv(dev, dt, q, ids, k, x, x_per_slot, y),
             DevLinear::Dense { w, n, k: cols, .. } => ops::gather_mv_dense(dev, dt, *w, *n, *cols, ids, k, x, x_per_slot, y),
         }
@@ -351,6 +353,8 @@ pub struct CudaQwen3Moe {
     /// Launches of the last step (`launches_per_token`).
     last_launches: Option<usize>,
     use_graph: bool,
+    /// MLX's CPU numerics: the attention scores' workspace while on (`use_mlx_cpu_numerics`).
+    mlx_cpu: Option<DevBuf>,
     /// Tokens in the KV cache.
     len: usize,
     pub weight_bytes: usize,
@@ -484,6 +488,7 @@ impl CudaQwen3Moe {
             graphs: HashMap::new(),
             last_launches: None,
             use_graph,
+            mlx_cpu: None,
             len: 0,
             weight_bytes,
             device_bytes,
@@ -496,15 +501,23 @@ impl CudaQwen3Moe {
     fn enqueue_step(&self, dev: &CudaDevice, attn_kernel: AttnKernel, qk_prologue: bool, head: bool) -> zmlx_cuda::Result<()> {
         let (dt, s, d, hd, eps) = (self.dtype, &self.s, self.hidden, self.head_dim, self.eps);
         let (hq, hkv) = (self.attn.n_heads, self.attn.n_kv_heads);
+        let mc = self.mlx_cpu.is_some();
+        let rms_norm = |x: u64, w: u64, y: u64, rows: usize, n: usize| {
+            if mc {
+                mlx_cpu::rms_norm(dev, dt, x, w, y, rows, n, eps)
+            } else {
+                ops::rms_norm(dev, dt, x, w, y, rows, n, eps)
+            }
+        };
         self.embed.embed(dev, dt, s.token, s.x)?;
-        ops::rms_norm(dev, dt, s.x, self.layers[0].in_norm, s.xn, 1, d, eps)?;
+        rms_norm(s.x, self.layers[0].in_norm, s.xn, 1, d)?;
         for (i, l) in self.layers.iter().enumerate() {
             match (l.fused_qkv, l.q.quant(), l.k.quant(), l.v.quant()) {
                 (true, Some(q), Some(k), Some(v)) => fused::qkv(dev, dt, q, k, v, s.xn, s.q, s.k, s.v)?,
                 _ => {
-                    l.q.mv(dev, dt, s.xn, s.q)?;
-                    l.k.mv(dev, dt, s.xn, s.k)?;
-                    l.v.mv(dev, dt, s.xn, s.v)?;
+                    l.q.mv(dev, dt, mc, s.xn, s.q)?;
+                    l.k.mv(dev, dt, mc, s.xn, s.k)?;
+                    l.v.mv(dev, dt, mc, s.xn, s.v)?;
                 }
             }
             // qk_norm_rope: the attention kernel's prologue where that pays (short lengths with
@@ -516,20 +529,23 @@ impl CudaQwen3Moe {
                 if l.fused_qk_rope {
                     ops::qk_norm_rope_append(dev, dt, s.q, s.k, s.v, l.q_norm, l.k_norm, l.k_cache, l.v_cache, s.pos, &self.attn, eps, self.rope_base)?;
                 } else {
-                    ops::rms_norm(dev, dt, s.q, l.q_norm, s.q, hq, hd, eps)?;
-                    ops::rms_norm(dev, dt, s.k, l.k_norm, s.k, hkv, hd, eps)?;
+                    rms_norm(s.q, l.q_norm, s.q, hq, hd)?;
+                    rms_norm(s.k, l.k_norm, s.k, hkv, hd)?;
                     ops::rope(dev, dt, s.q, s.q, s.pos, 0, hq, hd, hd, self.rope_base, 1.0)?;
                     ops::rope(dev, dt, s.k, s.k, s.pos, 0, hkv, hd, hd, self.rope_base, 1.0)?;
                     ops::kv_append(dev, dt, &self.attn, s.k, s.v, l.k_cache, l.v_cache, s.pos, 0)?;
                 }
-                ops::attention_decode(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?;
+                match &self.mlx_cpu {
+                    Some(ws) => mlx_cpu::attention(dev, dt, &self.attn, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, ws.ptr(), s.attn)?,
+                    None => ops::attention_decode(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?,
+                }
             }
             // h = x + attn; xn = post_attention_layernorm(h) (inside norm_router when fused).
             let mut normed = l.norm_in_router();
             match (l.fused_o_add, l.o.quant()) {
                 (true, Some(o)) => ops::qmv_add(dev, dt, o, s.attn, s.x, s.x)?,
                 _ => {
-                    l.o.mv(dev, dt, s.attn, s.o)?;
+                    l.o.mv(dev, dt, mc, s.attn, s.o)?;
                     if l.fused_add_norm && !normed {
                         fused::add_rms_norm(dev, dt, s.x, s.o, l.post_norm, s.x, s.xn, d, eps)?;
                         normed = true;
@@ -539,7 +555,7 @@ impl CudaQwen3Moe {
                 }
             }
             if !normed {
-                ops::rms_norm(dev, dt, s.x, l.post_norm, s.xn, 1, d, eps)?;
+                rms_norm(s.x, l.post_norm, s.xn, 1, d)?;
             }
             // The feed-forward block leaves its output in ff_out, or adds it into x itself.
             let mut added = false;
@@ -551,14 +567,18 @@ impl CudaQwen3Moe {
                     let routing = fused::Routing { logits: s.router, n_experts: router.n(), renorm: *renorm };
                     match (l.moe.fused_gating, l.fused_norm_router, router.quant()) {
                         // moe_topk_experts: the expert kernels route themselves from the logits.
-                        _ if l.moe.routed => router.mv(dev, dt, s.xn, s.router)?,
+                        _ if l.moe.routed => router.mv(dev, dt, mc, s.xn, s.router)?,
                         (true, _, Some(r)) => fused::moe_gating(dev, dt, r, s.xn, 0, eps, 0, k, true, *renorm, ids, weights, s.gating_ws)?,
                         (false, true, Some(r)) => {
                             fused::norm_router(dev, dt, r, s.x, l.post_norm, eps, s.xn, s.router)?;
                             ops::softmax_topk(dev, dt, s.router, 1, router.n(), k, true, *renorm, ids, weights)?;
                         }
+                        _ if mc => {
+                            router.mv(dev, dt, mc, s.xn, s.router)?;
+                            mlx_cpu::softmax_topk(dev, dt, s.router, router.n(), k, *renorm, ids, weights)?;
+                        }
                         _ => {
-                            router.mv(dev, dt, s.xn, s.router)?;
+                            router.mv(dev, dt, mc, s.xn, s.router)?;
                             ops::softmax_topk(dev, dt, s.router, 1, router.n(), k, true, *renorm, ids, weights)?;
                         }
                     }
@@ -570,8 +590,8 @@ impl CudaQwen3Moe {
                             (true, Some(g), Some(u)) if l.moe.routed => fused::gather_qmm_swiglu_routed(dev, dt, g, u, routing, k, s.xn, s.act)?,
                             (true, Some(g), Some(u)) => fused::gather_qmm_swiglu(dev, dt, g, u, ids, k, s.xn, s.act)?,
                             _ => {
-                                experts.gate.gather_mv(dev, dt, ids, k, s.xn, false, s.g)?;
-                                experts.up.gather_mv(dev, dt, ids, k, s.xn, false, s.u)?;
+                                experts.gate.gather_mv(dev, dt, mc, ids, k, s.xn, false, s.g)?;
+                                experts.up.gather_mv(dev, dt, mc, ids, k, s.xn, false, s.u)?;
                                 ops::swiglu(dev, dt, s.g, s.u, s.act, k * experts.gate.n())?;
                             }
                         }
@@ -585,7 +605,7 @@ impl CudaQwen3Moe {
                                 added = true;
                             }
                             _ => {
-                                experts.down.gather_mv(dev, dt, ids, k, s.act, true, s.y)?;
+                                experts.down.gather_mv(dev, dt, mc, ids, k, s.act, true, s.y)?;
                                 ops::moe_combine(dev, dt, s.y, weights, s.ff_out, k, d)?;
                             }
                         }
@@ -595,36 +615,59 @@ impl CudaQwen3Moe {
                     match (l.fused_swiglu_mlp, m.gate.quant(), m.up.quant()) {
                         (true, Some(g), Some(u)) => fused::gather_qmm_swiglu(dev, dt, g, u, s.zero_id, 1, s.xn, s.act)?,
                         _ => {
-                            m.gate.mv(dev, dt, s.xn, s.g)?;
-                            m.up.mv(dev, dt, s.xn, s.u)?;
+                            m.gate.mv(dev, dt, mc, s.xn, s.g)?;
+                            m.up.mv(dev, dt, mc, s.xn, s.u)?;
                             ops::swiglu(dev, dt, s.g, s.u, s.act, m.gate.n())?;
                         }
                     }
-                    m.down.mv(dev, dt, s.act, s.ff_out)?;
+                    m.down.mv(dev, dt, mc, s.act, s.ff_out)?;
                 }
             }
             // x += ff; xn = next layer's input_layernorm(x) (or the final norm).
             let next_norm = self.layers.get(i + 1).map_or(self.final_norm, |n| n.in_norm);
             if added {
-                ops::rms_norm(dev, dt, s.x, next_norm, s.xn, 1, d, eps)?;
+                rms_norm(s.x, next_norm, s.xn, 1, d)?;
             } else if l.fused_add_norm {
                 fused::add_rms_norm(dev, dt, s.x, s.ff_out, next_norm, s.x, s.xn, d, eps)?;
             } else {
                 ops::add(dev, dt, s.x, s.ff_out, s.x, d)?;
-                ops::rms_norm(dev, dt, s.x, next_norm, s.xn, 1, d, eps)?;
+                rms_norm(s.x, next_norm, s.xn, 1, d)?;
             }
         }
         if !head {
             return Ok(());
         }
-        self.lm_head.mv(dev, dt, s.xn, s.logits)?;
+        self.lm_head.mv(dev, dt, mc, s.xn, s.logits)?;
+        if mc {
+            return mlx_cpu::logprobs_argmax(dev, dt, s.logits, self.vocab, s.token);
+        }
         ops::logprobs_argmax(dev, dt, s.logits, self.vocab, s.argmax_ws, s.token)
+    }
+
+    /// From now on compute as MLX's CPU backend does (kernels/mlx_cpu.cu: quantized matmuls
+    /// accumulated in the dtype, serial norms, attention and log-sum-exp, argpartition's
+    /// expert order), so the logits equal the CPU reference's bit for bit. Unpatched only:
+    /// the fused kernels keep the GPU's f32 arithmetic. Slow (serial kernels); for checking.
+    pub fn use_mlx_cpu_numerics(&mut self) -> Result<()> {
+        if self.mlx_cpu.is_none() {
+            self.mlx_cpu = Some(self.dev.alloc(mlx_cpu::attention_workspace_bytes(&self.attn)).map_err(cuda_err)?);
+        }
+        self.patch(&[]);
+        Ok(())
     }
 
     /// Switch layers to the fused variants of `patterns`; the graph is re-captured.
     pub fn patch(&mut self, patterns: &[Pattern]) -> PatchReport {
-        let on = |p: Pattern| patterns.contains(&p);
         let mut report = PatchReport::default();
+        let patterns = if self.mlx_cpu.is_some() {
+            for &p in patterns {
+                report.skip(p, "--numerics mlx-cpu: the fused kernels sum in the GPU's order, not MLX's CPU's".into());
+            }
+            &[][..]
+        } else {
+            patterns
+        };
+        let on = |p: Pattern| patterns.contains(&p);
         for l in &mut self.layers {
             // Safety rule: the fused kernels read MLX-quantized weights only.
             match &l.ff {

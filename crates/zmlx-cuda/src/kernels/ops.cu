@@ -166,8 +166,15 @@ __device__ __forceinline__ void attn_split_long_impl(const typename D::T* q, con
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int NW = ATT_THREADS / 32;
   const float scale_r = D::rnd(scale);
-  for (int i = tid; i < G * HD; i += ATT_THREADS)
-    qs[i] = D::rnd(__fmul_rn(D::ld(q[(long long)h * G * HD + i]), scale_r));
+  // Programmatic dependent launch: a block without the newest row (len - 1, written by the
+  // previous kernel) loads its K and V rows (earlier steps') before the dependency wait; q,
+  // from the previous kernel, after it. Same values either way.
+#ifdef ZMLX_ATT_NO_EARLY
+  const bool early = false;
+#else
+  const bool early = t0 + n < len;
+#endif
+  if (!early) ZMLX_GRID_DEP();
   const typename D::T* kbase = kc + ((long long)h * max_len + t0) * HD;
   const typename D::T* vbase = vc + ((long long)h * max_len + t0) * HD;
   // 16-bit dtypes: the chunk's V rows are copied into shared memory (cp.async, rows past n
@@ -196,6 +203,9 @@ __device__ __forceinline__ void attn_split_long_impl(const typename D::T* q, con
         for (int j = 0; j < 8; j++) kv[it][j] = 0.0f;
       }
     }
+    if (early) ZMLX_GRID_DEP();
+    for (int i = tid; i < G * HD; i += ATT_THREADS)
+      qs[i] = D::rnd(__fmul_rn(D::ld(q[(long long)h * G * HD + i]), scale_r));
     __syncthreads();  // qs ready
     // g outer, rows inner: each q slice is read from shared memory once (2 x 16 B).
 #pragma unroll
@@ -1112,7 +1122,7 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_split_long_##DN##_d##HD(                     \
       const DT::T* q, const DT::T* kc, const DT::T* vc, float* part, const int* len, int len_add, int G,       \
-      int max_len, float scale) { ZMLX_GRID_DEP();                                                                              \
+      int max_len, float scale) { /* waits inside, after the early loads */                                   \
     attn_split_long_impl<DT, HD>(q, kc, vc, part, len, len_add, G, max_len, scale);                            \
   }                                                                                                            \
   extern "C" __global__ void attn_combine_long_##DN##_d##HD(const float* part, DT::T* y, const int* len,       \
