@@ -260,9 +260,10 @@ pub const ATT_MAX_LEN: usize = 262144;
 /// [`ATT_SPLIT_MAX_LEN`], the 128-position flash-decoding kernel beyond (H100, Qwen3-30B
 /// shapes, crossovers measured in docs/kernels.md).
 pub const ATT_SINGLE_MAX_LEN: usize = 384;
-/// 4096 since the long kernel stages V in shared memory (16-bit caches): at 4096 positions
-/// Long 18.80 µs vs Split(16) 19.16, at 2048 13.95 vs Split(8) 11.73 (docs/kernels.md).
-pub const ATT_SPLIT_MAX_LEN: usize = 4096;
+/// 2048 since the long kernel loads its K/V rows before the dependency wait (H100, same call,
+/// µs): 2048 positions Split(8) 12.08, Long 12.67, Split(16) 14.60; 4096 Long 16.83, Split(8)
+/// 19.96, Split(16) 21.62 (docs/kernels.md, "Seventh pass").
+pub const ATT_SPLIT_MAX_LEN: usize = 2048;
 /// Longest length at which the single-launch attention takes the q/k norm + rope prologue
 /// ([`AttnKernel::takes_qk_prologue`]): the crossover of the measurements cited there.
 pub const ATT_QK_PROLOGUE_MAX_LEN: usize = 160;

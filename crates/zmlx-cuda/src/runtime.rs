@@ -117,6 +117,37 @@ impl Drop for CudaGraph {
 
 unsafe impl Send for CudaGraph {}
 
+/// A u32 in page-locked host memory that the stream copies into without blocking the host,
+/// and the event recorded after the copy ([`CudaDevice::read_u32_async`], [`HostU32::wait`]).
+pub struct HostU32 {
+    ptr: *mut u32,
+    event: sys::CUevent,
+    ctx: Arc<CudaContext>,
+}
+
+impl HostU32 {
+    /// Wait for the last copy into this slot and return its value.
+    pub fn wait(&self) -> Result<u32> {
+        drv(self.ctx.bind_to_thread(), "bind")?;
+        drv(unsafe { result::event::synchronize(self.event) }, "event sync")?;
+        Ok(unsafe { std::ptr::read_volatile(self.ptr) })
+    }
+}
+
+impl Drop for HostU32 {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        unsafe {
+            let _ = result::event::synchronize(self.event);
+            let _ = result::event::destroy(self.event);
+            let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
+        }
+    }
+}
+
+// The slot is owned by one HostU32; the device writes it only through copies ordered before its event.
+unsafe impl Send for HostU32 {}
+
 /// A CUDA event pair for timing on the device's stream.
 pub struct EventTimer {
     start: sys::CUevent,
@@ -248,6 +279,29 @@ impl CudaDevice {
         let mut out = vec![T::default(); n];
         unsafe { drv(result::memcpy_dtoh_sync(&mut out, src), "memcpy dtoh")? };
         Ok(out)
+    }
+
+    /// Store the u32 `v` at `dst`, stream-ordered, without waiting (the value is taken now).
+    pub fn store_u32(&self, dst: u64, v: u32) -> Result<()> {
+        self.bind()?;
+        drv(unsafe { sys::cuMemsetD32Async(dst, v, 1, self.stream.cu_stream()).result() }, "memset d32")
+    }
+
+    /// A page-locked host slot for [`Self::read_u32_async`].
+    pub fn host_u32(&self) -> Result<HostU32> {
+        self.bind()?;
+        let ptr = drv(unsafe { result::malloc_host(4, 0) }, "cuMemHostAlloc")? as *mut u32;
+        let event = drv(result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING), "event")?;
+        Ok(HostU32 { ptr, event, ctx: self.ctx.clone() })
+    }
+
+    /// Enqueue a copy of the u32 at `src` into `slot` and an event after it; returns at once
+    /// (`slot.wait()` gives the value).
+    pub fn read_u32_async(&self, src: u64, slot: &HostU32) -> Result<()> {
+        self.bind()?;
+        let dst = unsafe { std::slice::from_raw_parts_mut(slot.ptr, 1) };
+        drv(unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }, "memcpy dtoh async")?;
+        drv(unsafe { result::event::record(slot.event, self.stream.cu_stream()) }, "event record")
     }
 
     /// Fill `bytes` at `dst` with `byte` (stream-ordered).

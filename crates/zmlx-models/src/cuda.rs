@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use zmlx_core::DType;
-use zmlx_cuda::{fused, mlx_cpu, ops, Arena, AttnKernel, AttnShape, CudaDevice, CudaGraph, DevBuf, QuantWeight};
+use zmlx_cuda::{fused, mlx_cpu, ops, Arena, AttnKernel, AttnShape, CudaDevice, CudaGraph, DevBuf, HostU32, QuantWeight};
 
 use crate::error::{ModelError, Result};
 use crate::generate::Decoder;
@@ -355,8 +355,16 @@ pub struct CudaQwen3Moe {
     use_graph: bool,
     /// MLX's CPU numerics: the attention scores' workspace while on (`use_mlx_cpu_numerics`).
     mlx_cpu: Option<DevBuf>,
-    /// Tokens in the KV cache.
+    /// Tokens in the KV cache (a look-ahead step included).
     len: usize,
+    /// Greedy look-ahead ([`Decoder::set_lookahead`]; `ZMLX_LOOKAHEAD=0` never allows it).
+    lookahead: bool,
+    lookahead_allowed: bool,
+    /// A look-ahead step is enqueued: it consumes `last_token`, which the device produced.
+    ahead: bool,
+    last_token: Option<u32>,
+    /// Where each step's greedy token is copied without blocking.
+    token_slot: HostU32,
     pub weight_bytes: usize,
     /// Everything this engine allocated on the device (weights, KV caches, arena).
     pub device_bytes: usize,
@@ -468,7 +476,7 @@ impl CudaQwen3Moe {
         dev.memset(s.experts_ws, 0, fused::MOE_EXPERTS_WORKSPACE_BYTES).map_err(cuda_err)?;
         let device_bytes = weight_bytes + 2 * cache_bytes * a.num_hidden_layers + arena.capacity();
         Ok(CudaQwen3Moe {
-            dev,
+            dev: dev.clone(),
             dtype,
             eps: a.rms_norm_eps,
             hidden: d,
@@ -490,6 +498,11 @@ impl CudaQwen3Moe {
             use_graph,
             mlx_cpu: None,
             len: 0,
+            lookahead: false,
+            lookahead_allowed: std::env::var("ZMLX_LOOKAHEAD").map_or(true, |v| v != "0"),
+            ahead: false,
+            last_token: None,
+            token_slot: dev.host_u32().map_err(cuda_err)?,
             weight_bytes,
             device_bytes,
         })
@@ -741,14 +754,20 @@ impl CudaQwen3Moe {
                 report.add("qk_norm_rope");
             }
         }
+        // A look-ahead step may still run one of the graphs dropped here.
+        self.dev.sync().ok();
         self.graphs.clear();
         self.len = 0;
+        self.ahead = false;
         report
     }
 
     /// Expert ids and weights of the last step, per layer (`--routing-stats`); empty rows
     /// for dense layers.
     pub fn last_routing(&self) -> Result<Vec<(Vec<u32>, Vec<f32>)>> {
+        if self.ahead {
+            return Err(ModelError::invalid("routing: a look-ahead step has overwritten the last step's routing"));
+        }
         let k = self.top_k.max(1);
         let n = self.layers.len() * k;
         let ids: Vec<u32> = self.dev.read(self.s.ids, n).map_err(cuda_err)?;
@@ -770,13 +789,16 @@ impl CudaQwen3Moe {
         self.last_launches
     }
 
-    /// Run one step for `token` at the current position.
-    fn step(&mut self, token: u32, head: bool) -> Result<()> {
+    /// Enqueue one step for `token` at the current position (None: the token the last step
+    /// left on the device). Nothing here waits for the device.
+    fn step(&mut self, token: Option<u32>, head: bool) -> Result<()> {
         if self.len >= self.attn.max_len {
             return Err(ModelError::invalid(format!("KV cache full ({} tokens)", self.attn.max_len)));
         }
-        self.dev.write(self.s.token, &[token]).map_err(cuda_err)?;
-        self.dev.write(self.s.pos, &[self.len as i32]).map_err(cuda_err)?;
+        if let Some(t) = token {
+            self.dev.store_u32(self.s.token, t).map_err(cuda_err)?;
+        }
+        self.dev.store_u32(self.s.pos, self.len as u32).map_err(cuda_err)?;
         let attn_kernel = AttnKernel::for_len(self.len + 1);
         let key = (attn_kernel, attn_kernel.takes_qk_prologue(self.len + 1), head);
         let before = self.dev.launch_count();
@@ -802,28 +824,68 @@ impl CudaQwen3Moe {
             return Err(ModelError::invalid(format!("token id {bad} is out of range (vocab size {})", self.vocab)));
         }
         for (i, &t) in tokens.iter().enumerate() {
-            self.step(t, i + 1 == tokens.len())?;
+            self.step(Some(t), i + 1 == tokens.len())?;
         }
         Ok(())
     }
 
+    /// Forget an enqueued look-ahead step: its KV row is rewritten by the step that takes its
+    /// position, and the next step writes its own token.
+    fn discard_ahead(&mut self) {
+        if self.ahead {
+            self.len -= 1;
+            self.ahead = false;
+        }
+    }
+
+}
+
+impl Drop for CudaQwen3Moe {
+    fn drop(&mut self) {
+        // A look-ahead step may still read the buffers and graphs dropped after this.
+        self.dev.sync().ok();
+    }
 }
 
 impl Decoder for CudaQwen3Moe {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.discard_ahead();
         self.run(tokens)?;
         let bytes: Vec<u8> = self.dev.read(self.s.logits, self.vocab * self.dtype.size_bytes()).map_err(cuda_err)?;
         Ok(zmlx_core::dtype::floats_from_le_bytes(self.dtype, &bytes).unwrap_or_default())
     }
 
     fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32> {
-        self.run(tokens)?;
-        let t: Vec<u32> = self.dev.read(self.s.token, 1).map_err(cuda_err)?;
-        Ok(t[0])
+        // The step for `tokens` may already be enqueued: the look-ahead for the token we returned.
+        let in_flight = self.ahead && tokens.len() == 1 && self.last_token == Some(tokens[0]);
+        if !in_flight {
+            self.discard_ahead();
+            self.run(tokens)?;
+        }
+        self.ahead = false;
+        self.dev.read_u32_async(self.s.token, &self.token_slot).map_err(cuda_err)?;
+        if self.lookahead && self.len < self.attn.max_len {
+            // Greedy continuation: the device holds the token, so the next step can start now.
+            self.step(None, true)?;
+            self.ahead = true;
+        }
+        let t = self.token_slot.wait().map_err(cuda_err)?;
+        self.last_token = Some(t);
+        Ok(t)
     }
 
     fn reset(&mut self) {
         self.len = 0;
+        self.ahead = false;
+    }
+
+    fn set_lookahead(&mut self, on: bool) {
+        self.lookahead = on && self.lookahead_allowed;
+        if !on && self.ahead {
+            // Let the unused step finish here, not inside whatever the caller times next.
+            self.dev.sync().ok();
+            self.discard_ahead();
+        }
     }
 
     fn patch(&mut self, patterns: &[Pattern]) -> Result<PatchReport> {

@@ -21,6 +21,11 @@ pub trait Decoder {
         Ok(ops::argmax(&logprobs(&logits, self.dtype())) as u32)
     }
     fn reset(&mut self);
+    /// Let `forward_greedy` enqueue the next step before it is asked for (a GPU backend whose
+    /// device already holds the greedy token), so the host's turn-around between steps does
+    /// not leave the device idle. A call with other tokens discards that step. `generate` turns
+    /// it on for greedy decoding and off when it returns.
+    fn set_lookahead(&mut self, _on: bool) {}
     /// Switch blocks to the fused variants of these elementary patterns (an empty list
     /// restores the reference path); the cache is reset.
     fn patch(&mut self, patterns: &[Pattern]) -> Result<PatchReport>;
@@ -125,6 +130,20 @@ impl Sampler {
 /// Generate up to `max_tokens` after `prompt`, calling `on_token` for each new
 /// token. Stops at an EOS id, which (like mlx-lm) is not part of the output.
 pub fn generate(
+    decoder: &mut dyn Decoder,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: SamplingOptions,
+    eos: &[u32],
+    on_token: impl FnMut(u32),
+) -> Result<(Vec<u32>, GenerationStats)> {
+    decoder.set_lookahead(sampling.temp <= 0.0);
+    let out = generate_steps(decoder, prompt, max_tokens, sampling, eos, on_token);
+    decoder.set_lookahead(false);
+    out
+}
+
+fn generate_steps(
     decoder: &mut dyn Decoder,
     prompt: &[u32],
     max_tokens: usize,

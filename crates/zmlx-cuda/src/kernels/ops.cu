@@ -8,16 +8,17 @@
 // before the final rounding (stored as D::st(out[j])). Shared with add_rms_norm (whose v is
 // r(x + delta)) and moe_gating's prologue, so their outputs are bitwise this kernel's when
 // launched with the same thread count.
-template <class D>
-__device__ __forceinline__ void rms_norm_vals(const float* v, const typename D::T* __restrict__ w, int n, float eps,
-                                              float inv_n, float* red, float* out) {
-  const int nt = blockDim.x;
-  float wv[8];
+template <class D> __device__ __forceinline__ void rms_norm_load8(const typename D::T* p, int n, float* out) {
 #pragma unroll
   for (int j = 0; j < 8; j++) {
-    const int i = threadIdx.x + j * nt;
-    wv[j] = i < n ? D::ld(w[i]) : 0.0f;
+    const int i = threadIdx.x + j * blockDim.x;
+    out[j] = i < n ? D::ld(p[i]) : 0.0f;
   }
+}
+// The arithmetic, from the thread's values v and weights wv (rms_norm_load8 layout).
+template <class D>
+__device__ __forceinline__ void rms_norm_vals_w(const float* v, const float* wv, int n, float eps, float inv_n,
+                                                float* red, float* out) {
   float ss = 0.0f;
 #pragma unroll
   for (int j = 0; j < 8; j++) ss = fmaf(v[j], v[j], ss);
@@ -27,14 +28,17 @@ __device__ __forceinline__ void rms_norm_vals(const float* v, const typename D::
   for (int j = 0; j < 8; j++) out[j] = __fmul_rn(D::rnd(__fmul_rn(v[j], r)), wv[j]);
 }
 template <class D>
+__device__ __forceinline__ void rms_norm_vals(const float* v, const typename D::T* __restrict__ w, int n, float eps,
+                                              float inv_n, float* red, float* out) {
+  float wv[8];
+  rms_norm_load8<D>(w, n, wv);
+  rms_norm_vals_w<D>(v, wv, n, eps, inv_n, red, out);
+}
+template <class D>
 __device__ __forceinline__ void rms_norm_regs(const typename D::T* __restrict__ x, const typename D::T* __restrict__ w,
                                               int n, float eps, float inv_n, float* red, float* out) {
   float v[8];
-#pragma unroll
-  for (int j = 0; j < 8; j++) {
-    const int i = threadIdx.x + j * blockDim.x;
-    v[j] = i < n ? D::ld(x[i]) : 0.0f;
-  }
+  rms_norm_load8<D>(x, n, v);
   rms_norm_vals<D>(v, w, n, eps, inv_n, red, out);
 }
 template <class D>
@@ -45,8 +49,17 @@ __device__ __forceinline__ void rms_norm_impl(const typename D::T* x, const type
   y += (long long)blockIdx.x * n;
   const int nt = blockDim.x;
   if (n <= 8 * nt) {  // all loads in flight at once, values stay in registers
-    float out[8];
-    rms_norm_regs<D>(x, w, n, eps, inv_n, red, out);
+    // The weights (constant) are requested before the dependency wait, x after it.
+    float wv[8], v[8], out[8];
+#ifdef ZMLX_NORM_W_AFTER
+    ZMLX_GRID_DEP();
+#endif
+    rms_norm_load8<D>(w, n, wv);
+#ifndef ZMLX_NORM_W_AFTER
+    ZMLX_GRID_DEP();
+#endif
+    rms_norm_load8<D>(x, n, v);
+    rms_norm_vals_w<D>(v, wv, n, eps, inv_n, red, out);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       const int i = threadIdx.x + j * nt;
@@ -54,6 +67,7 @@ __device__ __forceinline__ void rms_norm_impl(const typename D::T* x, const type
     }
     return;
   }
+  ZMLX_GRID_DEP();
   float ss = 0.0f;
   for (int i = threadIdx.x; i < n; i += nt) { float v = D::ld(x[i]); ss = fmaf(v, v, ss); }
   ss = block_sum(ss, red);
@@ -1133,7 +1147,7 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
 
 #define ZMLX_OPS(DT, DN)                                                                                       \
   extern "C" __global__ void rms_norm_##DN(const DT::T* x, const DT::T* w, DT::T* y, int n, float eps,         \
-                                           float inv_n) { ZMLX_GRID_DEP(); rms_norm_impl<DT>(x, w, y, n, eps, inv_n); }         \
+                                           float inv_n) { /* waits inside */ rms_norm_impl<DT>(x, w, y, n, eps, inv_n); }         \
   extern "C" __global__ void rope_##DN(const DT::T* x, DT::T* y, const int* pos, int pos_add, int rows, int hd, \
                                        int dims, float step, float scale) { ZMLX_GRID_DEP();                                    \
     rope_impl<DT>(x, y, pos, pos_add, rows, hd, dims, step, scale);                                            \
