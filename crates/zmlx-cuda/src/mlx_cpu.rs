@@ -96,22 +96,10 @@ pub(crate) mod tests {
     use zmlx_core::{ops as cpu, DType, QuantSpec, QuantizedMatrix};
 
     use crate::ops::{AttnShape, QuantWeight};
-    use crate::reference::{self as re, Rng};
-    use crate::runtime::{CudaDevice, DevBuf};
-    use crate::selftest::TestRow;
+    use crate::reference::Rng;
+    use crate::runtime::CudaDevice;
+    use crate::selftest::{down, poisoned, up, TestRow};
     use crate::Result;
-
-    fn up(dev: &CudaDevice, dt: DType, v: &[f32]) -> Result<DevBuf> {
-        dev.upload(&re::encode(dt, v))
-    }
-    fn down(dev: &CudaDevice, dt: DType, p: u64, n: usize) -> Result<Vec<f32>> {
-        Ok(re::decode(dt, &dev.read::<u8>(p, n * dt.size_bytes())?))
-    }
-    fn poisoned(dev: &CudaDevice, bytes: usize) -> Result<DevBuf> {
-        let b = dev.alloc(bytes)?;
-        dev.memset(b.ptr(), 0xff, bytes)?;
-        Ok(b)
-    }
     /// Bitwise comparison (NaN poison never equals a value).
     fn row(name: &str, shape: String, out: &[f32], want: &[f32]) -> TestRow {
         let bad = out.iter().zip(want).filter(|(a, b)| a.to_bits() != b.to_bits()).count() + out.len().abs_diff(want.len());
@@ -221,10 +209,7 @@ pub(crate) mod tests {
 
     pub fn run(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
         let mut rows = Vec::new();
-        let mut push = |name: &str, r: Result<TestRow>| match r {
-            Ok(t) => rows.push(t),
-            Err(e) => rows.push(TestRow { name: name.into(), shape: String::new(), passed: false, worst: f64::NAN, rel_norm: f64::NAN, note: e.to_string() }),
-        };
+        let mut push = |name: &str, r: Result<TestRow>| rows.push(TestRow::from_result(name, r));
         let (bf, f16, f32) = (DType::BF16, DType::F16, DType::F32);
         for bits in [2, 3, 4, 5, 6, 8] {
             for gs in [32, 64, 128] {

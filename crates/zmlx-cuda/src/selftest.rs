@@ -23,13 +23,20 @@ pub struct TestRow {
     pub note: String,
 }
 
-fn up(dev: &CudaDevice, dt: DType, v: &[f32]) -> Result<DevBuf> {
+impl TestRow {
+    /// The row a test returned, or a failed row carrying its error.
+    pub fn from_result(name: &str, r: Result<TestRow>) -> TestRow {
+        r.unwrap_or_else(|e| TestRow { name: name.into(), shape: String::new(), passed: false, worst: f64::NAN, rel_norm: f64::NAN, note: e.to_string() })
+    }
+}
+
+pub(crate) fn up(dev: &CudaDevice, dt: DType, v: &[f32]) -> Result<DevBuf> {
     dev.upload(&re::encode(dt, v))
 }
-fn down(dev: &CudaDevice, dt: DType, p: u64, n: usize) -> Result<Vec<f32>> {
+pub(crate) fn down(dev: &CudaDevice, dt: DType, p: u64, n: usize) -> Result<Vec<f32>> {
     Ok(re::decode(dt, &dev.read::<u8>(p, n * dt.size_bytes())?))
 }
-fn poisoned(dev: &CudaDevice, bytes: usize) -> Result<DevBuf> {
+pub(crate) fn poisoned(dev: &CudaDevice, bytes: usize) -> Result<DevBuf> {
     let b = dev.alloc(bytes)?;
     dev.memset(b.ptr(), 0xff, bytes)?;
     Ok(b)
@@ -827,10 +834,7 @@ fn test_kv_append(dev: &CudaDevice, rng: &mut Rng, dt: DType, n_kv: usize, hd: u
 /// The tests above, in one list (registered by `run_self_tests_dump`).
 fn engine_kernel_tests(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
     let mut rows = Vec::new();
-    let mut push = |name: &str, r: Result<TestRow>| match r {
-        Ok(t) => rows.push(t),
-        Err(e) => rows.push(TestRow { name: name.into(), shape: String::new(), passed: false, worst: f64::NAN, rel_norm: f64::NAN, note: e.to_string() }),
-    };
+    let mut push = |name: &str, r: Result<TestRow>| rows.push(TestRow::from_result(name, r));
     let (bf, f16, f32) = (DType::BF16, DType::F16, DType::F32);
     for dt in [bf, f16, f32] {
         match test_logprobs_argmax(dev, rng, dt, 151936) {
@@ -872,10 +876,7 @@ pub fn run_self_tests_dump(dev: &CudaDevice, dump: Option<&Path>) -> Vec<TestRow
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
     let mut rng = Rng::new(seed);
     let mut rows = Vec::new();
-    let mut push = |name: &str, r: Result<TestRow>| match r {
-        Ok(t) => rows.push(t),
-        Err(e) => rows.push(TestRow { name: name.into(), shape: String::new(), passed: false, worst: f64::NAN, rel_norm: f64::NAN, note: e.to_string() }),
-    };
+    let mut push = |name: &str, r: Result<TestRow>| rows.push(TestRow::from_result(name, r));
     let (bf, f16, f32) = (DType::BF16, DType::F16, DType::F32);
     for bits in [2, 3, 4, 5, 6, 8] {
         for gs in [32, 64, 128] {
@@ -1354,10 +1355,7 @@ pub(crate) mod fused_tests {
 
     pub fn run(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
         let mut rows = Vec::new();
-        let mut push = |name: &str, r: Result<TestRow>| match r {
-            Ok(t) => rows.push(t),
-            Err(e) => rows.push(TestRow { name: name.into(), shape: String::new(), passed: false, worst: f64::NAN, rel_norm: f64::NAN, note: e.to_string() }),
-        };
+        let mut push = |name: &str, r: Result<TestRow>| rows.push(TestRow::from_result(name, r));
         let (bf, f16, f32) = (DType::BF16, DType::F16, DType::F32);
         // Qwen3-30B-A3B: hidden 2048, 128 experts, top-8, FFN 768, 4-bit g64, router 8-bit g64.
         push("fused_moe_block", test_moe_block(dev, rng, bf, 128, 2048, 768, 8, 4, 64, 8, 1));
@@ -1598,10 +1596,7 @@ pub(crate) mod latency_tests {
 
     pub fn run(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
         let mut rows = Vec::new();
-        let mut push = |name: &str, r: Result<TestRow>| match r {
-            Ok(t) => rows.push(t),
-            Err(e) => rows.push(TestRow { name: name.into(), shape: String::new(), passed: false, worst: f64::NAN, rel_norm: f64::NAN, note: e.to_string() }),
-        };
+        let mut push = |name: &str, r: Result<TestRow>| rows.push(TestRow::from_result(name, r));
         let (bf, f16, f32) = (DType::BF16, DType::F16, DType::F32);
         let a = |h, kv, d, ml| AttnShape { n_heads: h, n_kv_heads: kv, head_dim: d, max_len: ml };
         let cases: [(DType, AttnShape, &[usize]); 6] = [
