@@ -8,19 +8,15 @@
 use zmlx_core::DType;
 
 use crate::catalog::dtype_tag;
-use crate::ops::{AttnShape, QuantWeight};
+use crate::ops::{inv, rms_norm_inv_n, AttnShape, QuantWeight};
 use crate::runtime::{Arg, CudaDevice};
-use crate::{CudaError, Result};
+use crate::Result;
 
 /// Kernel stems of the `mlxcpu_<dtype>` module (`mlxcpu_<stem>_<dtype>`).
 pub const KERNELS: [&str; 5] = ["qmm", "rms_norm", "attention", "softmax_topk", "logprobs_argmax"];
 
 /// Most experts [`softmax_topk`] takes (MC_TOPK_MAX_E in mlx_cpu.cu).
 pub const TOPK_MAX_EXPERTS: usize = 2048;
-
-fn inv(msg: String) -> CudaError {
-    CudaError::Invalid(msg)
-}
 
 /// `mx.quantized_matmul(x, w.T)` for one token as MLX's CPU `_qmm_t` computes it: per output,
 /// `sum = r(sum + r(x_k · r(r(scale·q_k) + bias)))` over k in order. With `ids` (u32 in device
@@ -41,8 +37,7 @@ pub fn qmm(dev: &CudaDevice, dt: DType, wq: &QuantWeight, ids: u64, slots: usize
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm(dev: &CudaDevice, dt: DType, x: u64, w: u64, y: u64, rows: usize, n: usize, eps: f32) -> Result<()> {
     let tag = dtype_tag(dt)?;
-    let inv_n = (1.0f64 / n as f64) as f32;
-    dev.launch(&format!("mlxcpu_rms_norm_{tag}"), (rows as u32, 1, 1), (128, 1, 1), 0, &[Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(y), Arg::I32(n as i32), Arg::F32(eps), Arg::F32(inv_n)])
+    dev.launch(&format!("mlxcpu_rms_norm_{tag}"), (rows as u32, 1, 1), (128, 1, 1), 0, &[Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(y), Arg::I32(n as i32), Arg::F32(eps), Arg::F32(rms_norm_inv_n(n))])
 }
 
 /// Bytes of [`attention`]'s score workspace for a shape.
@@ -98,16 +93,14 @@ pub(crate) mod tests {
     use crate::ops::{AttnShape, QuantWeight};
     use crate::reference::Rng;
     use crate::runtime::CudaDevice;
-    use crate::selftest::{down, poisoned, up, TestRow};
+    use crate::selftest::{down, dtn as tag, poisoned, qdata, up, TestRow};
     use crate::Result;
+
     /// Bitwise comparison (NaN poison never equals a value).
     fn row(name: &str, shape: String, out: &[f32], want: &[f32]) -> TestRow {
         let bad = out.iter().zip(want).filter(|(a, b)| a.to_bits() != b.to_bits()).count() + out.len().abs_diff(want.len());
         let note = if bad == 0 { "bit-exact vs zmlx-core (MLX CPU)".into() } else { format!("{bad} of {} differ", want.len()) };
         TestRow { name: name.into(), shape, passed: bad == 0, worst: 0.0, rel_norm: 0.0, note }
-    }
-    fn tag(dt: DType) -> &'static str {
-        crate::catalog::dtype_tag(dt).unwrap_or("?")
     }
 
     /// E stacked experts, `slots` of them chosen at random (repeats allowed), x shared or per slot.
@@ -116,13 +109,11 @@ pub(crate) mod tests {
         let spec = QuantSpec::new(bits, gs).map_err(|err| crate::CudaError::Invalid(err.to_string()))?;
         let wpr = k * bits as usize / 32;
         let groups = n * k / gs;
-        let span = 1.0 / (1u32 << bits) as f32;
-        let words = rng.words(e * n * wpr);
-        let scales: Vec<f32> = (0..e * groups).map(|_| dt.round(rng.uniform(0.5 * span, 1.5 * span) * if rng.next_u32() & 1 == 0 { 1.0 } else { -1.0 })).collect();
-        let biases = rng.vec(e * groups, -0.5, 0.5, dt);
+        let q = qdata(rng, dt, e, n, k, bits, gs);
+        let (words, scales, biases) = (&q.words, &q.scales, &q.biases);
         let x = rng.vec(if per_slot { slots * k } else { k }, -1.0, 1.0, dt);
         let ids: Vec<u32> = (0..slots).map(|_| rng.next_u32() % e as u32).collect();
-        let (wb, sb, bb, xb, ib) = (dev.upload(&words)?, up(dev, dt, &scales)?, up(dev, dt, &biases)?, up(dev, dt, &x)?, dev.upload(&ids)?);
+        let (wb, sb, bb, xb, ib) = (dev.upload(words)?, up(dev, dt, scales)?, up(dev, dt, biases)?, up(dev, dt, &x)?, dev.upload(&ids)?);
         let yb = poisoned(dev, slots * n * dt.size_bytes())?;
         let wq = QuantWeight { w: wb.ptr(), scales: sb.ptr(), biases: bb.ptr(), n, k, bits, group_size: gs as u32, n_experts: e };
         let gather = e > 1;

@@ -41,7 +41,7 @@ pub(crate) fn poisoned(dev: &CudaDevice, bytes: usize) -> Result<DevBuf> {
     dev.memset(b.ptr(), 0xff, bytes)?;
     Ok(b)
 }
-fn dtn(dt: DType) -> &'static str {
+pub(crate) fn dtn(dt: DType) -> &'static str {
     match dt {
         DType::BF16 => "bf16",
         DType::F16 => "f16",
@@ -77,12 +77,12 @@ fn u32b(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-struct QData {
-    words: Vec<u32>,
-    scales: Vec<f32>,
-    biases: Vec<f32>,
+pub(crate) struct QData {
+    pub words: Vec<u32>,
+    pub scales: Vec<f32>,
+    pub biases: Vec<f32>,
 }
-fn qdata(rng: &mut Rng, dt: DType, e: usize, n: usize, k: usize, bits: u32, gs: usize) -> QData {
+pub(crate) fn qdata(rng: &mut Rng, dt: DType, e: usize, n: usize, k: usize, bits: u32, gs: usize) -> QData {
     let groups = e * n * k / gs;
     // Scales of both signs around 1/2^bits, biases around ±0.5: dequantized weights ~ ±1.
     let span = 1.0 / (1u32 << bits) as f32;

@@ -68,14 +68,19 @@ __device__ __forceinline__ void mc_rms_norm_impl(const typename D::T* x, const t
   for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = D::st(__fmul_rn(D::rnd(__fmul_rn(D::ld(x[i]), rho)), D::ld(w[i])));
 }
 
-// `mx.softmax(precise=True)` over n f32 values in place (values of the dtype), one thread:
-// f32 max, f32 sum of MLX exps in order, p = r(exp(v - max) · (1/sum)).
-template <class D> __device__ __forceinline__ void mc_softmax_serial(float* v, int n) {
-  float m = -ZMLX_INF;
+// The serial half of `mx.softmax(precise=True)` over n f32 values, one thread: the max, then
+// 1/Σ mlx_exp(v - max) with the sum in f32 in order. p_i = r(mlx_exp(v_i - max) · inv).
+__device__ __forceinline__ void mc_softmax_stats(const float* v, int n, float& m, float& inv) {
+  m = -ZMLX_INF;
   for (int i = 0; i < n; i++) m = fmaxf(m, v[i]);
   float sum = 0.0f;
   for (int i = 0; i < n; i++) sum = __fadd_rn(sum, mlx_exp(__fsub_rn(v[i], m)));
-  const float inv = __fdiv_rn(1.0f, sum);
+  inv = __fdiv_rn(1.0f, sum);
+}
+// `mx.softmax(precise=True)` over n f32 values in place (values of the dtype), one thread.
+template <class D> __device__ __forceinline__ void mc_softmax_serial(float* v, int n) {
+  float m, inv;
+  mc_softmax_stats(v, n, m, inv);
   for (int i = 0; i < n; i++) v[i] = D::rnd(__fmul_rn(mlx_exp(__fsub_rn(v[i], m)), inv));
 }
 
@@ -102,14 +107,7 @@ __device__ __forceinline__ void mc_attention_impl(const typename D::T* q, const 
     sc[j] = D::rnd(acc);
   }
   __syncthreads();
-  if (tid == 0) {
-    float m = -ZMLX_INF;
-    for (int j = 0; j < len; j++) m = fmaxf(m, sc[j]);
-    float sum = 0.0f;
-    for (int j = 0; j < len; j++) sum = __fadd_rn(sum, mlx_exp(__fsub_rn(sc[j], m)));
-    stat[0] = m;
-    stat[1] = __fdiv_rn(1.0f, sum);
-  }
+  if (tid == 0) mc_softmax_stats(sc, len, stat[0], stat[1]);
   __syncthreads();
   for (int j = tid; j < len; j += blockDim.x) sc[j] = D::rnd(__fmul_rn(mlx_exp(__fsub_rn(sc[j], stat[0])), stat[1]));
   __syncthreads();
