@@ -23,18 +23,25 @@ pub struct Args {
     pub prompt_tokens: Option<String>,
     #[arg(long, default_value_t = 100)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
+    /// Sampling temperature; 0 is greedy. Sampling applies mlx-lm's filters (top-p, then
+    /// top-k) and draws on the device under --device cuda.
     #[arg(long, default_value_t = 0.0)]
     pub temp: f32,
+    /// Nucleus: keep the most likely tokens whose probability (at temperature 1) reaches P.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// Keep the K most likely tokens (0: all; ties at the K-th value keep the lowest ids).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Seed of the draws: the same seed, prompt and model give the same tokens (CPU or GPU).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Use the raw prompt, without the chat template.
     #[arg(long)]
     pub ignore_chat_template: bool,
+    /// Generate max-tokens tokens even past an EOS id (timing runs).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// Print one JSON object as the last line of stdout (tokens, text, stats).
     #[arg(long)]
     pub json: bool,
@@ -62,7 +69,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             bail!("prompt token id {bad} is out of range (vocab size {vocab})");
         }
     }
-    let eos = model.eos_token_ids();
+    let eos = if args.ignore_eos { Vec::new() } else { model.eos_token_ids() };
     let sampling = SamplingOptions { temp: args.temp, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
     let tokenizer = model.tokenizer.take();
     let mut engine = engine::open(model, &args.engine, prompt.len() + args.max_tokens)?;

@@ -8,6 +8,7 @@ pub mod dtype;
 pub mod mlx_math;
 pub mod ops;
 pub mod quant;
+pub mod sampling;
 
 pub use dtype::DType;
 pub use quant::{QuantSpec, QuantizedMatrix};

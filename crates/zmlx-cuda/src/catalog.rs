@@ -96,11 +96,13 @@ pub fn module_spec(name: &str) -> Option<ModuleSpec> {
                 "lpa_max", "lpa_select", "fill_random_u32", "fill_random_uniform", "affine", "mv_dense", "embed_dense",
                 // decode-latency kernels: one-launch q/k norm + rope + append; legacy paths for the tests
                 "qk_norm_rope_append", "softmax_topk_legacy",
+                // sampling on the device
+                "smp_prep", "smp_radix", "smp_ties", "smp_mass", "smp_pick",
             ]
             .iter()
             .flat_map(|k| match *k {
                 "attn_single" | "attn_single_qknr" | "attn_split_long" | "attn_combine_long" => ATTN_HEAD_DIMS.iter().map(|d| format!("{k}_{tag}_d{d}")).collect(),
-                "copy_u4" | "fill_random_u32" => vec![k.to_string()],
+                "copy_u4" | "fill_random_u32" | "smp_radix" | "smp_ties" | "smp_mass" | "smp_pick" => vec![k.to_string()],
                 _ => vec![format!("{k}_{tag}")],
             })
             .collect();

@@ -2,6 +2,7 @@
 //! every launcher checks shapes and alignment, then enqueues on the device's stream
 //! (capturable into a graph). Rounding contracts: docs/kernels.md.
 
+use zmlx_core::sampling::SampleParams;
 use zmlx_core::DType;
 
 use crate::catalog::{dtype_tag, qmv_fn_name};
@@ -641,6 +642,68 @@ pub fn logprobs_argmax(dev: &CudaDevice, dt: DType, logits: u64, n: usize, works
         0,
         &[Arg::Ptr(logits), Arg::Ptr(workspace), Arg::Ptr(out), Arg::I32(n as i32), Arg::I32(chunk as i32)],
     )
+}
+
+/// Most blocks of [`sample`] (SMP_MAX_BLOCKS in ops.cu).
+const SMP_MAX_BLOCKS: usize = 1024;
+
+/// Bytes of the [`sample`] workspace for `n` logits: zero it once after allocating; the
+/// kernels leave their state zeroed after every call (graph replays need no memset).
+pub fn sample_workspace_bytes(n: usize) -> usize {
+    8 * (16 + 2 * SMP_MAX_BLOCKS + 2 * 2048) + 4 * n.next_multiple_of(2) + 16 * n
+}
+
+/// The last [`sample`] call's intermediate results, read back for tests: (Q the top-p mass,
+/// v_p, v_k the top-p and top-k boundary keys, W the kept mass, d the draw).
+pub fn sample_report(dev: &CudaDevice, workspace: u64) -> Result<[u64; 5]> {
+    let h: Vec<u64> = dev.read(workspace, 15)?;
+    Ok([h[10], h[11], h[12], h[13], h[14]])
+}
+
+/// Sample the next token from `logits` (n values of `dt`) as `zmlx_core::sampling::sample`
+/// does, bit for bit, with the random word `step_random(*seed, *pos)` (`seed`: a device u64,
+/// `pos`: a device u32); the token goes to
+/// `out`. Runs after [`logprobs_argmax`] on the same logits (`lpa_workspace`: its lse and
+/// largest logprob; `out`: its greedy token, kept when no maximum is finite). `temp` > 0.
+/// 3 to 8 launches (top-p and top-k add a radix select of three passes; top-k one more),
+/// no host sync. `workspace`: [`sample_workspace_bytes`], zeroed once.
+#[allow(clippy::too_many_arguments)]
+pub fn sample(
+    dev: &CudaDevice,
+    dt: DType,
+    logits: u64,
+    n: usize,
+    lpa_workspace: u64,
+    workspace: u64,
+    params: &SampleParams,
+    seed: u64,
+    pos: u64,
+    out: u64,
+) -> Result<()> {
+    if n == 0 || n >= (1 << 31) || !(params.temp > 0.0) || !params.temp.is_finite() {
+        return Err(inv(format!("sample: n={n}, temp={} unsupported", params.temp)));
+    }
+    aligned(workspace, 16, "sample workspace")?;
+    let tag = dtype_tag(dt)?;
+    let blocks = n.div_ceil(256).clamp(1, (2 * dev.sm_count() as usize).min(SMP_MAX_BLOCKS));
+    let chunk = n.div_ceil(blocks);
+    let grid = (blocks as u32, 1, 1);
+    let top_p_fixed = params.top_p_fixed();
+    let top_k = if params.top_k_active(n) { params.top_k as u64 } else { 0 };
+    let (lpa, ws, top_p, k) = (Arg::Ptr(lpa_workspace), Arg::Ptr(workspace), Arg::U64(top_p_fixed), Arg::U64(top_k));
+    let (n, chunk) = (Arg::I32(n as i32), Arg::I32(chunk as i32));
+    let prep_args = [Arg::Ptr(logits), lpa, ws, n, chunk, Arg::F64(params.temp as f64), Arg::I32((top_p_fixed != 0) as i32)];
+    dev.launch(&format!("smp_prep_{tag}"), grid, (256, 1, 1), 0, &prep_args)?;
+    if top_p_fixed != 0 || top_k != 0 {
+        for pass in 0..3 {
+            dev.launch("smp_radix", grid, (256, 1, 1), 0, &[lpa, ws, n, chunk, Arg::I32(pass), top_p, k])?;
+        }
+    }
+    if top_k != 0 {
+        dev.launch("smp_ties", grid, (256, 1, 1), 0, &[lpa, ws, n, chunk])?;
+    }
+    dev.launch("smp_mass", grid, (256, 1, 1), 0, &[lpa, ws, n, chunk, top_p, k, Arg::Ptr(seed), Arg::Ptr(pos)])?;
+    dev.launch("smp_pick", (1, 1, 1), (256, 1, 1), 0, &[lpa, ws, Arg::Ptr(out), n, chunk, top_p, k])
 }
 
 fn fill_grid(dev: &CudaDevice, n: usize) -> (u32, u32, u32) {

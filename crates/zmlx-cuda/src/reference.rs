@@ -169,16 +169,8 @@ pub fn norm_bound(dt: DType) -> f64 {
 
 // ---- dummy-weight fills ----
 
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Value `i` of the fill stream `seed`: SplitMix64 output `i` from the start `mix(seed)`.
-pub fn fill_hash(seed: u64, i: u64) -> u64 {
-    mix64(mix64(seed).wrapping_add(i.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
-}
+/// Value `i` of the fill stream `seed` (the sampler's stream too).
+pub use zmlx_core::sampling::stream_hash as fill_hash;
 
 /// Word `i` of `ops::fill_random_u32(seed)`.
 pub fn fill_u32(seed: u64, i: u64) -> u32 {

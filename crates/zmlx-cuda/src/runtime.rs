@@ -24,6 +24,8 @@ pub enum Arg {
     Ptr(u64),
     I32(i32),
     F32(f32),
+    U64(u64),
+    F64(f64),
 }
 
 /// A device allocation (freed on drop). `ptr()` is what kernels take.
@@ -375,6 +377,8 @@ impl CudaDevice {
                 Arg::Ptr(p) => p,
                 Arg::I32(v) => v as u32 as u64,
                 Arg::F32(v) => v.to_bits() as u64,
+                Arg::U64(v) => v,
+                Arg::F64(v) => v.to_bits(),
             })
             .collect();
         let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use zmlx_core::sampling::SampleParams;
 use zmlx_core::{mlx_math, DType};
 
 use crate::ops::{self, AttnKernel, AttnShape, QuantWeight};
@@ -831,6 +832,85 @@ fn test_kv_append(dev: &CudaDevice, rng: &mut Rng, dt: DType, n_kv: usize, hd: u
     Ok(pass_row("kv_append", format!("{} KV={n_kv} D={hd} pos={pos}/{max_len}", dtn(dt)), b1 + b2 == 0, format!("{} cache mismatches", b1 + b2)))
 }
 
+/// Logits for the sampler tests: "flat" (most tokens within reach of the draw), "peaked" (a
+/// few tokens far above the rest, as a confident model), "ties" (a coarse grid: the top-p
+/// and top-k boundaries fall on tied values).
+fn sample_logits(rng: &mut Rng, dt: DType, n: usize, shape: &str) -> Vec<f32> {
+    match shape {
+        "flat" => rng.vec(n, -4.0, 4.0, dt),
+        "peaked" => {
+            let mut l = rng.vec(n, -30.0, 0.0, dt);
+            for _ in 0..6 {
+                let i = rng.next_u32() as usize % n;
+                l[i] = dt.round(rng.uniform(8.0, 14.0));
+            }
+            l
+        }
+        _ => (0..n).map(|_| dt.round((rng.next_u32() % 17) as f32 * 0.5 - 6.0)).collect(),
+    }
+}
+
+/// ops::sample vs zmlx_core::sampling on the device's logprobs: the token and the integers
+/// that chose it (Q, v_p, v_k, W, d) must be equal for several positions; the workspace is
+/// reused (its state must come back zeroed), the last draws run from a captured graph.
+fn test_sample(dev: &CudaDevice, rng: &mut Rng, dt: DType, n: usize, shape: &str, params: SampleParams) -> Result<TestRow> {
+    use zmlx_core::sampling::{sample_traced, step_random};
+    let l = sample_logits(rng, dt, n, shape);
+    let lb = up(dev, dt, &l)?;
+    let lpa = dev.alloc(ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES)?;
+    dev.memset(lpa.ptr(), 0, ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES)?;
+    let ws = dev.alloc(ops::sample_workspace_bytes(n))?;
+    dev.memset(ws.ptr(), 0, ops::sample_workspace_bytes(n))?;
+    let (ob, pb) = (dev.alloc(4)?, dev.alloc(4)?);
+    let seed = rng.next_u64();
+    let sb = dev.upload(&[seed])?;
+    let enqueue = |d: &CudaDevice| -> Result<()> {
+        ops::logprobs_argmax(d, dt, lb.ptr(), n, lpa.ptr(), ob.ptr())?;
+        ops::sample(d, dt, lb.ptr(), n, lpa.ptr(), ws.ptr(), &params, sb.ptr(), pb.ptr(), ob.ptr())
+    };
+    let graph = dev.capture(enqueue)?;
+    let (mut bad, mut tokens) = (0, Vec::new());
+    let mut note = String::new();
+    for draw in 0..8 {
+        let pos = rng.next_u32() % 100_000;
+        dev.write(pb.ptr(), &[pos])?;
+        if draw < 4 {
+            enqueue(dev)?;
+        } else {
+            graph.replay()?;
+        }
+        let got = dev.read::<u32>(ob.ptr(), 1)?[0];
+        let rep = ops::sample_report(dev, ws.ptr())?;
+        let lse = f32::from_bits(dev.read::<u32>(lpa.ptr() + 12, 1)?[0]);
+        let lp: Vec<f32> = l.iter().map(|&v| dt.round(v - lse)).collect();
+        let want = sample_traced(&lp, &params, step_random(seed, pos as u64));
+        let want_rep = [want.nucleus_total, want.v_p as u64, want.v_k as u64, want.kept_mass, want.d];
+        if got != want.token || rep != want_rep {
+            bad += 1;
+            if note.is_empty() {
+                note = format!("pos {pos}: token {got} want {}; device [Q v_p v_k W d] {rep:?} host {want_rep:?}; ", want.token);
+            }
+        }
+        tokens.push(got);
+    }
+    // timing (informational): the graph (logprobs_argmax + sample) replayed back to back
+    let t = dev.timer()?;
+    dev.record_start(&t)?;
+    for _ in 0..50 {
+        graph.replay()?;
+    }
+    let us = dev.record_end_ms(&t)? as f64 * 1000.0 / 50.0;
+    let distinct = {
+        let mut v = tokens.clone();
+        v.sort_unstable();
+        v.dedup();
+        v.len()
+    };
+    note += &format!("{bad}/8 draws differ; {distinct} distinct tokens; {us:.1} us per graph (logprobs_argmax + sample)");
+    let shape_s = format!("{} n={n} {shape} temp={} top_p={} top_k={}", dtn(dt), params.temp, params.top_p, params.top_k);
+    Ok(pass_row("sample", shape_s, bad == 0, note))
+}
+
 /// The tests above, in one list (registered by `run_self_tests_dump`).
 fn engine_kernel_tests(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
     let mut rows = Vec::new();
@@ -866,6 +946,22 @@ fn engine_kernel_tests(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
     push("gather_mv_dense", test_gather_mv_dense(dev, rng, f16, 16, 768, 2048, 8, false));
     for (dt, kv, hd) in [(bf, 2, 16), (bf, 2, 32), (f16, 1, 32), (f32, 4, 16), (bf, 4, 128)] {
         push("kv_append", test_kv_append(dev, rng, dt, kv, hd, 300));
+    }
+    let sp = |temp: f32, top_p: f32, top_k: usize| SampleParams { temp, top_p, top_k };
+    for (dt, n, shape, p) in [
+        (bf, 151936, "flat", sp(1.0, 1.0, 0)),
+        (bf, 151936, "flat", sp(0.7, 0.9, 0)),
+        (bf, 151936, "peaked", sp(0.7, 0.9, 0)),
+        (bf, 151936, "peaked", sp(1.0, 1.0, 40)),
+        (bf, 151936, "ties", sp(0.8, 0.95, 50)),
+        (bf, 151936, "ties", sp(1.3, 0.3, 7)),
+        (f32, 151936, "flat", sp(0.6, 0.95, 20)),
+        (f16, 32000, "peaked", sp(2.0, 0.99, 0)),
+        (bf, 384, "ties", sp(0.5, 0.5, 3)),
+        (f32, 384, "flat", sp(1.0, 1.0, 1)),
+        (bf, 1000, "ties", sp(1.0, 1e-6, 0)),
+    ] {
+        push("sample", test_sample(dev, rng, dt, n, shape, p));
     }
     rows
 }

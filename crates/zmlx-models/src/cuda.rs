@@ -6,11 +6,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use zmlx_core::sampling::{self, SampleParams};
 use zmlx_core::DType;
 use zmlx_cuda::{fused, mlx_cpu, ops, Arena, AttnKernel, AttnShape, CudaDevice, CudaGraph, DevBuf, HostU32, QuantWeight};
 
 use crate::error::{ModelError, Result};
-use crate::generate::Decoder;
+use crate::generate::{logprobs, Decoder};
 use crate::checkpoint::{Checkpoint, TensorRef};
 use crate::config::Quantization;
 use crate::models::qwen3_moe::ModelArgs;
@@ -308,6 +309,9 @@ struct Scratch {
     gating_ws: u64,
     /// moe_experts' grid barrier (zeroed once; the kernel leaves it ready).
     experts_ws: u64,
+    /// The sampler's workspace (zeroed once; the kernels leave their state zeroed) and seed (u64).
+    sample_ws: u64,
+    seed: u64,
     token: u64,
     pos: u64,
     x: u64,
@@ -329,6 +333,34 @@ struct Scratch {
     att_ws: u64,
 }
 
+/// What a step computes after the last layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Head {
+    /// Nothing: a prompt token before the last, whose logits nobody reads.
+    Hidden,
+    /// Logits and the greedy token.
+    Greedy,
+    /// Logits and a token sampled on the device (`ops::sample`; the seed is in device memory).
+    Sample(SampleKey),
+}
+
+/// Sampling parameters as a graph key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct SampleKey {
+    temp_bits: u32,
+    top_p_bits: u32,
+    top_k: usize,
+}
+
+impl SampleKey {
+    fn new(p: &SampleParams) -> Self {
+        SampleKey { temp_bits: p.temp.to_bits(), top_p_bits: p.top_p.to_bits(), top_k: p.top_k }
+    }
+    fn params(&self) -> SampleParams {
+        SampleParams { temp: f32::from_bits(self.temp_bits), top_p: f32::from_bits(self.top_p_bits), top_k: self.top_k }
+    }
+}
+
 pub struct CudaQwen3Moe {
     dev: Arc<CudaDevice>,
     dtype: DType,
@@ -347,9 +379,8 @@ pub struct CudaQwen3Moe {
     s: Scratch,
     _buffers: Vec<DevBuf>,
     _arena: Arena,
-    /// Captured steps by (attention kernel, q/k prologue, lm_head + next token), with their
-    /// launch counts.
-    graphs: HashMap<(AttnKernel, bool, bool), (CudaGraph, usize)>,
+    /// Captured steps by (attention kernel, q/k prologue, head), with their launch counts.
+    graphs: HashMap<(AttnKernel, bool, Head), (CudaGraph, usize)>,
     /// Launches of the last step (`launches_per_token`).
     last_launches: Option<usize>,
     use_graph: bool,
@@ -360,8 +391,11 @@ pub struct CudaQwen3Moe {
     /// Greedy look-ahead ([`Decoder::set_lookahead`]; `ZMLX_LOOKAHEAD=0` never allows it).
     lookahead: bool,
     lookahead_allowed: bool,
-    /// A look-ahead step is enqueued: it consumes `last_token`, which the device produced.
-    ahead: bool,
+    /// A look-ahead step is enqueued with this head: it consumes `last_token`, which the
+    /// device produced.
+    ahead: Option<Head>,
+    /// The sampling seed on the device.
+    seed_on_device: Option<u64>,
     last_token: Option<u32>,
     /// Where each step's greedy token is copied without blocking.
     token_slot: HostU32,
@@ -442,7 +476,7 @@ impl CudaQwen3Moe {
         let qd = a.num_attention_heads * hd;
         let kvd = a.num_key_value_heads * hd;
         let n_layers = a.num_hidden_layers;
-        let sizes = [4, 4, d * es, d * es, qd * es, kvd * es, kvd * es, qd * es, d * es, a.num_experts.max(1) * es, n_layers * k * 4, n_layers * k * 4, k * inter * es, k * inter * es, k * inter * es, k * d * es, d * es, a.vocab_size * es, attn.workspace_bytes(), 4, ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES, fused::moe_gating_workspace_bytes(a.num_experts.max(1)), fused::MOE_EXPERTS_WORKSPACE_BYTES];
+        let sizes = [4, 4, d * es, d * es, qd * es, kvd * es, kvd * es, qd * es, d * es, a.num_experts.max(1) * es, n_layers * k * 4, n_layers * k * 4, k * inter * es, k * inter * es, k * inter * es, k * d * es, d * es, a.vocab_size * es, attn.workspace_bytes(), 4, ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES, fused::moe_gating_workspace_bytes(a.num_experts.max(1)), fused::MOE_EXPERTS_WORKSPACE_BYTES, ops::sample_workspace_bytes(a.vocab_size), 8];
         let mut arena = dev.arena(sizes.iter().map(|s| s.div_ceil(256) * 256 + 256).sum()).map_err(cuda_err)?;
         let mut next = |i: usize| arena.alloc(sizes[i]).map_err(cuda_err);
         let s = Scratch {
@@ -450,6 +484,8 @@ impl CudaQwen3Moe {
             argmax_ws: next(20)?,
             gating_ws: next(21)?,
             experts_ws: next(22)?,
+            sample_ws: next(23)?,
+            seed: next(24)?,
             token: next(0)?,
             pos: next(1)?,
             x: next(2)?,
@@ -474,6 +510,7 @@ impl CudaQwen3Moe {
         dev.memset(s.argmax_ws, 0, ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES).map_err(cuda_err)?;
         dev.memset(s.gating_ws, 0, fused::moe_gating_workspace_bytes(a.num_experts.max(1))).map_err(cuda_err)?;
         dev.memset(s.experts_ws, 0, fused::MOE_EXPERTS_WORKSPACE_BYTES).map_err(cuda_err)?;
+        dev.memset(s.sample_ws, 0, ops::sample_workspace_bytes(a.vocab_size)).map_err(cuda_err)?;
         let device_bytes = weight_bytes + 2 * cache_bytes * a.num_hidden_layers + arena.capacity();
         Ok(CudaQwen3Moe {
             dev: dev.clone(),
@@ -500,7 +537,8 @@ impl CudaQwen3Moe {
             len: 0,
             lookahead: false,
             lookahead_allowed: std::env::var("ZMLX_LOOKAHEAD").map_or(true, |v| v != "0"),
-            ahead: false,
+            ahead: None,
+            seed_on_device: None,
             last_token: None,
             token_slot: dev.host_u32().map_err(cuda_err)?,
             weight_bytes,
@@ -508,10 +546,10 @@ impl CudaQwen3Moe {
         })
     }
 
-    /// Enqueue one step: token at `s.token`, position at `s.pos`. With `head` (every step but
+    /// Enqueue one step: token at `s.token`, position at `s.pos`. With a head (every step but
     /// the prompt's non-final tokens, whose logits nobody reads) it leaves logits in `s.logits`
-    /// and the greedy token in `s.token`. Each block runs the variant `patch` chose.
-    fn enqueue_step(&self, dev: &CudaDevice, attn_kernel: AttnKernel, qk_prologue: bool, head: bool) -> zmlx_cuda::Result<()> {
+    /// and the next token in `s.token`. Each block runs the variant `patch` chose.
+    fn enqueue_step(&self, dev: &CudaDevice, attn_kernel: AttnKernel, qk_prologue: bool, head: Head) -> zmlx_cuda::Result<()> {
         let (dt, s, d, hd, eps) = (self.dtype, &self.s, self.hidden, self.head_dim, self.eps);
         let (hq, hkv) = (self.attn.n_heads, self.attn.n_kv_heads);
         let mc = self.mlx_cpu.is_some();
@@ -647,14 +685,18 @@ impl CudaQwen3Moe {
                 rms_norm(s.x, next_norm, s.xn, 1, d)?;
             }
         }
-        if !head {
+        if head == Head::Hidden {
             return Ok(());
         }
         self.lm_head.mv(dev, dt, mc, s.xn, s.logits)?;
         if mc {
             return mlx_cpu::logprobs_argmax(dev, dt, s.logits, self.vocab, s.token);
         }
-        ops::logprobs_argmax(dev, dt, s.logits, self.vocab, s.argmax_ws, s.token)
+        ops::logprobs_argmax(dev, dt, s.logits, self.vocab, s.argmax_ws, s.token)?;
+        if let Head::Sample(p) = head {
+            ops::sample(dev, dt, s.logits, self.vocab, s.argmax_ws, s.sample_ws, &p.params(), s.seed, s.pos, s.token)?;
+        }
+        Ok(())
     }
 
     /// From now on compute as MLX's CPU backend does (kernels/mlx_cpu.cu: quantized matmuls
@@ -758,14 +800,14 @@ impl CudaQwen3Moe {
         self.dev.sync().ok();
         self.graphs.clear();
         self.len = 0;
-        self.ahead = false;
+        self.ahead = None;
         report
     }
 
     /// Expert ids and weights of the last step, per layer (`--routing-stats`); empty rows
     /// for dense layers.
     pub fn last_routing(&self) -> Result<Vec<(Vec<u32>, Vec<f32>)>> {
-        if self.ahead {
+        if self.ahead.is_some() {
             return Err(ModelError::invalid("routing: a look-ahead step has overwritten the last step's routing"));
         }
         let k = self.top_k.max(1);
@@ -791,7 +833,7 @@ impl CudaQwen3Moe {
 
     /// Enqueue one step for `token` at the current position (None: the token the last step
     /// left on the device). Nothing here waits for the device.
-    fn step(&mut self, token: Option<u32>, head: bool) -> Result<()> {
+    fn step(&mut self, token: Option<u32>, head: Head) -> Result<()> {
         if self.len >= self.attn.max_len {
             return Err(ModelError::invalid(format!("KV cache full ({} tokens)", self.attn.max_len)));
         }
@@ -819,12 +861,13 @@ impl CudaQwen3Moe {
         Ok(())
     }
 
-    fn run(&mut self, tokens: &[u32]) -> Result<()> {
+    /// Enqueue `tokens`, the last one with `head`.
+    fn run(&mut self, tokens: &[u32], head: Head) -> Result<()> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
             return Err(ModelError::invalid(format!("token id {bad} is out of range (vocab size {})", self.vocab)));
         }
         for (i, &t) in tokens.iter().enumerate() {
-            self.step(Some(t), i + 1 == tokens.len())?;
+            self.step(Some(t), if i + 1 == tokens.len() { head } else { Head::Hidden })?;
         }
         Ok(())
     }
@@ -832,12 +875,32 @@ impl CudaQwen3Moe {
     /// Forget an enqueued look-ahead step: its KV row is rewritten by the step that takes its
     /// position, and the next step writes its own token.
     fn discard_ahead(&mut self) {
-        if self.ahead {
+        if self.ahead.take().is_some() {
             self.len -= 1;
-            self.ahead = false;
         }
     }
 
+    /// The token the device chooses after `tokens` (greedy or sampled, by `head`), read back
+    /// without stalling the device: with look-ahead on, the step for that token is enqueued
+    /// before the host waits for it.
+    fn next_token(&mut self, tokens: &[u32], head: Head) -> Result<u32> {
+        // The step for `tokens` may already be enqueued: the look-ahead for the token we returned.
+        let in_flight = self.ahead == Some(head) && tokens.len() == 1 && self.last_token == Some(tokens[0]);
+        if !in_flight {
+            self.discard_ahead();
+            self.run(tokens, head)?;
+        }
+        self.ahead = None;
+        self.dev.read_u32_async(self.s.token, &self.token_slot).map_err(cuda_err)?;
+        if self.lookahead && self.len < self.attn.max_len {
+            // The device holds the token, so the next step can start now.
+            self.step(None, head)?;
+            self.ahead = Some(head);
+        }
+        let t = self.token_slot.wait().map_err(cuda_err)?;
+        self.last_token = Some(t);
+        Ok(t)
+    }
 }
 
 impl Drop for CudaQwen3Moe {
@@ -850,38 +913,47 @@ impl Drop for CudaQwen3Moe {
 impl Decoder for CudaQwen3Moe {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.discard_ahead();
-        self.run(tokens)?;
+        self.run(tokens, Head::Greedy)?;
         let bytes: Vec<u8> = self.dev.read(self.s.logits, self.vocab * self.dtype.size_bytes()).map_err(cuda_err)?;
         Ok(zmlx_core::dtype::floats_from_le_bytes(self.dtype, &bytes).unwrap_or_default())
     }
 
     fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32> {
-        // The step for `tokens` may already be enqueued: the look-ahead for the token we returned.
-        let in_flight = self.ahead && tokens.len() == 1 && self.last_token == Some(tokens[0]);
-        if !in_flight {
-            self.discard_ahead();
-            self.run(tokens)?;
+        self.next_token(tokens, Head::Greedy)
+    }
+
+    fn forward_sample(&mut self, tokens: &[u32], params: &SampleParams, seed: u64, pos: usize) -> Result<u32> {
+        if self.mlx_cpu.is_some() {
+            // MLX's CPU numerics: the host samples from the logits, as on the CPU.
+            let lp = logprobs(&self.forward(tokens)?, self.dtype);
+            return Ok(sampling::sample(&lp, params, sampling::step_random(seed, pos as u64)));
         }
-        self.ahead = false;
-        self.dev.read_u32_async(self.s.token, &self.token_slot).map_err(cuda_err)?;
-        if self.lookahead && self.len < self.attn.max_len {
-            // Greedy continuation: the device holds the token, so the next step can start now.
-            self.step(None, true)?;
-            self.ahead = true;
+        // The device draws with the position it stores for the step's last token.
+        let last_pos = self.len - usize::from(self.ahead.is_some()) + tokens.len() - 1;
+        if pos != last_pos {
+            return Err(ModelError::invalid(format!("forward_sample: position {pos}, but the last token goes to {last_pos}")));
         }
-        let t = self.token_slot.wait().map_err(cuda_err)?;
-        self.last_token = Some(t);
-        Ok(t)
+        if self.seed_on_device != Some(seed) {
+            if self.ahead.is_some() {
+                // An enqueued step drew with the old seed.
+                self.dev.sync().map_err(cuda_err)?;
+                self.discard_ahead();
+            }
+            self.dev.store_u32(self.s.seed, seed as u32).map_err(cuda_err)?;
+            self.dev.store_u32(self.s.seed + 4, (seed >> 32) as u32).map_err(cuda_err)?;
+            self.seed_on_device = Some(seed);
+        }
+        self.next_token(tokens, Head::Sample(SampleKey::new(params)))
     }
 
     fn reset(&mut self) {
         self.len = 0;
-        self.ahead = false;
+        self.ahead = None;
     }
 
     fn set_lookahead(&mut self, on: bool) {
         self.lookahead = on && self.lookahead_allowed;
-        if !on && self.ahead {
+        if !on && self.ahead.is_some() {
             // Let the unused step finish here, not inside whatever the caller times next.
             self.dev.sync().ok();
             self.discard_ahead();

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use zmlx_core::sampling::{self, SampleParams};
 use zmlx_core::{ops, DType};
 
 use crate::error::{ModelError, Result};
@@ -20,11 +20,19 @@ pub trait Decoder {
         let logits = self.forward(tokens)?;
         Ok(ops::argmax(&logprobs(&logits, self.dtype())) as u32)
     }
+    /// The next token after `tokens` drawn with `params` (temp > 0) and the random word
+    /// `sampling::step_random(seed, pos)`, `pos` being the position of the last of `tokens`:
+    /// `zmlx_core::sampling::sample` on `logprobs`. A GPU backend overrides this to sample
+    /// on the device (same integers, same token).
+    fn forward_sample(&mut self, tokens: &[u32], params: &SampleParams, seed: u64, pos: usize) -> Result<u32> {
+        let lp = logprobs(&self.forward(tokens)?, self.dtype());
+        Ok(sampling::sample(&lp, params, sampling::step_random(seed, pos as u64)))
+    }
     fn reset(&mut self);
-    /// Let `forward_greedy` enqueue the next step before it is asked for (a GPU backend whose
-    /// device already holds the greedy token), so the host's turn-around between steps does
-    /// not leave the device idle. A call with other tokens discards that step. `generate` turns
-    /// it on for greedy decoding and off when it returns.
+    /// Let `forward_greedy` / `forward_sample` enqueue the next step before it is asked for (a
+    /// GPU backend whose device already holds the chosen token), so the host's turn-around
+    /// between steps does not leave the device idle. A call with other tokens discards that
+    /// step. `generate` turns it on and off when it returns.
     fn set_lookahead(&mut self, _on: bool) {}
     /// Switch blocks to the fused variants of these elementary patterns (an empty list
     /// restores the reference path); the cache is reset.
@@ -47,6 +55,8 @@ pub trait Decoder {
     }
 }
 
+/// `zmlx generate`'s sampling flags: temp 0 is greedy; otherwise mlx-lm's top-p, then top-k,
+/// then a draw at the temperature (`zmlx_core::sampling`), reproducible from the seed.
 #[derive(Clone, Debug)]
 pub struct SamplingOptions {
     /// 0 means greedy.
@@ -59,6 +69,12 @@ pub struct SamplingOptions {
 impl Default for SamplingOptions {
     fn default() -> Self {
         SamplingOptions { temp: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+    }
+}
+
+impl SamplingOptions {
+    pub fn params(&self) -> SampleParams {
+        SampleParams { temp: self.temp, top_p: self.top_p, top_k: self.top_k }
     }
 }
 
@@ -79,54 +95,6 @@ pub fn logprobs(logits: &[f32], dtype: DType) -> Vec<f32> {
     logits.iter().map(|&l| dtype.round(l - lse)).collect()
 }
 
-pub struct Sampler {
-    opts: SamplingOptions,
-    rng: StdRng,
-}
-
-impl Sampler {
-    pub fn new(opts: SamplingOptions) -> Self {
-        let rng = StdRng::seed_from_u64(opts.seed);
-        Sampler { opts, rng }
-    }
-
-    /// Greedy: `argmax(logprobs)` exactly as mlx-lm. Otherwise top-k, then
-    /// top-p, then a categorical draw from `logprobs / temp`.
-    pub fn sample(&mut self, logprobs: &[f32]) -> u32 {
-        if self.opts.temp <= 0.0 {
-            return ops::argmax(logprobs) as u32;
-        }
-        let mut cand: Vec<(usize, f64)> = logprobs.iter().enumerate().map(|(i, &l)| (i, l as f64 / self.opts.temp as f64)).collect();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1));
-        if self.opts.top_k > 0 {
-            cand.truncate(self.opts.top_k);
-        }
-        let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|c| (c.1 - max).exp()).collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.opts.top_p < 1.0 {
-            let mut cum = 0.0;
-            let keep = probs.iter().position(|&p| {
-                cum += p;
-                cum >= self.opts.top_p as f64
-            });
-            let keep = keep.map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-            let total: f64 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= total);
-        }
-        let mut u: f64 = self.rng.random();
-        for (c, p) in cand.iter().zip(&probs) {
-            u -= p;
-            if u <= 0.0 {
-                return c.0 as u32;
-            }
-        }
-        cand[probs.len() - 1].0 as u32
-    }
-}
-
 /// Generate up to `max_tokens` after `prompt`, calling `on_token` for each new
 /// token. Stops at an EOS id, which (like mlx-lm) is not part of the output.
 pub fn generate(
@@ -137,7 +105,7 @@ pub fn generate(
     eos: &[u32],
     on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, GenerationStats)> {
-    decoder.set_lookahead(sampling.temp <= 0.0);
+    decoder.set_lookahead(true);
     let out = generate_steps(decoder, prompt, max_tokens, sampling, eos, on_token);
     decoder.set_lookahead(false);
     out
@@ -158,24 +126,23 @@ fn generate_steps(
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
         return Err(ModelError::invalid(format!("prompt token id {bad} is out of range (vocab size {vocab})")));
     }
-    let dtype = decoder.dtype();
-    let mut sampler = Sampler::new(sampling.clone());
     let mut tokens = Vec::new();
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     if max_tokens == 0 {
         stats.finish_reason = "length";
         return Ok((tokens, stats));
     }
-    let greedy = sampling.temp <= 0.0;
-    let step = |decoder: &mut dyn Decoder, sampler: &mut Sampler, input: &[u32]| -> Result<u32> {
+    let (greedy, params) = (sampling.temp <= 0.0, sampling.params());
+    // `pos`: the position of the last input token, which names the step's random word.
+    let step = |decoder: &mut dyn Decoder, input: &[u32], pos: usize| -> Result<u32> {
         if greedy {
             decoder.forward_greedy(input)
         } else {
-            Ok(sampler.sample(&logprobs(&decoder.forward(input)?, dtype)))
+            decoder.forward_sample(input, &params, sampling.seed, pos)
         }
     };
     let start = Instant::now();
-    let mut next = step(decoder, &mut sampler, prompt)?;
+    let mut next = step(decoder, prompt, prompt.len() - 1)?;
     let prompt_secs = start.elapsed().as_secs_f64();
     stats.prompt_tps = prompt.len() as f64 / prompt_secs;
     let decode_start = Instant::now();
@@ -190,7 +157,7 @@ fn generate_steps(
             stats.finish_reason = "length";
             break;
         }
-        next = step(decoder, &mut sampler, &[next])?;
+        next = step(decoder, &[next], prompt.len() + tokens.len() - 1)?;
     }
     let decode_secs = decode_start.elapsed().as_secs_f64();
     stats.generation_tokens = tokens.len();

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
-pub use generate::{generate, Decoder, GenerationStats, SamplingOptions};
+pub use generate::{generate, logprobs, Decoder, GenerationStats, SamplingOptions};
 pub use tokenizer::Tokenizer;
 use zmlx_core::DType;
 

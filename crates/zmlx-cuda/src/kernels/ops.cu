@@ -923,8 +923,8 @@ __device__ __forceinline__ void argmax_impl(const typename D::T* x, u32* __restr
 //               of <= chunk elements). R NaN (a NaN logit, an infinite max) -> token 0, as
 //               MLX's argmax of an all-NaN row. It then zeroes ws[0..3) for the next call.
 // The f32 sum runs in a different order than MLX's CPU loop (sequential), see docs/kernels.md.
-// Workspace (words 0..3 zeroed once): u32 [0] max bits, [1] blocks done, [2] 0, [3] last
-// lse (f32 bits), then LPA_MAX_BLOCKS f32 partial sums, then LPA_MAX_BLOCKS f32 block maxima.
+// Workspace (words 0..1 zeroed once): u32 [0] max bits, [1] blocks done, [2] the last call's
+// largest logprob R and [3] its lse (f32 bits, read by the sampler), then LPA_MAX_BLOCKS f32 partial sums, then LPA_MAX_BLOCKS f32 block maxima.
 #define LPA_MAX_BLOCKS 1024
 #define LPA_THREADS 256
 __device__ __forceinline__ float from_ordered_bits(u32 u) {
@@ -1003,7 +1003,7 @@ __device__ __forceinline__ void lpa_select_impl(const typename D::T* x, u32* __r
     *out = best == 0xffffffffu ? 0u : best;
     ws[0] = 0u;
     ws[1] = 0u;
-    ws[2] = 0u;
+    ws[2] = __float_as_uint(R);  // the largest logprob, for the sampler
     ws[3] = __float_as_uint(lse);
   }
 }
@@ -1039,6 +1039,335 @@ template <class D>
 __device__ __forceinline__ void affine_impl(const typename D::T* x, typename D::T* y, u64 n, float a, float b) {
   for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
     y[i] = D::st(__fadd_rn(__fmul_rn(a, D::ld(x[i])), b));
+}
+
+// ---- sampling: zmlx_core::sampling, bit for bit ----
+// Runs after logprobs_argmax, which leaves the greedy token at `out` and the largest logprob
+// R and lse in its workspace words 2 and 3: lp_i = r(l_i - lse), x_i = lp_i - R (f64).
+// Weights are u64 fixed point (round(e^x * 2^40), e^x from correctly rounded f64 + - * only),
+// so every sum is an exact integer and block order cannot change a token. Kernels, each over
+// B blocks owning contiguous chunks of the vocabulary, except smp_pick:
+//   smp_prep_<dt>: key_i (order bits), q_i = W(x_i) (for top-p), w_i = W(x_i / temp) into the
+//              workspace; Q = sum q (atomics).
+//   smp_radix: (top-p and/or top-k; three launches: key bits 31-21, 20-10, 9-0) block
+//              histograms of q (top-p) and of counts (top-k) over the tokens whose higher key
+//              bits match the prefix found so far, added into global histograms; the last
+//              block finds the digit where the running sum from the top crosses the target
+//              (ceil(p*Q) for top-p, k for top-k), extends the prefix, zeroes the histograms.
+//              After pass 2 the prefixes are v_p (the nucleus' lowest kept value) and v_k
+//              (the k-th value), and carry_k counts the tokens above v_k.
+//   smp_ties:  (top-k) tokens equal to v_k per block, turned into offsets by the last block:
+//              of those, the first k - carry_k in index order are kept.
+//   smp_mass:  each block's kept mass; the last block totals W, draws d = r*W >> 64 with
+//              r = hash(*seed, *pos) and finds the block whose running mass crosses d.
+//   smp_pick:  one block walks that chunk in index order to the first token past d, then
+//              zeroes the state for the next call (graph replays need no memset).
+// A row without a finite maximum keeps the greedy token.
+#define SMP_THREADS 256
+#define SMP_MAX_BLOCKS 1024
+#define SMP_DIGITS 2048
+#define SMP_HEADER 16
+// header words (u64): state the kernels leave zeroed, then the last call's results (tests)
+#define SMP_TOTAL_Q 0
+#define SMP_TICKET 1
+#define SMP_PREFIX_P 2
+#define SMP_CARRY_P 3
+#define SMP_PREFIX_K 4
+#define SMP_CARRY_K 5
+#define SMP_PICK_BLOCK 6
+#define SMP_PICK_REM 7
+#define SMP_OUT_Q 10
+#define SMP_OUT_VP 11
+#define SMP_OUT_VK 12
+#define SMP_OUT_W 13
+#define SMP_OUT_D 14
+struct SmpWs {
+  u64* h;     // header
+  u64* tie;   // per block: ties with v_k, then their offsets
+  u64* part;  // per block: kept mass
+  u64* hp;    // global digit histograms (top-p mass, top-k count)
+  u64* hk;
+  u32* key;   // per token
+  u64* q;
+  u64* w;
+};
+__device__ __forceinline__ SmpWs smp_ws(u64* ws, int n) {
+  SmpWs s;
+  s.h = ws;
+  s.tie = ws + SMP_HEADER;
+  s.part = s.tie + SMP_MAX_BLOCKS;
+  s.hp = s.part + SMP_MAX_BLOCKS;
+  s.hk = s.hp + SMP_DIGITS;
+  s.key = reinterpret_cast<u32*>(s.hk + SMP_DIGITS);
+  s.q = reinterpret_cast<u64*>(s.key + ((n + 1) & ~1));
+  s.w = s.q + n;
+  return s;
+}
+__device__ __forceinline__ bool smp_finite_max(const u32* lpa) { return fabsf(__uint_as_float(lpa[2])) <= 3.4028234663852886e38f; }
+// round(e^x * 2^40) for x <= 0 (0 below -29 and for NaN): zmlx_core::sampling::fixed_weight.
+__device__ __forceinline__ u64 smp_fixed_weight(double x) {
+  if (!(x >= -29.0)) return 0ull;
+  x = fmin(x, 0.0);
+  const u64 inv_fact[14] = {0x3ff0000000000000ull, 0x3ff0000000000000ull, 0x3fe0000000000000ull, 0x3fc5555555555555ull,
+                            0x3fa5555555555555ull, 0x3f81111111111111ull, 0x3f56c16c16c16c17ull, 0x3f2a01a01a01a01aull,
+                            0x3efa01a01a01a01aull, 0x3ec71de3a556c734ull, 0x3e927e4fb7789f5cull, 0x3e5ae64567f544e4ull,
+                            0x3e21eed8eff8d898ull, 0x3de6124613a86d09ull};
+  const double k = floor(__dadd_rn(__dmul_rn(x, __longlong_as_double(0x3ff71547652b82fell)), 0.5));
+  const double r = __dsub_rn(__dsub_rn(x, __dmul_rn(k, __longlong_as_double(0x3fe62e42fee00000ll))),
+                             __dmul_rn(k, __longlong_as_double(0x3dea39ef35793c76ll)));
+  double p = __longlong_as_double((long long)inv_fact[13]);
+#pragma unroll
+  for (int c = 12; c >= 0; c--) p = __dadd_rn(__dmul_rn(p, r), __longlong_as_double((long long)inv_fact[c]));
+  const double scale = __longlong_as_double((long long)(1023 + (int)k + 40) << 52);
+  return __double2ull_rn(__dmul_rn(p, scale));
+}
+// Exclusive prefix sum of v over the block (thread order); *total gets the sum. sh: 32 u64.
+__device__ __forceinline__ u64 smp_block_scan(u64 v, u64* sh, u64* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  u64 inc = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const u64 t = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += t;
+  }
+  __syncthreads();  // sh may still be read by an earlier call
+  if (lane == 31) sh[warp] = inc;
+  __syncthreads();
+  u64 before = 0, all = 0;
+  for (int i = 0; i < nw; i++) {
+    before += i < warp ? sh[i] : 0ull;
+    all += sh[i];
+  }
+  *total = all;
+  return before + inc - v;
+}
+// The calling block is the last of the grid to arrive (a ticket in the header); it then sees
+// every block's writes. The last block resets the ticket.
+__device__ __forceinline__ bool smp_last_block(u64* h, bool* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = atomicAdd(h + SMP_TICKET, 1ull) == gridDim.x - 1;
+  __syncthreads();
+  if (!*flag) return false;
+  __threadfence();
+  if (threadIdx.x == 0) h[SMP_TICKET] = 0ull;
+  return true;
+}
+template <class D>
+__device__ __forceinline__ void smp_prep_impl(const typename D::T* x, const u32* lpa, u64* ws, int n, int chunk,
+                                              double temp, int need_q) {
+  __shared__ u64 sh[32];
+  if (!smp_finite_max(lpa)) return;
+  const SmpWs s = smp_ws(ws, n);
+  const float R = __uint_as_float(lpa[2]), lse = __uint_as_float(lpa[3]);
+  const int start = blockIdx.x * chunk, end = min(start + chunk, n);
+  u64 sq = 0;
+  for (int i = start + threadIdx.x; i < end; i += SMP_THREADS) {
+    const float lp = D::rnd(__fsub_rn(D::ld(x[i]), lse));
+    const double xd = __dsub_rn((double)lp, (double)R);
+    const u64 q = need_q ? smp_fixed_weight(xd) : 0ull;
+    s.key[i] = lp != lp ? 0u : ordered_bits(lp);
+    s.q[i] = q;
+    s.w[i] = smp_fixed_weight(temp == 1.0 ? xd : __ddiv_rn(xd, temp));
+    sq += q;
+  }
+  u64 total;
+  smp_block_scan(sq, sh, &total);
+  if (threadIdx.x == 0 && total) atomicAdd(s.h + SMP_TOTAL_Q, total);
+}
+// In the last block: the digit (of 2^width, from the top) where the running sum of the global
+// histogram g crosses `target`; adds the sum above it to *carry and the digit to *prefix.
+// Zeroes g.
+__device__ __forceinline__ void smp_find_digit(u64* g, int width, int shift, u64 target, u64* prefix, u64* carry, u64* sh) {
+  __shared__ u64 found[2];
+  const int per = (1 << width) / SMP_THREADS, top = (1 << width) - 1 - threadIdx.x * per;
+  u64 local = 0;
+  for (int j = 0; j < per; j++) local += __ldcg(g + top - j);
+  u64 all;
+  const u64 before = smp_block_scan(local, sh, &all);
+  if (threadIdx.x == 0) { found[0] = 0; found[1] = all; }
+  __syncthreads();
+  if (before <= target && target < before + local) {
+    u64 run = before;
+    for (int j = 0; j < per; j++) {
+      const u64 v = __ldcg(g + top - j);
+      if (run + v > target) { found[0] = (u64)(top - j); found[1] = run; break; }
+      run += v;
+    }
+  }
+  __syncthreads();
+  for (int j = 0; j < per; j++) g[top - j] = 0ull;
+  if (threadIdx.x == 0) {
+    *prefix |= found[0] << shift;
+    *carry += found[1];
+  }
+}
+extern "C" __global__ void __launch_bounds__(SMP_THREADS) smp_radix(const u32* lpa, u64* ws, int n, int chunk, int pass,
+                                                                   u64 top_p_fixed, u64 top_k) { ZMLX_GRID_DEP();
+  __shared__ u64 hp[SMP_DIGITS], hk[SMP_DIGITS];
+  __shared__ u64 sh[32];
+  __shared__ bool last;
+  if (!smp_finite_max(lpa)) return;
+  const SmpWs s = smp_ws(ws, n);
+  const bool P = top_p_fixed != 0, K = top_k != 0;
+  const int width = pass == 2 ? 10 : 11, shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
+  const u32 himask = pass == 0 ? 0u : 0xffffffffu << (shift + width), dmask = (1u << width) - 1;
+  const u32 pre_p = (u32)s.h[SMP_PREFIX_P], pre_k = (u32)s.h[SMP_PREFIX_K];
+  for (int j = threadIdx.x; j < SMP_DIGITS; j += SMP_THREADS) hp[j] = hk[j] = 0ull;
+  __syncthreads();
+  const int start = blockIdx.x * chunk, end = min(start + chunk, n);
+  for (int i = start + threadIdx.x; i < end; i += SMP_THREADS) {
+    const u32 key = s.key[i], d = (key >> shift) & dmask;
+    if (P && (key & himask) == pre_p) {
+      const u64 q = s.q[i];
+      if (q) atomicAdd(hp + d, q);
+    }
+    if (K && (key & himask) == pre_k) atomicAdd(hk + d, 1ull);
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < SMP_DIGITS; j += SMP_THREADS) {
+    if (hp[j]) atomicAdd(s.hp + j, hp[j]);
+    if (hk[j]) atomicAdd(s.hk + j, hk[j]);
+  }
+  if (!smp_last_block(s.h, &last)) return;
+  if (P) {
+    const u64 Q = s.h[SMP_TOTAL_Q];
+    const u64 prod_hi = __umul64hi(Q, top_p_fixed), prod_lo = Q * top_p_fixed;
+    const u64 target = prod_hi + (prod_lo != 0ull);  // ceil(p * Q) >= 1
+    smp_find_digit(s.hp, width, shift, target - 1ull - s.h[SMP_CARRY_P], s.h + SMP_PREFIX_P, s.h + SMP_CARRY_P, sh);
+  }
+  if (K) smp_find_digit(s.hk, width, shift, top_k - 1ull - s.h[SMP_CARRY_K], s.h + SMP_PREFIX_K, s.h + SMP_CARRY_K, sh);
+}
+extern "C" __global__ void __launch_bounds__(SMP_THREADS) smp_ties(const u32* lpa, u64* ws, int n, int chunk) { ZMLX_GRID_DEP();
+  __shared__ u64 sh[32];
+  __shared__ bool last;
+  if (!smp_finite_max(lpa)) return;
+  const SmpWs s = smp_ws(ws, n);
+  const u32 v_k = (u32)s.h[SMP_PREFIX_K];
+  const int start = blockIdx.x * chunk, end = min(start + chunk, n);
+  u64 c = 0;
+  for (int i = start + threadIdx.x; i < end; i += SMP_THREADS) c += s.key[i] == v_k;
+  u64 total;
+  smp_block_scan(c, sh, &total);
+  if (threadIdx.x == 0) s.tie[blockIdx.x] = total;
+  if (!smp_last_block(s.h, &last)) return;
+  // counts -> exclusive offsets in block order; thread t owns blocks [4t, 4t + 4)
+  u64 v[4], local = 0;
+  for (int j = 0; j < 4; j++) {
+    const int b = threadIdx.x * 4 + j;
+    v[j] = b < (int)gridDim.x ? __ldcg(s.tie + b) : 0ull;
+    local += v[j];
+  }
+  u64 all, run = smp_block_scan(local, sh, &all);
+  for (int j = 0; j < 4; j++) {
+    const int b = threadIdx.x * 4 + j;
+    if (b < (int)gridDim.x) s.tie[b] = run;
+    run += v[j];
+  }
+}
+// Which tokens are kept: value >= v_p (the nucleus), and within the first k of the (value
+// desc, index asc) order: above v_k, or tied with it among the first keep_ties in index order.
+struct SmpKeep {
+  u32 v_p, v_k;
+  u64 keep_ties;
+  bool k_on;
+};
+__device__ __forceinline__ SmpKeep smp_keep(const SmpWs& s, u64 top_p_fixed, u64 top_k) {
+  SmpKeep c;
+  c.v_p = top_p_fixed ? (u32)s.h[SMP_PREFIX_P] : 0u;
+  c.k_on = top_k != 0;
+  c.v_k = c.k_on ? (u32)s.h[SMP_PREFIX_K] : 0u;
+  c.keep_ties = c.k_on ? top_k - s.h[SMP_CARRY_K] : 0ull;
+  return c;
+}
+// The kept weight of token i (0 when not kept or !valid) for a tile of the block's threads in
+// index order; ties_before: tokens tied with v_k before this tile (updated). All threads call.
+__device__ __forceinline__ u64 smp_kept_weight(const SmpWs& s, const SmpKeep& c, int i, bool valid, u64* ties_before, u64* sh) {
+  const u32 key = valid ? s.key[i] : 0u;
+  bool kept = valid && key >= c.v_p;
+  if (c.k_on) {
+    const bool tie = valid && key == c.v_k;
+    u64 tile_ties;
+    const u64 rank = *ties_before + smp_block_scan(tie ? 1ull : 0ull, sh, &tile_ties);
+    kept = kept && (key > c.v_k || (tie && rank < c.keep_ties));
+    *ties_before += tile_ties;
+  }
+  return kept ? s.w[i] : 0ull;
+}
+extern "C" __global__ void __launch_bounds__(SMP_THREADS) smp_mass(const u32* lpa, u64* ws, int n, int chunk, u64 top_p_fixed,
+                                                                  u64 top_k, const u64* seed, const u32* pos) { ZMLX_GRID_DEP();
+  __shared__ u64 sh[32];
+  __shared__ bool last;
+  if (!smp_finite_max(lpa)) return;
+  const SmpWs s = smp_ws(ws, n);
+  const SmpKeep c = smp_keep(s, top_p_fixed, top_k);
+  u64 ties = c.k_on ? s.tie[blockIdx.x] : 0ull, acc = 0;
+  const int start = blockIdx.x * chunk, end = min(start + chunk, n);
+  for (int base = start; base < end; base += SMP_THREADS) {
+    const int i = base + threadIdx.x;
+    acc += smp_kept_weight(s, c, i, i < end, &ties, sh);
+  }
+  u64 total;
+  smp_block_scan(acc, sh, &total);
+  if (threadIdx.x == 0) s.part[blockIdx.x] = total;
+  if (!smp_last_block(s.h, &last)) return;
+  u64 v[4], local = 0;
+  for (int j = 0; j < 4; j++) {
+    const int b = threadIdx.x * 4 + j;
+    v[j] = b < (int)gridDim.x ? __ldcg(s.part + b) : 0ull;
+    local += v[j];
+  }
+  u64 W, run = smp_block_scan(local, sh, &W);
+  const uint2 sd = ld_act8(seed);
+  const u64 base = zmix64(((u64)sd.y << 32) | sd.x);
+  const u64 r = zmix64(base + ((u64)ld_act4(pos) + 1ull) * 0x9e3779b97f4a7c15ull);
+  const u64 d = __umul64hi(r, W);
+  for (int j = 0; j < 4; j++) {
+    if (run <= d && d < run + v[j]) {
+      s.h[SMP_PICK_BLOCK] = (u64)(threadIdx.x * 4 + j);
+      s.h[SMP_PICK_REM] = d - run;
+    }
+    run += v[j];
+  }
+  if (threadIdx.x == 0) {
+    s.h[SMP_OUT_Q] = s.h[SMP_TOTAL_Q];
+    s.h[SMP_OUT_VP] = c.v_p;
+    s.h[SMP_OUT_VK] = c.v_k;
+    s.h[SMP_OUT_W] = W;
+    s.h[SMP_OUT_D] = d;
+  }
+}
+extern "C" __global__ void __launch_bounds__(SMP_THREADS) smp_pick(const u32* lpa, u64* ws, u32* out, int n, int chunk,
+                                                                  u64 top_p_fixed, u64 top_k) { ZMLX_GRID_DEP();
+  __shared__ u64 sh[32];
+  __shared__ int hit;
+  const SmpWs s = smp_ws(ws, n);
+  if (smp_finite_max(lpa)) {
+    const SmpKeep c = smp_keep(s, top_p_fixed, top_k);
+    const int b = (int)s.h[SMP_PICK_BLOCK];
+    const u64 rem = s.h[SMP_PICK_REM];
+    u64 ties = c.k_on ? s.tie[b] : 0ull, run = 0;
+    const int start = b * chunk, end = min(start + chunk, n);
+    if (threadIdx.x == 0) hit = -1;
+    for (int base = start; base < end; base += SMP_THREADS) {
+      const int i = base + threadIdx.x;
+      const u64 w = smp_kept_weight(s, c, i, i < end, &ties, sh);
+      u64 tile;
+      const u64 before = run + smp_block_scan(w, sh, &tile);
+      if (w && before <= rem && rem < before + w) hit = i;  // exactly one thread of one tile
+      run += tile;
+      __syncthreads();
+      if (hit >= 0) break;
+    }
+    if (threadIdx.x == 0 && hit >= 0) *out = (u32)hit;
+  }
+  if (threadIdx.x == 0) {
+    s.h[SMP_TOTAL_Q] = 0ull;
+    s.h[SMP_PREFIX_P] = 0ull;
+    s.h[SMP_CARRY_P] = 0ull;
+    s.h[SMP_PREFIX_K] = 0ull;
+    s.h[SMP_CARRY_K] = 0ull;
+  }
 }
 
 // ---- dense (unquantized) matrix-vector products ----
@@ -1195,6 +1524,10 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
   extern "C" __global__ void __launch_bounds__(LPA_THREADS) lpa_select_##DN(const DT::T* x, u32* ws, u32* out, \
                                                                              int n, int chunk) { ZMLX_GRID_DEP();               \
     lpa_select_impl<DT>(x, ws, out, n, chunk);                                                                 \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(SMP_THREADS) smp_prep_##DN(const DT::T* x, const u32* lpa, u64* ws, \
+                                                                         int n, int chunk, double temp, int need_q) { ZMLX_GRID_DEP(); \
+    smp_prep_impl<DT>(x, lpa, ws, n, chunk, temp, need_q);                                                     \
   }                                                                                                            \
   extern "C" __global__ void fill_random_uniform_##DN(DT::T* p, u64 n, u64 seed, float lo, float hi) { ZMLX_GRID_DEP();         \
     fill_uniform_impl<DT>(p, n, seed, lo, hi);                                                                 \
