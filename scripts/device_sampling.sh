@@ -17,7 +17,7 @@ gen() { $Z generate --model $M --dummy-weights --device cuda --prompt-tokens $P 
 tps() { python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("%.1f" % d["generation_tps"])'; }
 toks() { python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["tokens"])'; }
 {
-for run in 1 2 3; do
+for run in 1 2; do
   echo "run $run greedy $(gen | tps) | temp0.7 top_p0.9 $(gen --temp 0.7 --top-p 0.9 --seed 1 | tps) | temp1 $(gen --temp 1 --seed 1 | tps) | top_k40 $(gen --temp 0.8 --top-k 40 --seed 1 | tps) | top_p0.9 top_k40 $(gen --temp 0.8 --top-p 0.9 --top-k 40 --seed 1 | tps)"
 done
 a=$(gen --temp 0.8 --top-p 0.9 --top-k 40 --seed 7 | toks)

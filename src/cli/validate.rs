@@ -90,6 +90,32 @@ fn decode(d: &mut dyn Decoder, prompt: &[u32], max_tokens: usize, runs: usize, e
     Ok((first.unwrap_or_default(), tps, stable))
 }
 
+/// Where the decoder runs prompt steps concurrently: whether the logits after `prompt` equal
+/// the one-at-a-time prefill's bit for bit, and the prompt tok/s of both (second runs, after
+/// graph capture).
+fn check_prefill(d: &mut dyn Decoder, prompt: &[u32]) -> Result<Option<(bool, f64, f64)>> {
+    let lanes = d.prefill_lanes();
+    if lanes < 2 || prompt.len() < 3 {
+        return Ok(None);
+    }
+    let timed = |d: &mut dyn Decoder| -> Result<(Vec<u32>, f64)> {
+        let mut out = (Vec::new(), 0.0);
+        for _ in 0..2 {
+            d.reset();
+            let t = std::time::Instant::now();
+            let logits = d.forward(prompt)?;
+            out = (logits.iter().map(|x| x.to_bits()).collect(), prompt.len() as f64 / t.elapsed().as_secs_f64());
+        }
+        Ok(out)
+    };
+    let (concurrent, tps_c) = timed(d)?;
+    d.set_prefill_lanes(1);
+    let serial = timed(d);
+    d.set_prefill_lanes(lanes);
+    let (serial, tps_s) = serial?;
+    Ok(Some((concurrent == serial, tps_c, tps_s)))
+}
+
 fn logits_rel_err(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum();
     let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
@@ -140,11 +166,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         None => None,
     };
+    let prefill = check_prefill(eng.decoder.as_mut(), &prompt)?;
     let identical = base_tokens.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
     let total = base_tokens.len().max(tokens.len());
     let (b, p) = (median(base_tps), median(tps));
     let speedup = if b > 0.0 { p / b } else { 0.0 };
-    let ok = identical == total && stable;
+    let ok = identical == total && stable && prefill.is_none_or(|p| p.0);
     let patterns = report.patterns();
 
     println!("{report}");
@@ -153,6 +180,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     println!("fidelity: {identical}/{total} identical tokens{}", if stable { "" } else { " (patched runs disagree with each other!)" });
     if let Some(e) = logits_err {
         println!("logits vs cpu: relative error {e:.2e}");
+    }
+    if let Some((same, c, s1)) = prefill {
+        let verdict = if same { "bit-identical to" } else { "DIFFERENT from" };
+        println!("prefill: concurrent prompt steps {verdict} one at a time ({} tokens: {c:.1} vs {s1:.1} tok/s)", prompt.len());
     }
     if let Some(t) = &tokenizer {
         if identical < total {
@@ -181,6 +212,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 "device": eng.device_name, "baseline": base_name,
                 "launches_per_token": {"baseline": base_launches, "patched": eng.decoder.launches_per_token()},
                 "logits_rel_err": logits_err,
+                "prefill": prefill.map(|(same, c, s1)| json!({"bitwise_equal": same, "concurrent_tps": c, "serial_tps": s1})),
                 "baseline_tokens": base_tokens, "patched_tokens": tokens,
             })
         );

@@ -23,7 +23,7 @@ pub mod selftest;
 pub use bench::{run_benchmarks, BenchRow};
 pub use catalog::check_all_kernels;
 pub use ops::{AttnKernel, AttnShape, QuantWeight};
-pub use runtime::{Arena, Arg, CudaDevice, CudaGraph, DevBuf, HostU32};
+pub use runtime::{Arena, Arg, CudaDevice, CudaGraph, DevBuf, Event, HostU32};
 pub use selftest::{run_self_tests, TestRow};
 pub use zmlx_core::DType;
 

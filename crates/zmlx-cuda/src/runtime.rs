@@ -150,16 +150,36 @@ impl Drop for HostU32 {
 // The slot is owned by one HostU32; the device writes it only through copies ordered before its event.
 unsafe impl Send for HostU32 {}
 
+/// An ordering point on a lane ([`CudaDevice::record_event`]).
+pub struct Event {
+    e: sys::CUevent,
+    ctx: Arc<CudaContext>,
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        unsafe {
+            let _ = result::event::destroy(self.e);
+        }
+    }
+}
+
 /// A CUDA event pair for timing on the device's stream.
 pub struct EventTimer {
     start: sys::CUevent,
     end: sys::CUevent,
 }
 
-/// The GPU, its context and the one stream everything runs on.
+/// The GPU, its context and the stream everything runs on (plus lanes: extra streams that
+/// the prompt's concurrent steps use, see [`CudaDevice::on_lane`]).
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Lanes 1.. (lane 0 is `stream`), created on first use.
+    lanes: Mutex<Vec<Arc<CudaStream>>>,
+    /// The stream launches and copies go to now (null: `stream`).
+    current: std::sync::atomic::AtomicPtr<sys::CUstream_st>,
     arch: String,
     /// Compute capability as one number (90 for sm_90).
     cc: u32,
@@ -209,6 +229,8 @@ impl CudaDevice {
         Ok(Arc::new(Self {
             ctx,
             stream,
+            lanes: Mutex::new(Vec::new()),
+            current: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
             arch: format!("sm_{maj}{min}"),
             cc: (maj * 10 + min) as u32,
             name,
@@ -237,7 +259,53 @@ impl CudaDevice {
         self.sm_count
     }
     pub fn stream_handle(&self) -> sys::CUstream {
-        self.stream.cu_stream()
+        self.cur()
+    }
+
+    /// The stream launches and copies go to: lane 0 (the device's stream) unless inside
+    /// [`Self::on_lane`].
+    fn cur(&self) -> sys::CUstream {
+        let p = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        if p.is_null() {
+            self.stream.cu_stream()
+        } else {
+            p
+        }
+    }
+
+    /// Run `body` with every launch and copy on lane `lane` (0: the device's stream; others are
+    /// streams created on first use). Lanes order work among themselves only through events
+    /// ([`Self::record_event`], [`Self::wait_event`]); a graph captured on lane 0 takes in the
+    /// lanes that wait on one of its events, and must end by waiting on each of them.
+    pub fn on_lane<R>(&self, lane: usize, body: impl FnOnce() -> Result<R>) -> Result<R> {
+        let s = if lane == 0 {
+            std::ptr::null_mut()
+        } else {
+            let mut lanes = self.lanes.lock().unwrap();
+            while lanes.len() < lane {
+                lanes.push(drv(self.ctx.new_stream(), "stream")?);
+            }
+            lanes[lane - 1].cu_stream()
+        };
+        let before = self.current.swap(s, std::sync::atomic::Ordering::Relaxed);
+        let out = body();
+        self.current.store(before, std::sync::atomic::Ordering::Relaxed);
+        out
+    }
+
+    /// An event recorded on the current lane: work enqueued after a [`Self::wait_event`] on it
+    /// runs after everything enqueued on this lane so far.
+    pub fn record_event(&self) -> Result<Event> {
+        self.bind()?;
+        let e = drv(result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING), "event")?;
+        let ev = Event { e, ctx: self.ctx.clone() };
+        drv(unsafe { result::event::record(ev.e, self.cur()) }, "event record")?;
+        Ok(ev)
+    }
+
+    /// Make the current lane wait for `e` (a dependency edge inside a graph capture).
+    pub fn wait_event(&self, e: &Event) -> Result<()> {
+        drv(unsafe { result::stream::wait_event(self.cur(), e.e, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }, "stream wait event")
     }
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
@@ -270,7 +338,7 @@ impl CudaDevice {
     pub fn write<T: Copy>(&self, dst: u64, data: &[T]) -> Result<()> {
         self.bind()?;
         unsafe {
-            drv(result::memcpy_htod_async(dst, data, self.stream.cu_stream()), "memcpy htod")?;
+            drv(result::memcpy_htod_async(dst, data, self.cur()), "memcpy htod")?;
         }
         self.sync()
     }
@@ -286,7 +354,7 @@ impl CudaDevice {
     /// Store the u32 `v` at `dst`, stream-ordered, without waiting (the value is taken now).
     pub fn store_u32(&self, dst: u64, v: u32) -> Result<()> {
         self.bind()?;
-        drv(unsafe { sys::cuMemsetD32Async(dst, v, 1, self.stream.cu_stream()).result() }, "memset d32")
+        drv(unsafe { sys::cuMemsetD32Async(dst, v, 1, self.cur()).result() }, "memset d32")
     }
 
     /// A page-locked host slot for [`Self::read_u32_async`].
@@ -302,24 +370,28 @@ impl CudaDevice {
     pub fn read_u32_async(&self, src: u64, slot: &HostU32) -> Result<()> {
         self.bind()?;
         let dst = unsafe { std::slice::from_raw_parts_mut(slot.ptr, 1) };
-        drv(unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }, "memcpy dtoh async")?;
-        drv(unsafe { result::event::record(slot.event, self.stream.cu_stream()) }, "event record")
+        drv(unsafe { result::memcpy_dtoh_async(dst, src, self.cur()) }, "memcpy dtoh async")?;
+        drv(unsafe { result::event::record(slot.event, self.cur()) }, "event record")
     }
 
     /// Fill `bytes` at `dst` with `byte` (stream-ordered).
     pub fn memset(&self, dst: u64, byte: u8, bytes: usize) -> Result<()> {
         self.bind()?;
-        drv(unsafe { result::memset_d8_async(dst, byte, bytes, self.stream.cu_stream()) }, "memset")
+        drv(unsafe { result::memset_d8_async(dst, byte, bytes, self.cur()) }, "memset")
     }
 
     /// Device-to-device copy on the stream.
     pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         self.bind()?;
-        drv(unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }, "memcpy dtod")
+        drv(unsafe { result::memcpy_dtod_async(dst, src, bytes, self.cur()) }, "memcpy dtod")
     }
 
+    /// Wait for everything enqueued on every lane.
     pub fn sync(&self) -> Result<()> {
         self.bind()?;
+        for lane in self.lanes.lock().unwrap().iter() {
+            drv(lane.synchronize(), "stream synchronize")?;
+        }
         drv(self.stream.synchronize(), "stream synchronize")
     }
 
@@ -384,7 +456,7 @@ impl CudaDevice {
         let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
         if !self.pdl && cluster == 0 {
             return drv(
-                unsafe { result::launch_kernel(f, grid, block, smem, self.stream.cu_stream(), &mut ptrs) },
+                unsafe { result::launch_kernel(f, grid, block, smem, self.cur(), &mut ptrs) },
                 name,
             );
         }
@@ -469,7 +541,7 @@ impl CudaDevice {
             blockDimY: block.1,
             blockDimZ: block.2,
             sharedMemBytes: smem,
-            hStream: self.stream.cu_stream(),
+            hStream: self.cur(),
             attrs: std::ptr::null_mut(),
             numAttrs: 0,
         }

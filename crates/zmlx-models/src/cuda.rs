@@ -299,7 +299,9 @@ impl DevLayer {
     }
 }
 
-/// Activations and scratch, all carved from one arena at load.
+/// Activations and scratch of one step, all carved from one arena at load (one set per
+/// concurrent prompt step too, [`CudaQwen3Moe::prefill_lanes`]).
+#[derive(Clone)]
 struct Scratch {
     /// A u32 0: the expert id of a dense MLP run through the gathered kernels.
     zero_id: u64,
@@ -331,6 +333,102 @@ struct Scratch {
     ff_out: u64,
     logits: u64,
     att_ws: u64,
+}
+
+impl Scratch {
+    /// Bytes of each buffer, in carving order; the last five (logits, the argmax and sampler
+    /// workspaces, the seed) only where the step has a head.
+    fn sizes(a: &ModelArgs, dtype: DType, attn: &AttnShape) -> [usize; 25] {
+        let es = dtype.size_bytes();
+        let (d, hd) = (a.hidden_size, a.head_dim());
+        let k = a.num_experts_per_tok.max(1);
+        let inter = a.moe_intermediate_size.max(a.intermediate_size);
+        let (qd, kvd) = (a.num_attention_heads * hd, a.num_key_value_heads * hd);
+        let n_layers = a.num_hidden_layers;
+        [
+            4, // zero_id
+            fused::moe_gating_workspace_bytes(a.num_experts.max(1)),
+            fused::MOE_EXPERTS_WORKSPACE_BYTES,
+            4, // token
+            4, // pos
+            d * es,
+            d * es,
+            qd * es,
+            kvd * es,
+            kvd * es,
+            qd * es,
+            d * es,
+            a.num_experts.max(1) * es,
+            n_layers * k * 4,
+            n_layers * k * 4,
+            k * inter * es,
+            k * inter * es,
+            k * inter * es,
+            k * d * es,
+            d * es,
+            attn.workspace_bytes(),
+            a.vocab_size * es, // logits
+            ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES,
+            ops::sample_workspace_bytes(a.vocab_size),
+            8, // seed
+        ]
+    }
+
+    fn bytes(a: &ModelArgs, dtype: DType, attn: &AttnShape, head: bool) -> usize {
+        let sizes = Self::sizes(a, dtype, attn);
+        sizes[..if head { 25 } else { 20 }].iter().map(|s| s.div_ceil(256) * 256 + 256).sum()
+    }
+
+    /// Carve a set from `arena` and zero the workspaces the kernels expect zeroed. Without a
+    /// head of its own (`head`: the main set), the set shares that set's head buffers: a
+    /// prompt step before the last never computes logits.
+    fn carve(dev: &CudaDevice, arena: &mut Arena, a: &ModelArgs, dtype: DType, attn: &AttnShape, head: Option<&Scratch>) -> Result<Scratch> {
+        let sizes = Self::sizes(a, dtype, attn);
+        let mut i = 0;
+        let mut next = || -> Result<u64> {
+            i += 1;
+            arena.alloc(sizes[i - 1]).map_err(cuda_err)
+        };
+        let mut s = Scratch {
+            zero_id: next()?,
+            gating_ws: next()?,
+            experts_ws: next()?,
+            token: next()?,
+            pos: next()?,
+            x: next()?,
+            xn: next()?,
+            q: next()?,
+            k: next()?,
+            v: next()?,
+            attn: next()?,
+            o: next()?,
+            router: next()?,
+            ids: next()?,
+            weights: next()?,
+            g: next()?,
+            u: next()?,
+            act: next()?,
+            y: next()?,
+            ff_out: next()?,
+            att_ws: next()?,
+            logits: 0,
+            argmax_ws: 0,
+            sample_ws: 0,
+            seed: 0,
+        };
+        match head {
+            Some(h) => (s.logits, s.argmax_ws, s.sample_ws, s.seed) = (h.logits, h.argmax_ws, h.sample_ws, h.seed),
+            None => {
+                (s.logits, s.argmax_ws, s.sample_ws, s.seed) = (next()?, next()?, next()?, next()?);
+                dev.memset(s.argmax_ws, 0, sizes[22]).map_err(cuda_err)?;
+                dev.memset(s.sample_ws, 0, sizes[23]).map_err(cuda_err)?;
+            }
+        }
+        dev.memset(s.zero_id, 0, sizes[0]).map_err(cuda_err)?;
+        dev.memset(s.gating_ws, 0, sizes[1]).map_err(cuda_err)?;
+        dev.memset(s.experts_ws, 0, sizes[2]).map_err(cuda_err)?;
+        Ok(s)
+    }
 }
 
 /// What a step computes after the last layer.
@@ -381,6 +479,12 @@ pub struct CudaQwen3Moe {
     _arena: Arena,
     /// Captured steps by (attention kernel, q/k prologue, head), with their launch counts.
     graphs: HashMap<(AttnKernel, bool, Head), (CudaGraph, usize)>,
+    /// Captured concurrent prompt steps by (attention kernel, q/k prologue, tokens).
+    prefill_graphs: HashMap<(AttnKernel, bool, usize), CudaGraph>,
+    /// Scratch sets of the concurrent prompt steps (lanes 1..), each in its own arena.
+    lane_scratch: Vec<(Scratch, Arena)>,
+    prefill_lanes_max: usize,
+    args: ModelArgs,
     /// Launches of the last step (`launches_per_token`).
     last_launches: Option<usize>,
     use_graph: bool,
@@ -470,47 +574,8 @@ impl CudaQwen3Moe {
         let mut bufs = store.bufs;
         bufs.extend(caches);
 
-        let es = dtype.size_bytes();
-        let k = a.num_experts_per_tok.max(1);
-        let inter = a.moe_intermediate_size.max(a.intermediate_size);
-        let qd = a.num_attention_heads * hd;
-        let kvd = a.num_key_value_heads * hd;
-        let n_layers = a.num_hidden_layers;
-        let sizes = [4, 4, d * es, d * es, qd * es, kvd * es, kvd * es, qd * es, d * es, a.num_experts.max(1) * es, n_layers * k * 4, n_layers * k * 4, k * inter * es, k * inter * es, k * inter * es, k * d * es, d * es, a.vocab_size * es, attn.workspace_bytes(), 4, ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES, fused::moe_gating_workspace_bytes(a.num_experts.max(1)), fused::MOE_EXPERTS_WORKSPACE_BYTES, ops::sample_workspace_bytes(a.vocab_size), 8];
-        let mut arena = dev.arena(sizes.iter().map(|s| s.div_ceil(256) * 256 + 256).sum()).map_err(cuda_err)?;
-        let mut next = |i: usize| arena.alloc(sizes[i]).map_err(cuda_err);
-        let s = Scratch {
-            zero_id: next(19)?,
-            argmax_ws: next(20)?,
-            gating_ws: next(21)?,
-            experts_ws: next(22)?,
-            sample_ws: next(23)?,
-            seed: next(24)?,
-            token: next(0)?,
-            pos: next(1)?,
-            x: next(2)?,
-            xn: next(3)?,
-            q: next(4)?,
-            k: next(5)?,
-            v: next(6)?,
-            attn: next(7)?,
-            o: next(8)?,
-            router: next(9)?,
-            ids: next(10)?,
-            weights: next(11)?,
-            g: next(12)?,
-            u: next(13)?,
-            act: next(14)?,
-            y: next(15)?,
-            ff_out: next(16)?,
-            logits: next(17)?,
-            att_ws: next(18)?,
-        };
-        dev.memset(s.zero_id, 0, 4).map_err(cuda_err)?;
-        dev.memset(s.argmax_ws, 0, ops::LOGPROBS_ARGMAX_WORKSPACE_BYTES).map_err(cuda_err)?;
-        dev.memset(s.gating_ws, 0, fused::moe_gating_workspace_bytes(a.num_experts.max(1))).map_err(cuda_err)?;
-        dev.memset(s.experts_ws, 0, fused::MOE_EXPERTS_WORKSPACE_BYTES).map_err(cuda_err)?;
-        dev.memset(s.sample_ws, 0, ops::sample_workspace_bytes(a.vocab_size)).map_err(cuda_err)?;
+        let mut arena = dev.arena(Scratch::bytes(a, dtype, &attn, true)).map_err(cuda_err)?;
+        let s = Scratch::carve(&dev, &mut arena, a, dtype, &attn, None)?;
         let device_bytes = weight_bytes + 2 * cache_bytes * a.num_hidden_layers + arena.capacity();
         Ok(CudaQwen3Moe {
             dev: dev.clone(),
@@ -522,7 +587,7 @@ impl CudaQwen3Moe {
             head_dim: hd,
             attn,
             scale: (hd as f32).powf(-0.5),
-            top_k: k,
+            top_k: a.num_experts_per_tok.max(1),
             embed,
             lm_head,
             final_norm,
@@ -531,6 +596,10 @@ impl CudaQwen3Moe {
             _buffers: bufs,
             _arena: arena,
             graphs: HashMap::new(),
+            prefill_graphs: HashMap::new(),
+            lane_scratch: Vec::new(),
+            prefill_lanes_max: std::env::var("ZMLX_PREFILL_LANES").ok().and_then(|v| v.parse().ok()).unwrap_or(16).max(1),
+            args: a.clone(),
             last_launches: None,
             use_graph,
             mlx_cpu: None,
@@ -549,8 +618,11 @@ impl CudaQwen3Moe {
     /// Enqueue one step: token at `s.token`, position at `s.pos`. With a head (every step but
     /// the prompt's non-final tokens, whose logits nobody reads) it leaves logits in `s.logits`
     /// and the next token in `s.token`. Each block runs the variant `patch` chose.
-    fn enqueue_step(&self, dev: &CudaDevice, attn_kernel: AttnKernel, qk_prologue: bool, head: Head) -> zmlx_cuda::Result<()> {
-        let (dt, s, d, hd, eps) = (self.dtype, &self.s, self.hidden, self.head_dim, self.eps);
+    /// `kv_order(layer, before)` runs on the step's lane just before the layer's first
+    /// kernel that touches the KV cache (q/k norm, rope, append, attention) and just after
+    /// its attention: concurrent prompt steps order their KV rows there (`enqueue_prefill`).
+    fn enqueue_step(&self, dev: &CudaDevice, s: &Scratch, attn_kernel: AttnKernel, qk_prologue: bool, head: Head, kv_order: &mut dyn FnMut(usize, bool) -> zmlx_cuda::Result<()>) -> zmlx_cuda::Result<()> {
+        let (dt, d, hd, eps) = (self.dtype, self.hidden, self.head_dim, self.eps);
         let (hq, hkv) = (self.attn.n_heads, self.attn.n_kv_heads);
         let mc = self.mlx_cpu.is_some();
         let rms_norm = |x: u64, w: u64, y: u64, rows: usize, n: usize| {
@@ -573,6 +645,7 @@ impl CudaQwen3Moe {
             }
             // qk_norm_rope: the attention kernel's prologue where that pays (short lengths with
             // the single-launch kernel: AttnKernel::takes_qk_prologue), else its own launch.
+            kv_order(i, true)?;
             if l.fused_qk_rope && qk_prologue {
                 let pro = ops::QkNormRope { k: s.k, v: s.v, q_norm_w: l.q_norm, k_norm_w: l.k_norm, eps, rope_base: self.rope_base };
                 ops::attention_decode_qk_norm_rope(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn, &pro)?;
@@ -591,6 +664,7 @@ impl CudaQwen3Moe {
                     None => ops::attention_decode(dev, dt, &self.attn, attn_kernel, s.q, l.k_cache, l.v_cache, s.pos, 1, self.scale, s.att_ws, s.attn)?,
                 }
             }
+            kv_order(i, false)?;
             // h = x + attn; xn = post_attention_layernorm(h) (inside norm_router when fused).
             let mut normed = l.norm_in_router();
             match (l.fused_o_add, l.o.quant()) {
@@ -799,6 +873,7 @@ impl CudaQwen3Moe {
         // A look-ahead step may still run one of the graphs dropped here.
         self.dev.sync().ok();
         self.graphs.clear();
+        self.prefill_graphs.clear();
         self.len = 0;
         self.ahead = None;
         report
@@ -847,27 +922,130 @@ impl CudaQwen3Moe {
         if self.use_graph {
             if !self.graphs.contains_key(&key) {
                 let dev = self.dev.clone();
-                let graph = dev.capture(|d| self.enqueue_step(d, key.0, key.1, key.2)).map_err(cuda_err)?;
+                let graph = dev.capture(|d| self.enqueue_step(d, &self.s, key.0, key.1, key.2, &mut |_, _| Ok(()))).map_err(cuda_err)?;
                 self.graphs.insert(key, (graph, (self.dev.launch_count() - before) as usize));
             }
             let (graph, launches) = &self.graphs[&key];
             graph.replay().map_err(cuda_err)?;
             self.last_launches = Some(*launches);
         } else {
-            self.enqueue_step(&self.dev, key.0, key.1, key.2).map_err(cuda_err)?;
+            self.enqueue_step(&self.dev, &self.s, key.0, key.1, key.2, &mut |_, _| Ok(())).map_err(cuda_err)?;
             self.last_launches = Some((self.dev.launch_count() - before) as usize);
         }
         self.len += 1;
         Ok(())
     }
 
-    /// Enqueue `tokens`, the last one with `head`.
+    /// Enqueue `tokens`, the last one with `head`; the ones before it run as concurrent
+    /// steps ([`Self::prefill`]).
     fn run(&mut self, tokens: &[u32], head: Head) -> Result<()> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
             return Err(ModelError::invalid(format!("token id {bad} is out of range (vocab size {})", self.vocab)));
         }
-        for (i, &t) in tokens.iter().enumerate() {
-            self.step(Some(t), if i + 1 == tokens.len() { head } else { Head::Hidden })?;
+        let (last, hidden) = tokens.split_last().ok_or_else(|| ModelError::invalid("no tokens to run"))?;
+        self.prefill(hidden)?;
+        self.step(Some(*last), head)
+    }
+
+    /// How many prompt steps run at once: `ZMLX_PREFILL_LANES` (default 16; 0 or 1: one at a
+    /// time). Not with MLX's CPU numerics (one attention workspace) or the one-launch expert
+    /// kernel (its grid barrier needs the whole GPU).
+    fn prefill_lanes(&self) -> usize {
+        if self.mlx_cpu.is_some() || self.layers.iter().any(|l| l.moe.one_launch) {
+            return 1;
+        }
+        self.prefill_lanes_max
+    }
+
+    /// Run prompt tokens whose logits nobody reads (all but the last). Steps for consecutive
+    /// tokens run concurrently, one lane (stream) and one scratch set each, in chunks of a
+    /// power of two up to `prefill_lanes` within one attention variant: token j's KV-cache
+    /// work at layer l waits for token j-1's attention at layer l (so every row it reads is
+    /// written), and nothing else orders them. Each step computes exactly what it computes alone
+    /// (the same kernels on the same inputs): the logits equal the one-at-a-time prefill's
+    /// bit for bit, which `zmlx validate` checks on CUDA. A captured graph per (variant, size).
+    fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        let lanes = self.prefill_lanes();
+        let mut i = 0;
+        while i < tokens.len() {
+            let variant = |len: usize| {
+                let k = AttnKernel::for_len(len);
+                (k, k.takes_qk_prologue(len))
+            };
+            let v = variant(self.len + 1);
+            let mut c = lanes.min(tokens.len() - i).max(1);
+            c = 1 << c.ilog2();
+            while c > 1 && (variant(self.len + c) != v || self.len + c > self.attn.max_len) {
+                c /= 2;
+            }
+            if c == 1 {
+                self.step(Some(tokens[i]), Head::Hidden)?;
+            } else {
+                self.prefill_chunk(&tokens[i..i + c], v)?;
+            }
+            i += c;
+        }
+        Ok(())
+    }
+
+    fn prefill_chunk(&mut self, tokens: &[u32], (attn_kernel, qk_prologue): (AttnKernel, bool)) -> Result<()> {
+        let c = tokens.len();
+        while self.lane_scratch.len() < c {
+            let bytes = Scratch::bytes(&self.args, self.dtype, &self.attn, false);
+            let mut arena = self.dev.arena(bytes).map_err(cuda_err)?;
+            let s = Scratch::carve(&self.dev, &mut arena, &self.args, self.dtype, &self.attn, Some(&self.s))?;
+            self.device_bytes += arena.capacity();
+            self.lane_scratch.push((s, arena));
+        }
+        for (j, &t) in tokens.iter().enumerate() {
+            let s = &self.lane_scratch[j].0;
+            self.dev.store_u32(s.token, t).map_err(cuda_err)?;
+            self.dev.store_u32(s.pos, (self.len + j) as u32).map_err(cuda_err)?;
+        }
+        let key = (attn_kernel, qk_prologue, c);
+        if self.use_graph {
+            if !self.prefill_graphs.contains_key(&key) {
+                let dev = self.dev.clone();
+                let graph = dev.capture(|d| self.enqueue_prefill(d, c, attn_kernel, qk_prologue)).map_err(cuda_err)?;
+                self.prefill_graphs.insert(key, graph);
+            }
+            self.prefill_graphs[&key].replay().map_err(cuda_err)?;
+        } else {
+            self.enqueue_prefill(&self.dev, c, attn_kernel, qk_prologue).map_err(cuda_err)?;
+        }
+        self.len += c;
+        Ok(())
+    }
+
+    /// The steps of `c` prompt tokens on lanes 1..=c (scratch sets `lane_scratch[..c]`), forked
+    /// from and joined back to lane 0.
+    fn enqueue_prefill(&self, dev: &CudaDevice, c: usize, attn_kernel: AttnKernel, qk_prologue: bool) -> zmlx_cuda::Result<()> {
+        let fork = dev.record_event()?;
+        let mut events = Vec::new();
+        // Per layer: the event after the previous token's attention.
+        let mut attended: Vec<Option<usize>> = vec![None; self.layers.len()];
+        let mut ends = Vec::new();
+        for j in 0..c {
+            dev.on_lane(j + 1, || {
+                dev.wait_event(&fork)?;
+                let mut kv_order = |layer: usize, before: bool| -> zmlx_cuda::Result<()> {
+                    if before {
+                        if let Some(e) = attended[layer] {
+                            dev.wait_event(&events[e])?;
+                        }
+                    } else {
+                        events.push(dev.record_event()?);
+                        attended[layer] = Some(events.len() - 1);
+                    }
+                    Ok(())
+                };
+                self.enqueue_step(dev, &self.lane_scratch[j].0, attn_kernel, qk_prologue, Head::Hidden, &mut kv_order)?;
+                ends.push(dev.record_event()?);
+                Ok(())
+            })?;
+        }
+        for e in &ends {
+            dev.wait_event(e)?;
         }
         Ok(())
     }
@@ -949,6 +1127,14 @@ impl Decoder for CudaQwen3Moe {
     fn reset(&mut self) {
         self.len = 0;
         self.ahead = None;
+    }
+
+    fn set_prefill_lanes(&mut self, lanes: usize) {
+        self.prefill_lanes_max = lanes.max(1);
+    }
+
+    fn prefill_lanes(&self) -> usize {
+        CudaQwen3Moe::prefill_lanes(self)
     }
 
     fn set_lookahead(&mut self, on: bool) {

@@ -34,6 +34,12 @@ pub trait Decoder {
     /// between steps does not leave the device idle. A call with other tokens discards that
     /// step. `generate` turns it on and off when it returns.
     fn set_lookahead(&mut self, _on: bool) {}
+    /// How many prompt steps may run at once (a GPU backend runs the prompt's steps
+    /// concurrently; each computes what it computes alone). 1: one at a time.
+    fn set_prefill_lanes(&mut self, _lanes: usize) {}
+    fn prefill_lanes(&self) -> usize {
+        1
+    }
     /// Switch blocks to the fused variants of these elementary patterns (an empty list
     /// restores the reference path); the cache is reset.
     fn patch(&mut self, patterns: &[Pattern]) -> Result<PatchReport>;
