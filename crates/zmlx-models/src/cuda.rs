@@ -376,7 +376,7 @@ impl Scratch {
 
     fn bytes(a: &ModelArgs, dtype: DType, attn: &AttnShape, head: bool) -> usize {
         let sizes = Self::sizes(a, dtype, attn);
-        sizes[..if head { 25 } else { 20 }].iter().map(|s| s.div_ceil(256) * 256 + 256).sum()
+        sizes[..if head { 25 } else { 21 }].iter().map(|s| s.div_ceil(256) * 256 + 256).sum()
     }
 
     /// Carve a set from `arena` and zero the workspaces the kernels expect zeroed. Without a
