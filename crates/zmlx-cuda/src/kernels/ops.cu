@@ -1153,6 +1153,18 @@ __device__ __forceinline__ bool smp_last_block(u64* h, bool* flag) {
   if (threadIdx.x == 0) h[SMP_TICKET] = 0ull;
   return true;
 }
+// In the last block: per-block values p[0..gridDim.x), four per thread (thread t owns blocks
+// [4t, 4t + 4), SMP_MAX_BLOCKS in all) into v; returns the sum over the blocks before thread
+// t's, and the sum over all in *total.
+__device__ __forceinline__ u64 smp_scan_blocks(const u64* p, u64 v[4], u64* sh, u64* total) {
+  u64 local = 0;
+  for (int j = 0; j < 4; j++) {
+    const int b = threadIdx.x * 4 + j;
+    v[j] = b < (int)gridDim.x ? __ldcg(p + b) : 0ull;
+    local += v[j];
+  }
+  return smp_block_scan(local, sh, total);
+}
 template <class D>
 __device__ __forceinline__ void smp_prep_impl(const typename D::T* x, const u32* lpa, u64* ws, int n, int chunk,
                                               double temp, int need_q) {
@@ -1251,14 +1263,8 @@ extern "C" __global__ void __launch_bounds__(SMP_THREADS) smp_ties(const u32* lp
   smp_block_scan(c, sh, &total);
   if (threadIdx.x == 0) s.tie[blockIdx.x] = total;
   if (!smp_last_block(s.h, &last)) return;
-  // counts -> exclusive offsets in block order; thread t owns blocks [4t, 4t + 4)
-  u64 v[4], local = 0;
-  for (int j = 0; j < 4; j++) {
-    const int b = threadIdx.x * 4 + j;
-    v[j] = b < (int)gridDim.x ? __ldcg(s.tie + b) : 0ull;
-    local += v[j];
-  }
-  u64 all, run = smp_block_scan(local, sh, &all);
+  // counts -> exclusive offsets in block order
+  u64 v[4], all, run = smp_scan_blocks(s.tie, v, sh, &all);
   for (int j = 0; j < 4; j++) {
     const int b = threadIdx.x * 4 + j;
     if (b < (int)gridDim.x) s.tie[b] = run;
@@ -1311,13 +1317,7 @@ extern "C" __global__ void __launch_bounds__(SMP_THREADS) smp_mass(const u32* lp
   smp_block_scan(acc, sh, &total);
   if (threadIdx.x == 0) s.part[blockIdx.x] = total;
   if (!smp_last_block(s.h, &last)) return;
-  u64 v[4], local = 0;
-  for (int j = 0; j < 4; j++) {
-    const int b = threadIdx.x * 4 + j;
-    v[j] = b < (int)gridDim.x ? __ldcg(s.part + b) : 0ull;
-    local += v[j];
-  }
-  u64 W, run = smp_block_scan(local, sh, &W);
+  u64 v[4], W, run = smp_scan_blocks(s.part, v, sh, &W);
   const uint2 sd = ld_act8(seed);
   const u64 base = zmix64(((u64)sd.y << 32) | sd.x);
   const u64 r = zmix64(base + ((u64)ld_act4(pos) + 1ull) * 0x9e3779b97f4a7c15ull);
