@@ -9,11 +9,12 @@ export ZMLX_CACHE_DIR=$PWD/target/zmlx-kernel-cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 M=configs/qwen3-30b-a3b
 {
-for n in 16 100 600 2100; do
+for n in ${PROMPTS:-16 100 600 2100}; do
   P=$(python3 -c "import random; random.seed($n); print(','.join(str(random.randrange(151000)) for _ in range($n)))")
-  for patch in "" "--no-patch"; do
+  for mode in ${PATCH_MODES:-patched unpatched}; do
+    patch=""; [ "$mode" = unpatched ] && patch=--no-patch
     r=$($Z validate --model $M --dummy-weights --device cuda --prompt-tokens $P --max-tokens 16 --runs 1 --ignore-eos $patch 2>&1)
-    echo "prompt $n ${patch:-patched}: $(echo "$r" | grep -E '^prefill|^fidelity' | tr '\n' ' ')"
+    echo "prompt $n $mode: $(echo "$r" | grep -E '^prefill|^fidelity' | tr '\n' ' ')"
   done
 done
 for f in fixtures/*/; do

@@ -17,7 +17,7 @@ gen() { $Z generate --model $M --dummy-weights --device cuda --prompt-tokens $P 
 tps() { python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("%.1f" % d["generation_tps"])'; }
 toks() { python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["tokens"])'; }
 {
-for run in 1 2; do
+for run in ${RUNS_LIST:-1 2}; do
   echo "run $run greedy $(gen | tps) | temp0.7 top_p0.9 $(gen --temp 0.7 --top-p 0.9 --seed 1 | tps) | temp1 $(gen --temp 1 --seed 1 | tps) | top_k40 $(gen --temp 0.8 --top-k 40 --seed 1 | tps) | top_p0.9 top_k40 $(gen --temp 0.8 --top-p 0.9 --top-k 40 --seed 1 | tps)"
 done
 a=$(gen --temp 0.8 --top-p 0.9 --top-k 40 --seed 7 | toks)
@@ -25,12 +25,14 @@ b=$(gen --temp 0.8 --top-p 0.9 --top-k 40 --seed 7 | toks)
 c=$(ZMLX_LOOKAHEAD=0 gen --temp 0.8 --top-p 0.9 --top-k 40 --seed 7 | toks)
 d=$(gen --temp 0.8 --top-p 0.9 --top-k 40 --seed 7 --no-graph | toks)
 e=$(gen --temp 0.8 --top-p 0.9 --top-k 40 --seed 8 | toks)
+h=$(ZMLX_DEVICE_SAMPLING=0 gen --temp 0.8 --top-p 0.9 --top-k 40 --seed 7 | toks)
+echo "device vs host sampler (same logits, host lse in CPU order): $(python3 -c "a=$a; b=$h; print(sum(x==y for x,y in zip(a,b)), '/', len(a), 'identical; first difference at', next((i for i,(x,y) in enumerate(zip(a,b)) if x!=y), None))")"
 echo "same seed: $([ "$a" = "$b" ] && echo identical || echo DIFFER); look-ahead off: $([ "$a" = "$c" ] && echo identical || echo DIFFER); eager: $([ "$a" = "$d" ] && echo identical || echo DIFFER); other seed: $([ "$a" = "$e" ] && echo SAME || echo differs)"
 echo "seed 7 tokens: ${a:0:200}"
 } 2>&1 | tee "$OUT/sampled_decode.txt"
 # CPU vs CUDA sampled tokens (fast numerics on the device; f32 fixtures agree to ~1e-6).
-for f in fixtures/tiny-qwen3-moe-f32 fixtures/tiny-qwen3-moe-f32-4bit fixtures/tiny-qwen3-moe-4bit fixtures/tiny-qwen3-moe-bf16; do
-  for seed in 1 2 3; do
+for f in ${FIXTURES:-fixtures/tiny-qwen3-moe-f32 fixtures/tiny-qwen3-moe-f32-4bit fixtures/tiny-qwen3-moe-4bit fixtures/tiny-qwen3-moe-bf16}; do
+  for seed in ${SEEDS:-1 2 3}; do
     args="--model $f --prompt-tokens 1,2,3,4,5 --max-tokens 32 --ignore-eos --temp 0.9 --top-p 0.95 --top-k 30 --seed $seed --json"
     cpu=$($Z generate $args --device cpu 2>/dev/null | tail -1 | toks)
     gpu=$($Z generate $args --device cuda 2>/dev/null | tail -1 | toks)

@@ -484,6 +484,8 @@ pub struct CudaQwen3Moe {
     /// Scratch sets of the concurrent prompt steps (lanes 1..), each in its own arena.
     lane_scratch: Vec<(Scratch, Arena)>,
     prefill_lanes_max: usize,
+    /// Sample on the device (`ZMLX_DEVICE_SAMPLING`, default on; 0: on the host from the logits).
+    device_sampling: bool,
     args: ModelArgs,
     /// Launches of the last step (`launches_per_token`).
     last_launches: Option<usize>,
@@ -599,6 +601,7 @@ impl CudaQwen3Moe {
             prefill_graphs: HashMap::new(),
             lane_scratch: Vec::new(),
             prefill_lanes_max: std::env::var("ZMLX_PREFILL_LANES").ok().and_then(|v| v.parse().ok()).unwrap_or(16).max(1),
+            device_sampling: std::env::var("ZMLX_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
             args: a.clone(),
             last_launches: None,
             use_graph,
@@ -1101,8 +1104,9 @@ impl Decoder for CudaQwen3Moe {
     }
 
     fn forward_sample(&mut self, tokens: &[u32], params: &SampleParams, seed: u64, pos: usize) -> Result<u32> {
-        if self.mlx_cpu.is_some() {
-            // MLX's CPU numerics: the host samples from the logits, as on the CPU.
+        if self.mlx_cpu.is_some() || !self.device_sampling {
+            // MLX's CPU numerics (or ZMLX_DEVICE_SAMPLING=0): the host samples from the logits,
+            // as on the CPU.
             let lp = logprobs(&self.forward(tokens)?, self.dtype);
             return Ok(sampling::sample(&lp, params, sampling::step_random(seed, pos as u64)));
         }
