@@ -431,6 +431,13 @@ impl Scratch {
     }
 }
 
+/// Prompt steps run at once by default, and whether `--temp` samples on the device by default.
+/// Both paths are off until they have run on a GPU: they were written while none could be
+/// started (the self-tests `sample` rows and `zmlx validate`'s prefill check are what turns
+/// them on; docs/architecture.md).
+const DEFAULT_PREFILL_LANES: usize = 1;
+const DEVICE_SAMPLING_DEFAULT: bool = false;
+
 /// What a step computes after the last layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Head {
@@ -484,7 +491,7 @@ pub struct CudaQwen3Moe {
     /// Scratch sets of the concurrent prompt steps (lanes 1..), each in its own arena.
     lane_scratch: Vec<(Scratch, Arena)>,
     prefill_lanes_max: usize,
-    /// Sample on the device (`ZMLX_DEVICE_SAMPLING`, default on; 0: on the host from the logits).
+    /// Sample on the device (`ZMLX_DEVICE_SAMPLING=1`; 0: on the host from the logits).
     device_sampling: bool,
     args: ModelArgs,
     /// Launches of the last step (`launches_per_token`).
@@ -600,8 +607,8 @@ impl CudaQwen3Moe {
             graphs: HashMap::new(),
             prefill_graphs: HashMap::new(),
             lane_scratch: Vec::new(),
-            prefill_lanes_max: std::env::var("ZMLX_PREFILL_LANES").ok().and_then(|v| v.parse().ok()).unwrap_or(16).max(1),
-            device_sampling: std::env::var("ZMLX_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
+            prefill_lanes_max: std::env::var("ZMLX_PREFILL_LANES").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_PREFILL_LANES).max(1),
+            device_sampling: std::env::var("ZMLX_DEVICE_SAMPLING").map_or(DEVICE_SAMPLING_DEFAULT, |v| v != "0"),
             args: a.clone(),
             last_launches: None,
             use_graph,
@@ -950,8 +957,8 @@ impl CudaQwen3Moe {
         self.step(Some(*last), head)
     }
 
-    /// How many prompt steps run at once: `ZMLX_PREFILL_LANES` (default 16; 0 or 1: one at a
-    /// time). Not with MLX's CPU numerics (one attention workspace) or the one-launch expert
+    /// How many prompt steps run at once: `ZMLX_PREFILL_LANES` (default
+    /// [`DEFAULT_PREFILL_LANES`]; 0 or 1: one at a time). Not with MLX's CPU numerics (one attention workspace) or the one-launch expert
     /// kernel (its grid barrier needs the whole GPU).
     fn prefill_lanes(&self) -> usize {
         if self.mlx_cpu.is_some() || self.layers.iter().any(|l| l.moe.one_launch) {
