@@ -608,9 +608,9 @@ pub fn argmax(dev: &CudaDevice, dt: DType, x: u64, n: usize, workspace: u64, out
 const LPA_MAX_BLOCKS: usize = 1024;
 
 /// Bytes of the [`logprobs_argmax`] workspace (8,208): zero it (at least its first 16
-/// bytes) once after allocating; the kernels leave words 0..3 zeroed after every call
-/// (graph replays need no memset), except word 3, the last call's lse (f32 bits), kept for
-/// tests and debugging.
+/// bytes) once after allocating; the kernels leave words 0..1 zeroed after every call
+/// (graph replays need no memset); words 2 and 3 hold the last call's largest logprob and
+/// lse (f32 bits), which [`sample`] reads.
 pub const LOGPROBS_ARGMAX_WORKSPACE_BYTES: usize = 16 + 8 * LPA_MAX_BLOCKS;
 
 /// (blocks, elements per block) of [`logprobs_argmax`] for `n` logits on `dev`. The f32

@@ -532,8 +532,9 @@ fn pass_row(name: &str, shape: String, passed: bool, note: String) -> TestRow {
     TestRow { name: name.into(), shape, passed, worst: if passed { 0.0 } else { f64::INFINITY }, rel_norm: 0.0, note }
 }
 
-/// Runs logprobs_argmax twice on `l` (the workspace must come back zeroed) and checks the
-/// token against the host selection with the device's lse, and lse against f64.
+/// Runs logprobs_argmax twice on `l` (the workspace's words 0-1 must come back zeroed, word 2
+/// hold the largest logprob r(max - lse) for the sampler) and checks the token against the
+/// host selection with the device's lse, and lse against f64.
 /// Returns (row, token, lse_dev).
 fn lpa_check(dev: &CudaDevice, dt: DType, l: &[f32], what: &str, expect: Option<usize>) -> Result<(TestRow, usize, f32)> {
     let n = l.len();
@@ -548,8 +549,9 @@ fn lpa_check(dev: &CudaDevice, dt: DType, l: &[f32], what: &str, expect: Option<
         ops::logprobs_argmax(dev, dt, lb.ptr(), n, ws.ptr(), ob.ptr())?;
         got.push(dev.read::<u32>(ob.ptr(), 1)?[0] as usize);
         let w: Vec<u32> = dev.read(ws.ptr(), 4)?;
-        ws_clean &= w[0] == 0 && w[1] == 0 && w[2] == 0;
         lse_dev = f32::from_bits(w[3]);
+        let top = dt.round(re::max_f32(l) - lse_dev);
+        ws_clean &= w[0] == 0 && w[1] == 0 && (w[2] == top.to_bits() || (top.is_nan() && f32::from_bits(w[2]).is_nan()));
     }
     let want = re::greedy_token(dt, l, lse_dev);
     let lse_seq = re::logsumexp_seq(dt, l);
@@ -573,7 +575,7 @@ fn lpa_check(dev: &CudaDevice, dt: DType, l: &[f32], what: &str, expect: Option<
         expect.map_or(String::new(), |e| format!(", expected {e}")),
         if lse_dev.to_bits() == lse_seq.to_bits() { "same bits" } else { "differs" },
         lse_err / tol,
-        if ws_clean { "" } else { "; WORKSPACE NOT RESET" }
+        if ws_clean { "" } else { "; WORKSPACE NOT RESET (or word 2 not the largest logprob)" }
     );
     let row = TestRow { name: "logprobs_argmax".into(), shape: format!("{} n={n}", dtn(dt)), passed: ok, worst: lse_err / tol, rel_norm: 0.0, note };
     Ok((row, got[0], lse_dev))
