@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use zmlx_core::sampling::{self, SampleParams};
 use zmlx_core::DType;
-use zmlx_cuda::{fused, mlx_cpu, ops, Arena, AttnKernel, AttnShape, CudaDevice, CudaGraph, DevBuf, HostU32, QuantWeight};
+use zmlx_cuda::{fused, mlx_cpu, ops, Arena, AttnKernel, AttnShape, CudaDevice, CudaGraph, DevBuf, Event, HostU32, QuantWeight};
 
 use crate::error::{ModelError, Result};
 use crate::generate::{logprobs, Decoder};
@@ -1013,25 +1013,27 @@ impl CudaQwen3Moe {
             self.dev.store_u32(s.pos, (self.len + j) as u32).map_err(cuda_err)?;
         }
         let key = (attn_kernel, qk_prologue, c);
+        // The events live until the capture (or the eager enqueue) is over.
+        let mut events = Vec::new();
         if self.use_graph {
             if !self.prefill_graphs.contains_key(&key) {
                 let dev = self.dev.clone();
-                let graph = dev.capture(|d| self.enqueue_prefill(d, c, attn_kernel, qk_prologue)).map_err(cuda_err)?;
+                let graph = dev.capture(|d| self.enqueue_prefill(d, c, attn_kernel, qk_prologue, &mut events)).map_err(cuda_err)?;
                 self.prefill_graphs.insert(key, graph);
             }
             self.prefill_graphs[&key].replay().map_err(cuda_err)?;
         } else {
-            self.enqueue_prefill(&self.dev, c, attn_kernel, qk_prologue).map_err(cuda_err)?;
+            self.enqueue_prefill(&self.dev, c, attn_kernel, qk_prologue, &mut events).map_err(cuda_err)?;
         }
+        drop(events);
         self.len += c;
         Ok(())
     }
 
     /// The steps of `c` prompt tokens on lanes 1..=c (scratch sets `lane_scratch[..c]`), forked
-    /// from and joined back to lane 0.
-    fn enqueue_prefill(&self, dev: &CudaDevice, c: usize, attn_kernel: AttnKernel, qk_prologue: bool) -> zmlx_cuda::Result<()> {
+    /// from and joined back to lane 0. The events that order them go to `events`.
+    fn enqueue_prefill(&self, dev: &CudaDevice, c: usize, attn_kernel: AttnKernel, qk_prologue: bool, events: &mut Vec<Event>) -> zmlx_cuda::Result<()> {
         let fork = dev.record_event()?;
-        let mut events = Vec::new();
         // Per layer: the event after the previous token's attention.
         let mut attended: Vec<Option<usize>> = vec![None; self.layers.len()];
         let mut ends = Vec::new();
@@ -1057,6 +1059,8 @@ impl CudaQwen3Moe {
         for e in &ends {
             dev.wait_event(e)?;
         }
+        events.push(fork);
+        events.extend(ends);
         Ok(())
     }
 
