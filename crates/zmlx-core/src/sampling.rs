@@ -154,8 +154,9 @@ pub fn draw_target(r: u64, w: u64) -> u64 {
     ((r as u128 * w as u128) >> 64) as u64
 }
 
-/// The sampled token for `logprobs` (mlx-lm's `logits - logsumexp`), random word `r`. A row
-/// without a finite maximum, or temp ≤ 0, gives the first maximum (the greedy token).
+/// The sampled token for `logprobs` (mlx-lm's `logits - logsumexp`), random word `r`. temp ≤ 0
+/// gives the first maximum (the greedy token); a row without a finite maximum (a NaN or +inf
+/// logit upstream) gives token 0, as the GPU's `logprobs_argmax` does.
 pub fn sample(logprobs: &[f32], p: &SampleParams, r: u64) -> u32 {
     sample_traced(logprobs, p, r).token
 }
@@ -178,8 +179,11 @@ pub struct Sampled {
 pub fn sample_traced(logprobs: &[f32], p: &SampleParams, r: u64) -> Sampled {
     let n = logprobs.len();
     let m = logprobs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    if !m.is_finite() || p.temp <= 0.0 || p.temp.is_nan() {
+    if p.temp <= 0.0 || p.temp.is_nan() {
         return Sampled { token: first_max(logprobs), ..Default::default() };
+    }
+    if !m.is_finite() {
+        return Sampled::default();
     }
     let mut out = Sampled::default();
     let key: Vec<u32> = logprobs.iter().map(|&v| order_key(v)).collect();
@@ -348,6 +352,7 @@ mod tests {
         }
         assert_eq!(sample(&lp, &SampleParams { temp: 0.0, top_p: 1.0, top_k: 0 }, 7), 1);
         assert_eq!(sample(&[f32::NAN, f32::NAN], &greedy, 7), 0);
+        assert_eq!(sample(&[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY], &greedy, 7), 0);
         // r = 0 takes the first kept index, r = max the last
         let all = SampleParams { temp: 1.0, top_p: 1.0, top_k: 0 };
         assert_eq!(sample(&lp, &all, 0), 0);

@@ -665,7 +665,7 @@ pub fn sample_report(dev: &CudaDevice, workspace: u64) -> Result<[u64; 5]> {
 /// `pos`: a device u32); the token goes to
 /// `out`. Runs after [`logprobs_argmax`] on the same logits (`lpa_workspace`: its lse and
 /// largest logprob; `out`: its greedy token, kept when no maximum is finite). `temp` > 0.
-/// 3 to 8 launches (top-p and top-k add a radix select of three passes; top-k one more),
+/// 3 to 7 launches (top-p or top-k add a radix select of three passes; top-k one more),
 /// no host sync. `workspace`: [`sample_workspace_bytes`], zeroed once.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
@@ -680,7 +680,7 @@ pub fn sample(
     pos: u64,
     out: u64,
 ) -> Result<()> {
-    if n == 0 || n >= (1 << 31) || !(params.temp > 0.0) || !params.temp.is_finite() {
+    if n == 0 || n >= (1 << 30) || !(params.temp > 0.0) || !params.temp.is_finite() {
         return Err(inv(format!("sample: n={n}, temp={} unsupported", params.temp)));
     }
     aligned(workspace, 16, "sample workspace")?;

@@ -836,7 +836,8 @@ fn test_kv_append(dev: &CudaDevice, rng: &mut Rng, dt: DType, n_kv: usize, hd: u
 
 /// Logits for the sampler tests: "flat" (most tokens within reach of the draw), "peaked" (a
 /// few tokens far above the rest, as a confident model), "ties" (a coarse grid: the top-p
-/// and top-k boundaries fall on tied values).
+/// and top-k boundaries fall on tied values), "masked" (flat with a tenth at -inf: weight 0,
+/// the lowest keys), "inf" (one +inf logit: no finite maximum, token 0).
 fn sample_logits(rng: &mut Rng, dt: DType, n: usize, shape: &str) -> Vec<f32> {
     match shape {
         "flat" => rng.vec(n, -4.0, 4.0, dt),
@@ -845,6 +846,16 @@ fn sample_logits(rng: &mut Rng, dt: DType, n: usize, shape: &str) -> Vec<f32> {
             for _ in 0..6 {
                 let i = rng.next_u32() as usize % n;
                 l[i] = dt.round(rng.uniform(8.0, 14.0));
+            }
+            l
+        }
+        "masked" | "inf" => {
+            let mut l = rng.vec(n, -4.0, 4.0, dt);
+            for _ in 0..n / 10 {
+                l[rng.next_u32() as usize % n] = f32::NEG_INFINITY;
+            }
+            if shape == "inf" {
+                l[rng.next_u32() as usize % n] = f32::INFINITY;
             }
             l
         }
@@ -962,6 +973,8 @@ fn engine_kernel_tests(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
         (bf, 384, "ties", sp(0.5, 0.5, 3)),
         (f32, 384, "flat", sp(1.0, 1.0, 1)),
         (bf, 1000, "ties", sp(1.0, 1e-6, 0)),
+        (bf, 151936, "masked", sp(0.9, 0.8, 30)),
+        (f32, 5000, "inf", sp(0.9, 0.8, 30)),
     ] {
         push("sample", test_sample(dev, rng, dt, n, shape, p));
     }
