@@ -1,3 +1,9 @@
+#!/usr/bin/env bash
+# One short device call that checks what this stop could not run on a GPU: the kernel
+# self-tests (the sampler rows and the mlx-cpu rows among them), prefill lanes against the
+# one-at-a-time prefill (zmlx validate, prompts of 16 and 600), and sampled decode on the
+# device (speed next to greedy, same seed twice, look-ahead off, host sampler, CPU vs CUDA on
+# the f32 fixture). Both new paths are switched on by the environment here. Logs go to $OUT.
 set -uo pipefail
 export OUT=${OUT:-/tmp/out} ZMLX_CACHE_DIR=$PWD/target/zmlx-kernel-cache ZMLX_PREFILL_LANES=16 ZMLX_DEVICE_SAMPLING=1
 Z=./target/release/zmlx; M=configs/qwen3-30b-a3b
