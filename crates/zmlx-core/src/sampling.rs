@@ -18,6 +18,8 @@
 //! The random word of a step is [`step_random`]`(seed, position)`: no generator state, so a
 //! step enqueued ahead of time on a GPU draws what the CPU would.
 
+use crate::ops;
+
 /// Fixed-point weights are `e^x · 2^WEIGHT_BITS`; the best token weighs exactly 2^40.
 pub const WEIGHT_BITS: i32 = 40;
 
@@ -48,7 +50,7 @@ impl SampleParams {
 }
 
 /// SplitMix64's finaliser.
-pub fn mix64(mut z: u64) -> u64 {
+fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
@@ -100,10 +102,15 @@ const LN2_HI: u64 = 0x3fe62e42fee00000;
 const LN2_LO: u64 = 0x3dea39ef35793c76;
 const LOG2_E: u64 = 0x3ff71547652b82fe;
 
-/// e^x · 2^s as (m, k) with the result m · 2^(k+s), for x ≤ 0: x = k·ln 2 + r, |r| ≤ ln2/2,
-/// e^r by its Taylor polynomial to degree 13 (error < 1e-17), each step one f64 multiply
-/// then one add (the kernels use __dmul_rn / __dadd_rn: no FMA).
-fn exp_parts(x: f64) -> (f64, i32) {
+/// e^x for x ≤ 0 from correctly rounded f64 operations only (≤ 2 ulp from the true value),
+/// identical on the host and the device; 0 below -700. x = k·ln 2 + r with |r| ≤ ln2/2, e^r
+/// by its Taylor polynomial to degree 13 (error < 1e-17), each step one f64 multiply then one
+/// add (the kernels use __dmul_rn / __dadd_rn: no FMA), then the exact scale 2^k.
+pub fn det_exp(x: f64) -> f64 {
+    if x.is_nan() || x < -700.0 {
+        return 0.0;
+    }
+    let x = x.min(0.0);
     let f = f64::from_bits;
     let k = (x * f(LOG2_E) + 0.5).floor();
     let r = (x - k * f(LN2_HI)) - k * f(LN2_LO);
@@ -111,20 +118,8 @@ fn exp_parts(x: f64) -> (f64, i32) {
     for c in INV_FACT[..13].iter().rev() {
         p = p * r + f(*c);
     }
-    (p, k as i32)
-}
-
-/// e^x for x ≤ 0 from correctly rounded f64 operations only (≤ 2 ulp from the true value),
-/// identical on the host and the device. 0 below -700.
-pub fn det_exp(x: f64) -> f64 {
-    if x.is_nan() || x < -700.0 {
-        return 0.0;
-    }
-    let (p, k) = exp_parts(x.min(0.0));
-    if k < -1022 {
-        return p * pow2(k + 200) * pow2(-200);
-    }
-    p * pow2(k)
+    // k ≥ -1010 above x = -700: 2^k is a normal number.
+    p * pow2(k as i32)
 }
 
 /// 2^e for a normal exponent, exactly.
@@ -138,9 +133,9 @@ pub fn fixed_weight(x: f64) -> u64 {
     if x.is_nan() || x < -29.0 {
         return 0;
     }
-    let (p, k) = exp_parts(x.min(0.0));
-    // p ∈ [0.7, 1.5) and k ≥ -42, so the scale 2^(k+40) is a normal number: exact.
-    (p * pow2(k + WEIGHT_BITS)).round_ties_even() as u64
+    // Both scalings are by powers of two within the normal range, so this is the device's
+    // p · 2^(k+40) bit for bit.
+    (det_exp(x) * pow2(WEIGHT_BITS)).round_ties_even() as u64
 }
 
 /// ⌈q · p / 2^64⌉: the mass the nucleus must reach.
@@ -155,7 +150,7 @@ pub fn draw_target(r: u64, w: u64) -> u64 {
 }
 
 /// The sampled token for `logprobs` (mlx-lm's `logits - logsumexp`), random word `r`. temp ≤ 0
-/// gives the first maximum (the greedy token); a row without a finite maximum (a NaN or +inf
+/// gives the greedy token (`ops::argmax`, as `Decoder::forward_greedy`); a row without a finite maximum (a NaN or +inf
 /// logit upstream) gives token 0, as the GPU's `logprobs_argmax` does.
 pub fn sample(logprobs: &[f32], p: &SampleParams, r: u64) -> u32 {
     sample_traced(logprobs, p, r).token
@@ -180,7 +175,7 @@ pub fn sample_traced(logprobs: &[f32], p: &SampleParams, r: u64) -> Sampled {
     let n = logprobs.len();
     let m = logprobs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     if p.temp <= 0.0 || p.temp.is_nan() {
-        return Sampled { token: first_max(logprobs), ..Default::default() };
+        return Sampled { token: ops::argmax(logprobs) as u32, ..Default::default() };
     }
     if !m.is_finite() {
         return Sampled::default();
@@ -233,20 +228,6 @@ pub fn sample_traced(logprobs: &[f32], p: &SampleParams, r: u64) -> Sampled {
         }
     }
     unreachable!("the kept mass exceeds d by construction")
-}
-
-/// Index of the first maximum (NaN never wins; 0 when all are NaN), as MLX's argmax.
-fn first_max(v: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut bk = 0u32;
-    for (i, &x) in v.iter().enumerate() {
-        let k = order_key(x);
-        if k > bk {
-            bk = k;
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[cfg(test)]

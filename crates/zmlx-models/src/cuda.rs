@@ -6,12 +6,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use zmlx_core::sampling::{self, SampleParams};
+use zmlx_core::sampling::SampleParams;
 use zmlx_core::DType;
 use zmlx_cuda::{fused, mlx_cpu, ops, Arena, AttnKernel, AttnShape, CudaDevice, CudaGraph, DevBuf, Event, HostU32, QuantWeight};
 
 use crate::error::{ModelError, Result};
-use crate::generate::{logprobs, Decoder};
+use crate::generate::{sample_on_host, Decoder};
 use crate::checkpoint::{Checkpoint, TensorRef};
 use crate::config::Quantization;
 use crate::models::qwen3_moe::ModelArgs;
@@ -437,6 +437,13 @@ impl Scratch {
 /// them on; docs/architecture.md).
 const DEFAULT_PREFILL_LANES: usize = 1;
 const DEVICE_SAMPLING_DEFAULT: bool = false;
+
+/// The attention kernel for a step over `len` positions, and whether it takes the q/k
+/// prologue: what a step's graph depends on besides its head.
+fn attn_variant(len: usize) -> (AttnKernel, bool) {
+    let k = AttnKernel::for_len(len);
+    (k, k.takes_qk_prologue(len))
+}
 
 /// What a step computes after the last layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -926,8 +933,8 @@ impl CudaQwen3Moe {
             self.dev.store_u32(self.s.token, t).map_err(cuda_err)?;
         }
         self.dev.store_u32(self.s.pos, self.len as u32).map_err(cuda_err)?;
-        let attn_kernel = AttnKernel::for_len(self.len + 1);
-        let key = (attn_kernel, attn_kernel.takes_qk_prologue(self.len + 1), head);
+        let (attn_kernel, qk_prologue) = attn_variant(self.len + 1);
+        let key = (attn_kernel, qk_prologue, head);
         let before = self.dev.launch_count();
         if self.use_graph {
             if !self.graphs.contains_key(&key) {
@@ -978,14 +985,9 @@ impl CudaQwen3Moe {
         let lanes = self.prefill_lanes();
         let mut i = 0;
         while i < tokens.len() {
-            let variant = |len: usize| {
-                let k = AttnKernel::for_len(len);
-                (k, k.takes_qk_prologue(len))
-            };
-            let v = variant(self.len + 1);
-            let mut c = lanes.min(tokens.len() - i).max(1);
-            c = 1 << c.ilog2();
-            while c > 1 && (variant(self.len + c) != v || self.len + c > self.attn.max_len) {
+            let v = attn_variant(self.len + 1);
+            let mut c = 1 << lanes.min(tokens.len() - i).ilog2();
+            while c > 1 && (attn_variant(self.len + c) != v || self.len + c > self.attn.max_len) {
                 c /= 2;
             }
             if c == 1 {
@@ -1118,8 +1120,7 @@ impl Decoder for CudaQwen3Moe {
         if self.mlx_cpu.is_some() || !self.device_sampling {
             // MLX's CPU numerics (or ZMLX_DEVICE_SAMPLING=0): the host samples from the logits,
             // as on the CPU.
-            let lp = logprobs(&self.forward(tokens)?, self.dtype);
-            return Ok(sampling::sample(&lp, params, sampling::step_random(seed, pos as u64)));
+            return sample_on_host(self, tokens, params, seed, pos);
         }
         // The device draws with the position it stores for the step's last token.
         let last_pos = self.len - usize::from(self.ahead.is_some()) + tokens.len() - 1;

@@ -25,8 +25,7 @@ pub trait Decoder {
     /// `zmlx_core::sampling::sample` on `logprobs`. A GPU backend overrides this to sample
     /// on the device (same integers, same token).
     fn forward_sample(&mut self, tokens: &[u32], params: &SampleParams, seed: u64, pos: usize) -> Result<u32> {
-        let lp = logprobs(&self.forward(tokens)?, self.dtype());
-        Ok(sampling::sample(&lp, params, sampling::step_random(seed, pos as u64)))
+        sample_on_host(self, tokens, params, seed, pos)
     }
     fn reset(&mut self);
     /// Let `forward_greedy` / `forward_sample` enqueue the next step before it is asked for (a
@@ -99,6 +98,13 @@ pub struct GenerationStats {
 pub fn logprobs(logits: &[f32], dtype: DType) -> Vec<f32> {
     let lse = ops::logsumexp(logits, dtype);
     logits.iter().map(|&l| dtype.round(l - lse)).collect()
+}
+
+/// [`Decoder::forward_sample`] from the logits read back: `forward`, then
+/// `zmlx_core::sampling::sample` on the host.
+pub fn sample_on_host<D: Decoder + ?Sized>(d: &mut D, tokens: &[u32], params: &SampleParams, seed: u64, pos: usize) -> Result<u32> {
+    let lp = logprobs(&d.forward(tokens)?, d.dtype());
+    Ok(sampling::sample(&lp, params, sampling::step_random(seed, pos as u64)))
 }
 
 /// Generate up to `max_tokens` after `prompt`, calling `on_token` for each new
