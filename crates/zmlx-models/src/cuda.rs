@@ -1123,10 +1123,12 @@ impl Decoder for CudaQwen3Moe {
             // as on the CPU.
             return sample_on_host(self, tokens, params, seed, pos);
         }
-        // The device draws with the position it stores for the step's last token.
+        // The device draws with the position it stores for the step's last token; a caller that
+        // numbers positions otherwise (e.g. a session continued without `reset`) gets the same
+        // definition from the host.
         let last_pos = self.len - usize::from(self.ahead.is_some()) + tokens.len() - 1;
         if pos != last_pos {
-            return Err(ModelError::invalid(format!("forward_sample: position {pos}, but the last token goes to {last_pos}")));
+            return sample_on_host(self, tokens, params, seed, pos);
         }
         if self.seed_on_device != Some(seed) {
             if self.ahead.is_some() {
