@@ -3,12 +3,13 @@
 # dummy Qwen3-30B-A3B (unpatched with and without graphs, patched with routing stats; prompts
 # of 16 and 600 tokens, so prefill lanes show in prompt_tps), 200-token patched-vs-unpatched
 # validation as JSON, sampled decode (scripts/device_sampling.sh) and prefill checks
-# (scripts/device_prefill.sh). Capsules and logs go to $OUT; copy the capsules to
-# benchmarks/capsules/ with the commit in their names.
+# (scripts/device_prefill.sh). Everything goes to $OUT/capsules.tar (the device tool returns at
+# most 8 files); copy the capsules to benchmarks/capsules/ with the commit in their names.
 set -uo pipefail
 Z=./target/release/zmlx
 export ZMLX_CACHE_DIR=$PWD/target/zmlx-kernel-cache
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+TAR_TO=${OUT:-/tmp/out}; OUT=$TAR_TO/capsules; mkdir -p "$OUT"
+trap 'tar -C "$TAR_TO" -cf "$TAR_TO/capsules.tar" capsules && rm -rf "$OUT"' EXIT
 M=configs/qwen3-30b-a3b
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 B=(--model $M --dummy-weights --device cuda --prompt-lens 16,600 --gen-lens 128,512,2048 --runs 3 --out-dir "$OUT")
