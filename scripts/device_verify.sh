@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call that checks what the 2026-12-06 evening stop could not run on a GPU: the
-# kernel self-tests (the sampler rows and the mlx-cpu rows among them), prefill lanes against
-# the one-at-a-time prefill (scripts/device_prefill.sh, prompts of 16 and 600), and sampled
-# decode on the device (scripts/device_sampling.sh, one timing run, f32 and bf16 fixtures).
-# Both new paths are switched on by the environment here. Logs go to $OUT.
+# One device call that checks sampling on the device and prefill lanes (both on by default since
+# 2026-12-06, first run by this script): the kernel self-tests (the sampler rows and the mlx-cpu
+# rows among them), prefill lanes against the one-at-a-time prefill (scripts/device_prefill.sh,
+# prompts of 16 and 600), and sampled decode on the device (scripts/device_sampling.sh, one
+# timing run, f32 and bf16 fixtures). The environment pins both paths on. Logs go to $OUT.
 set -uo pipefail
 export OUT=${OUT:-/tmp/out} ZMLX_CACHE_DIR=$PWD/target/zmlx-kernel-cache ZMLX_PREFILL_LANES=16 ZMLX_DEVICE_SAMPLING=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
