@@ -1,4 +1,4 @@
-//! Sampled generation (`--temp`, `--top-p`, `--top-k`, `--seed`): each token is
+//! Sampled generation (`--temp`, `--top-p`, `--min-p`, `--top-k`, `--seed`): each token is
 //! `zmlx_core::sampling::sample` of the logprobs at that step, with the random word of the
 //! last input token's position, so a seed replays the same text (and a GPU that samples on the
 //! device draws the same words).
@@ -17,7 +17,7 @@ fn sampled_tokens_are_the_sampler_applied_step_by_step() {
     let mut session = model.cpu_session();
     let mut rng = Lcg(11);
     let prompt: Vec<u32> = (0..5).map(|_| rng.next(vocab)).collect();
-    let opts = SamplingOptions { temp: 0.9, top_p: 0.95, top_k: 50, seed: 1234 };
+    let opts = SamplingOptions { temp: 0.9, top_p: 0.95, top_k: 50, min_p: 0.02, seed: 1234 };
     session.reset();
     let (tokens, _) = generate(&mut session, &prompt, 12, opts.clone(), &[], |_| {}).unwrap();
     assert_eq!(tokens.len(), 12);
@@ -27,7 +27,7 @@ fn sampled_tokens_are_the_sampler_applied_step_by_step() {
     let mut input = prompt.clone();
     for (i, &t) in tokens.iter().enumerate() {
         let lp = logprobs(&session.forward(&input).unwrap(), session.dtype());
-        let want = sample(&lp, &opts.params(), step_random(opts.seed, (fed.len() - 1) as u64));
+        let want = sample(&lp, session.dtype(), &opts.params(), step_random(opts.seed, (fed.len() - 1) as u64));
         assert_eq!(t, want, "token {i}");
         fed.push(t);
         input = vec![t];

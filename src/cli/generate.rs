@@ -23,8 +23,8 @@ pub struct Args {
     pub prompt_tokens: Option<String>,
     #[arg(long, default_value_t = 100)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy. Sampling applies mlx-lm's filters (top-p, then
-    /// top-k) and draws on the device under --device cuda.
+    /// Sampling temperature; 0 is greedy. Sampling applies mlx-lm's filters (top-p, min-p,
+    /// then top-k) and draws on the device under --device cuda.
     #[arg(long, default_value_t = 0.0)]
     pub temp: f32,
     /// Nucleus: keep the most likely tokens whose probability (at temperature 1) reaches P.
@@ -33,6 +33,10 @@ pub struct Args {
     /// Keep the K most likely tokens (0: all; ties at the K-th value keep the lowest ids).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Min-p: keep the tokens at least MIN_P times as likely as the best one (0: off). Applied
+    /// between top-p and top-k, as mlx-lm; sampled on the host under --device cuda.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
     /// Seed of the draws: the same seed, prompt and model give the same tokens (CPU or GPU).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -54,6 +58,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
+    if !(0.0..=1.0).contains(&args.min_p) {
+        bail!("--min-p must be in [0, 1], got {}", args.min_p);
+    }
     let mut model = ModelFolder::open(&args.engine.model)?;
     let prompt = match (&args.prompt, &args.prompt_tokens) {
         (_, Some(ids)) => parse_token_list(ids)?,
@@ -70,7 +77,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
     }
     let eos = if args.ignore_eos { Vec::new() } else { model.eos_token_ids() };
-    let sampling = SamplingOptions { temp: args.temp, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
+    let sampling = SamplingOptions { temp: args.temp, top_p: args.top_p, top_k: args.top_k, min_p: args.min_p, seed: args.seed };
     let tokenizer = model.tokenizer.take();
     let mut engine = engine::open(model, &args.engine, prompt.len() + args.max_tokens)?;
     let opts = args.patch.options()?;

@@ -2,10 +2,11 @@
 //! same integers bit for bit), so a seed gives the same token on both wherever the logprobs
 //! agree.
 //!
-//! The filters are mlx-lm's `make_sampler`: top-p on the probabilities at temperature 1 (every
-//! token whose logprob ties the threshold is kept), then top-k (ties at the k-th value keep the
-//! lowest indices), then a categorical draw at the temperature. Two choices make it exact and
-//! order-free on a GPU:
+//! The filters are mlx-lm's `make_sampler`, in its order: top-p on the probabilities at
+//! temperature 1 (every token whose logprob ties the threshold is kept), then min-p (tokens
+//! below the best logprob + ln(min_p), that sum rounded to the logprobs' dtype as MLX does),
+//! then top-k (ties at the k-th value keep the lowest indices), then a categorical draw at the
+//! temperature. Two choices make it exact and order-free on a GPU:
 //! - **Fixed-point weights.** A token's weight is `round(e^x · 2^40)`, x its logprob minus the
 //!   largest one (divided by the temperature for the draw), with an `e^x` made of correctly
 //!   rounded f64 + − × only ([`det_exp`]): no libm, no FMA, the same bits everywhere. Sums are
@@ -18,7 +19,7 @@
 //! The random word of a step is [`step_random`]`(seed, position)`: no generator state, so a
 //! step enqueued ahead of time on a GPU draws what the CPU would.
 
-use crate::ops;
+use crate::{ops, DType};
 
 /// Fixed-point weights are `e^x · 2^WEIGHT_BITS`; the best token weighs exactly 2^40.
 pub const WEIGHT_BITS: i32 = 40;
@@ -31,6 +32,9 @@ pub struct SampleParams {
     pub top_p: f32,
     /// 0 keeps every token.
     pub top_k: usize,
+    /// Min-p in (0, 1]: keep tokens whose probability is at least min_p times the best one's;
+    /// 0 keeps every token, as mlx-lm.
+    pub min_p: f32,
 }
 
 impl SampleParams {
@@ -41,6 +45,13 @@ impl SampleParams {
         } else {
             0
         }
+    }
+
+    /// The lowest logprob min-p keeps, for logprobs of `dtype` whose maximum is `max`: mlx-lm's
+    /// `max + math.log(min_p)`, the scalar and the sum each rounded to the dtype (MLX computes a
+    /// bf16/f16 add in f32 and rounds). None when min-p is off.
+    pub fn min_p_threshold(&self, max: f32, dtype: DType) -> Option<f32> {
+        (self.min_p > 0.0 && self.min_p <= 1.0).then(|| dtype.round(max + dtype.round((self.min_p as f64).ln() as f32)))
     }
 
     /// Whether top-k removes anything from `n` tokens.
@@ -149,11 +160,12 @@ pub fn draw_target(r: u64, w: u64) -> u64 {
     ((r as u128 * w as u128) >> 64) as u64
 }
 
-/// The sampled token for `logprobs` (mlx-lm's `logits - logsumexp`), random word `r`. temp ≤ 0
-/// gives the greedy token (`ops::argmax`, as `Decoder::forward_greedy`); a row without a finite maximum (a NaN or +inf
-/// logit upstream) gives token 0, as the GPU's `logprobs_argmax` does.
-pub fn sample(logprobs: &[f32], p: &SampleParams, r: u64) -> u32 {
-    sample_traced(logprobs, p, r).token
+/// The sampled token for `logprobs` (mlx-lm's `logits - logsumexp`, values of `dtype`), random
+/// word `r`. temp ≤ 0 gives the greedy token (`ops::argmax`, as `Decoder::forward_greedy`); a row
+/// without a finite maximum (a NaN or +inf logit upstream) gives token 0, as the GPU's
+/// `logprobs_argmax` does.
+pub fn sample(logprobs: &[f32], dtype: DType, p: &SampleParams, r: u64) -> u32 {
+    sample_traced(logprobs, dtype, p, r).token
 }
 
 /// A sampled token with the integers that chose it (what the GPU kernels report).
@@ -171,56 +183,23 @@ pub struct Sampled {
 }
 
 /// [`sample`] with its intermediate integers.
-pub fn sample_traced(logprobs: &[f32], p: &SampleParams, r: u64) -> Sampled {
-    let n = logprobs.len();
-    let m = logprobs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+pub fn sample_traced(logprobs: &[f32], dtype: DType, p: &SampleParams, r: u64) -> Sampled {
     if p.temp <= 0.0 || p.temp.is_nan() {
         return Sampled { token: ops::argmax(logprobs) as u32, ..Default::default() };
     }
-    if !m.is_finite() {
+    let Some(f) = filter(logprobs, dtype, p) else {
         return Sampled::default();
-    }
-    let mut out = Sampled::default();
-    let key: Vec<u32> = logprobs.iter().map(|&v| order_key(v)).collect();
-    let x: Vec<f64> = logprobs.iter().map(|&v| v as f64 - m as f64).collect();
-    let temp = p.temp as f64;
-    let w: Vec<u64> = x.iter().map(|&x| fixed_weight(if temp == 1.0 { x } else { x / temp })).collect();
-    // Tokens in (key desc, index asc) order.
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| key[b].cmp(&key[a]).then(a.cmp(&b)));
-    // top-p: the smallest prefix whose temperature-1 mass reaches ⌈p·Q⌉, widened to every
-    // token with the boundary's value.
-    let pfix = p.top_p_fixed();
-    if pfix != 0 {
-        let q: Vec<u64> = x.iter().map(|&x| fixed_weight(x)).collect();
-        out.nucleus_total = q.iter().sum();
-        let target = nucleus_target(out.nucleus_total, pfix);
-        let mut cum = 0u64;
-        for &i in &order {
-            cum += q[i];
-            if cum >= target {
-                out.v_p = key[i];
-                break;
-            }
-        }
-    }
-    // top-k: the first k of the order (ties at the k-th value: lowest indices).
-    let limit = if p.top_k_active(n) {
-        out.v_k = key[order[p.top_k - 1]];
-        p.top_k
-    } else {
-        n
     };
-    let mut kept = vec![false; n];
-    for &i in order.iter().take_while(|&&i| key[i] >= out.v_p).take(limit) {
-        kept[i] = true;
-    }
-    out.kept_mass = (0..n).filter(|&i| kept[i]).map(|i| w[i]).sum();
+    let m = f.max as f64;
+    let temp = p.temp as f64;
+    let weight = |v: f32| fixed_weight(if temp == 1.0 { v as f64 - m } else { (v as f64 - m) / temp });
+    let mut out = Sampled { nucleus_total: f.nucleus_total, v_p: f.v_p, v_k: f.v_k, ..Default::default() };
+    out.kept_mass = (0..logprobs.len()).filter(|&i| f.kept[i]).map(|i| weight(logprobs[i])).sum();
     out.d = draw_target(r, out.kept_mass);
     let mut cum = 0u64;
-    for i in 0..n {
-        if kept[i] {
-            cum += w[i];
+    for (i, &v) in logprobs.iter().enumerate() {
+        if f.kept[i] {
+            cum += weight(v);
             if cum > out.d {
                 out.token = i as u32;
                 return out;
@@ -228,6 +207,64 @@ pub fn sample_traced(logprobs: &[f32], p: &SampleParams, r: u64) -> Sampled {
         }
     }
     unreachable!("the kept mass exceeds d by construction")
+}
+
+/// Which tokens mlx-lm's filters keep (top-p, then min-p, then top-k) for `logprobs` of
+/// `dtype` (every token when no filter is on); None when no logprob is finite.
+pub fn kept_tokens(logprobs: &[f32], dtype: DType, p: &SampleParams) -> Option<Vec<bool>> {
+    filter(logprobs, dtype, p).map(|f| f.kept)
+}
+
+struct Filtered {
+    kept: Vec<bool>,
+    max: f32,
+    nucleus_total: u64,
+    v_p: u32,
+    v_k: u32,
+}
+
+fn filter(logprobs: &[f32], dtype: DType, p: &SampleParams) -> Option<Filtered> {
+    let n = logprobs.len();
+    let m = logprobs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    if !m.is_finite() {
+        return None;
+    }
+    let key: Vec<u32> = logprobs.iter().map(|&v| order_key(v)).collect();
+    // Tokens in (key desc, index asc) order.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| key[b].cmp(&key[a]).then(a.cmp(&b)));
+    let (mut nucleus_total, mut v_p, mut v_k) = (0, 0, 0);
+    // top-p: the smallest prefix whose temperature-1 mass reaches ⌈p·Q⌉, widened to every
+    // token with the boundary's value.
+    let pfix = p.top_p_fixed();
+    if pfix != 0 {
+        let q: Vec<u64> = logprobs.iter().map(|&v| fixed_weight(v as f64 - m as f64)).collect();
+        nucleus_total = q.iter().sum();
+        let target = nucleus_target(nucleus_total, pfix);
+        let mut cum = 0u64;
+        for &i in &order {
+            cum += q[i];
+            if cum >= target {
+                v_p = key[i];
+                break;
+            }
+        }
+    }
+    // min-p: a value threshold too, so top-p's and min-p's survivors are a prefix of the order.
+    let lowest = p.min_p_threshold(m, dtype).map_or(v_p, |t| v_p.max(order_key(t)));
+    // top-k: the first k of the order (ties at the k-th value: lowest indices); among the
+    // survivors of the prefix, that is the prefix cut at k.
+    let limit = if p.top_k_active(n) {
+        v_k = key[order[p.top_k - 1]];
+        p.top_k
+    } else {
+        n
+    };
+    let mut kept = vec![false; n];
+    for &i in order.iter().take_while(|&&i| key[i] >= lowest).take(limit) {
+        kept[i] = true;
+    }
+    Some(Filtered { kept, max: m, nucleus_total, v_p, v_k })
 }
 
 #[cfg(test)]
@@ -280,6 +317,11 @@ mod tests {
             }
             (0..n).for_each(|i| keep[i] = lp[i] >= thr);
         }
+        if p.min_p > 0.0 {
+            // mlx-lm: logprobs < max + ln(min_p) are removed (f32 logprobs: no rounding).
+            let t = m as f32 + (p.min_p as f64).ln() as f32;
+            (0..n).for_each(|i| keep[i] = keep[i] && lp[i] >= t);
+        }
         if p.top_k > 0 {
             let mut seen = 0;
             for &i in &idx {
@@ -300,16 +342,18 @@ mod tests {
         // Logprobs with ties (a coarse grid) so that top-p and top-k boundaries fall on ties.
         let lp: Vec<f32> = (0..40).map(|_| -(((lcg(&mut s) >> 40) % 24) as f32) * 0.25).collect();
         for params in [
-            SampleParams { temp: 1.0, top_p: 1.0, top_k: 0 },
-            SampleParams { temp: 0.6, top_p: 0.8, top_k: 0 },
-            SampleParams { temp: 1.7, top_p: 1.0, top_k: 5 },
-            SampleParams { temp: 0.9, top_p: 0.5, top_k: 3 },
+            SampleParams { temp: 1.0, top_p: 1.0, top_k: 0, min_p: 0.0 },
+            SampleParams { temp: 0.6, top_p: 0.8, top_k: 0, min_p: 0.0 },
+            SampleParams { temp: 1.7, top_p: 1.0, top_k: 5, min_p: 0.0 },
+            SampleParams { temp: 0.9, top_p: 0.5, top_k: 3, min_p: 0.0 },
+            SampleParams { temp: 1.2, top_p: 1.0, top_k: 0, min_p: 0.05 },
+            SampleParams { temp: 0.8, top_p: 0.9, top_k: 6, min_p: 0.02 },
         ] {
             let want = probabilities(&lp, &params);
             let draws = 200_000;
             let mut count = vec![0usize; lp.len()];
             for _ in 0..draws {
-                count[sample(&lp, &params, lcg(&mut s)) as usize] += 1;
+                count[sample(&lp, DType::F32, &params, lcg(&mut s)) as usize] += 1;
             }
             for i in 0..lp.len() {
                 let f = count[i] as f64 / draws as f64;
@@ -323,20 +367,36 @@ mod tests {
     #[test]
     fn limits() {
         let lp = [-2.0f32, -0.5, -0.5, f32::NAN, -9.0];
-        let greedy = SampleParams { temp: 1.0, top_p: 1.0, top_k: 1 };
+        let f = DType::F32;
+        let params = |top_p: f32, top_k: usize, min_p: f32| SampleParams { temp: 1.0, top_p, top_k, min_p };
+        let greedy = params(1.0, 1, 0.0);
         for r in [0, u64::MAX / 3, u64::MAX] {
             // top-k 1 keeps the lowest index among the tied maxima
-            assert_eq!(sample(&lp, &greedy, r), 1);
-            // a tiny nucleus keeps the maximum and its ties
-            let t = sample(&lp, &SampleParams { temp: 1.0, top_p: 1e-6, top_k: 0 }, r);
+            assert_eq!(sample(&lp, f, &greedy, r), 1);
+            // a tiny nucleus keeps the maximum and its ties; so does min-p 1
+            let t = sample(&lp, f, &params(1e-6, 0, 0.0), r);
+            assert!(t == 1 || t == 2);
+            let t = sample(&lp, f, &params(1.0, 0, 1.0), r);
             assert!(t == 1 || t == 2);
         }
-        assert_eq!(sample(&lp, &SampleParams { temp: 0.0, top_p: 1.0, top_k: 0 }, 7), 1);
-        assert_eq!(sample(&[f32::NAN, f32::NAN], &greedy, 7), 0);
-        assert_eq!(sample(&[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY], &greedy, 7), 0);
+        // min-p 0.2: -2.0 >= -2.109 is kept; min-p 0.3: -0.5 + ln 0.3 = -1.70 removes it
+        assert_eq!(sample(&lp, f, &params(1.0, 0, 0.2), 0), 0);
+        assert_eq!(sample(&lp, f, &params(1.0, 0, 0.3), 0), 1);
+        assert_eq!(sample(&lp, f, &SampleParams { temp: 0.0, ..greedy }, 7), 1);
+        assert_eq!(sample(&[f32::NAN, f32::NAN], f, &greedy, 7), 0);
+        assert_eq!(sample(&[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY], f, &greedy, 7), 0);
         // r = 0 takes the first kept index, r = max the last
-        let all = SampleParams { temp: 1.0, top_p: 1.0, top_k: 0 };
-        assert_eq!(sample(&lp, &all, 0), 0);
-        assert_eq!(sample(&lp, &all, u64::MAX), 4);
+        let all = params(1.0, 0, 0.0);
+        assert_eq!(sample(&lp, f, &all, 0), 0);
+        assert_eq!(sample(&lp, f, &all, u64::MAX), 4);
+    }
+
+    #[test]
+    fn min_p_threshold_rounds_like_mlx() {
+        let p = SampleParams { temp: 1.0, top_p: 1.0, top_k: 0, min_p: 0.1 };
+        // bf16: ln 0.1 = -2.302585 -> -2.296875; -0.5 - 2.296875 = -2.796875, a bf16 value
+        assert_eq!(p.min_p_threshold(-0.5, DType::BF16), Some(-2.796875));
+        assert_eq!(p.min_p_threshold(-0.5, DType::F32), Some(-0.5 + 0.1f64.ln() as f32));
+        assert_eq!(SampleParams { min_p: 0.0, ..p }.min_p_threshold(-0.5, DType::BF16), None);
     }
 }

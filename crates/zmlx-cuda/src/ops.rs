@@ -664,7 +664,8 @@ pub fn sample_report(dev: &CudaDevice, workspace: u64) -> Result<[u64; 5]> {
 /// does, bit for bit, with the random word `step_random(*seed, *pos)` (`seed`: a device u64,
 /// `pos`: a device u32); the token goes to
 /// `out`. Runs after [`logprobs_argmax`] on the same logits (`lpa_workspace`: its lse and
-/// largest logprob; `out`: its greedy token, kept when no maximum is finite). `temp` > 0.
+/// largest logprob; `out`: its greedy token, kept when no maximum is finite). `temp` > 0, no
+/// min-p (the engine samples those on the host).
 /// 3 to 7 launches (top-p or top-k add a radix select of three passes; top-k one more),
 /// no host sync. `workspace`: [`sample_workspace_bytes`], zeroed once.
 #[allow(clippy::too_many_arguments)]
@@ -682,6 +683,9 @@ pub fn sample(
 ) -> Result<()> {
     if n == 0 || n >= (1 << 30) || !(params.temp > 0.0) || !params.temp.is_finite() {
         return Err(inv(format!("sample: n={n}, temp={} unsupported", params.temp)));
+    }
+    if params.min_p > 0.0 {
+        return Err(inv("sample: min-p is not in the device kernels (sample on the host)".into()));
     }
     aligned(workspace, 16, "sample workspace")?;
     let tag = dtype_tag(dt)?;

@@ -896,7 +896,7 @@ fn test_sample(dev: &CudaDevice, rng: &mut Rng, dt: DType, n: usize, shape: &str
         let rep = ops::sample_report(dev, ws.ptr())?;
         let lse = f32::from_bits(dev.read::<u32>(lpa.ptr() + 12, 1)?[0]);
         let lp: Vec<f32> = l.iter().map(|&v| dt.round(v - lse)).collect();
-        let want = sample_traced(&lp, &params, step_random(seed, pos as u64));
+        let want = sample_traced(&lp, dt, &params, step_random(seed, pos as u64));
         let want_rep = [want.nucleus_total, want.v_p as u64, want.v_k as u64, want.kept_mass, want.d];
         if got != want.token || rep != want_rep {
             bad += 1;
@@ -960,7 +960,7 @@ fn engine_kernel_tests(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
     for (dt, kv, hd) in [(bf, 2, 16), (bf, 2, 32), (f16, 1, 32), (f32, 4, 16), (bf, 4, 128)] {
         push("kv_append", test_kv_append(dev, rng, dt, kv, hd, 300));
     }
-    let sp = |temp: f32, top_p: f32, top_k: usize| SampleParams { temp, top_p, top_k };
+    let sp = |temp: f32, top_p: f32, top_k: usize| SampleParams { temp, top_p, top_k, min_p: 0.0 };
     for (dt, n, shape, p) in [
         (bf, 151936, "flat", sp(1.0, 1.0, 0)),
         (bf, 151936, "flat", sp(0.7, 0.9, 0)),

@@ -470,7 +470,7 @@ impl SampleKey {
         SampleKey { temp_bits: p.temp.to_bits(), top_p_bits: p.top_p.to_bits(), top_k: p.top_k }
     }
     fn params(&self) -> SampleParams {
-        SampleParams { temp: f32::from_bits(self.temp_bits), top_p: f32::from_bits(self.top_p_bits), top_k: self.top_k }
+        SampleParams { temp: f32::from_bits(self.temp_bits), top_p: f32::from_bits(self.top_p_bits), top_k: self.top_k, min_p: 0.0 }
     }
 }
 
@@ -1118,9 +1118,9 @@ impl Decoder for CudaQwen3Moe {
     }
 
     fn forward_sample(&mut self, tokens: &[u32], params: &SampleParams, seed: u64, pos: usize) -> Result<u32> {
-        if self.mlx_cpu.is_some() || !self.device_sampling {
-            // MLX's CPU numerics (or ZMLX_DEVICE_SAMPLING=0): the host samples from the logits,
-            // as on the CPU.
+        if self.mlx_cpu.is_some() || !self.device_sampling || params.min_p > 0.0 {
+            // MLX's CPU numerics, ZMLX_DEVICE_SAMPLING=0, or min-p (not in the device kernels
+            // yet): the host samples from the logits, as on the CPU.
             return sample_on_host(self, tokens, params, seed, pos);
         }
         // The device draws with the position it stores for the step's last token; a caller that

@@ -68,18 +68,20 @@ pub struct SamplingOptions {
     pub temp: f32,
     pub top_p: f32,
     pub top_k: usize,
+    /// 0: off.
+    pub min_p: f32,
     pub seed: u64,
 }
 
 impl Default for SamplingOptions {
     fn default() -> Self {
-        SamplingOptions { temp: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+        SamplingOptions { temp: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, seed: 0 }
     }
 }
 
 impl SamplingOptions {
     pub fn params(&self) -> SampleParams {
-        SampleParams { temp: self.temp, top_p: self.top_p, top_k: self.top_k }
+        SampleParams { temp: self.temp, top_p: self.top_p, top_k: self.top_k, min_p: self.min_p }
     }
 }
 
@@ -104,7 +106,7 @@ pub fn logprobs(logits: &[f32], dtype: DType) -> Vec<f32> {
 /// `zmlx_core::sampling::sample` on the host.
 pub fn sample_on_host<D: Decoder + ?Sized>(d: &mut D, tokens: &[u32], params: &SampleParams, seed: u64, pos: usize) -> Result<u32> {
     let lp = logprobs(&d.forward(tokens)?, d.dtype());
-    Ok(sampling::sample(&lp, params, sampling::step_random(seed, pos as u64)))
+    Ok(sampling::sample(&lp, d.dtype(), params, sampling::step_random(seed, pos as u64)))
 }
 
 /// Generate up to `max_tokens` after `prompt`, calling `on_token` for each new
