@@ -193,17 +193,16 @@ pub fn sample_traced(logprobs: &[f32], dtype: DType, p: &SampleParams, r: u64) -
     let m = f.max as f64;
     let temp = p.temp as f64;
     let weight = |v: f32| fixed_weight(if temp == 1.0 { v as f64 - m } else { (v as f64 - m) / temp });
+    let w: Vec<u64> = logprobs.iter().zip(&f.kept).map(|(&v, &k)| if k { weight(v) } else { 0 }).collect();
     let mut out = Sampled { nucleus_total: f.nucleus_total, v_p: f.v_p, v_k: f.v_k, ..Default::default() };
-    out.kept_mass = (0..logprobs.len()).filter(|&i| f.kept[i]).map(|i| weight(logprobs[i])).sum();
+    out.kept_mass = w.iter().sum();
     out.d = draw_target(r, out.kept_mass);
     let mut cum = 0u64;
-    for (i, &v) in logprobs.iter().enumerate() {
-        if f.kept[i] {
-            cum += weight(v);
-            if cum > out.d {
-                out.token = i as u32;
-                return out;
-            }
+    for (i, &wi) in w.iter().enumerate() {
+        cum += wi;
+        if cum > out.d {
+            out.token = i as u32;
+            return out;
         }
     }
     unreachable!("the kept mass exceeds d by construction")
