@@ -27,6 +27,11 @@ d=$(gen --temp 0.8 --top-p 0.9 --top-k 40 --seed 7 --no-graph | toks)
 e=$(gen --temp 0.8 --top-p 0.9 --top-k 40 --seed 8 | toks)
 h=$(ZMLX_DEVICE_SAMPLING=0 gen --temp 0.8 --top-p 0.9 --top-k 40 --seed 7 | toks)
 echo "device vs host sampler (same logits, host lse in CPU order): $(python3 -c "a=$a; b=$h; print(sum(x==y for x,y in zip(a,b)), '/', len(a), 'identical; first difference at', next((i for i,(x,y) in enumerate(zip(a,b)) if x!=y), None))")"
+# min-p on the device (ZMLX_DEVICE_MIN_P=1) vs on the host, and its speed
+md=$(ZMLX_DEVICE_MIN_P=1 gen --temp 0.8 --top-p 0.9 --min-p 0.05 --seed 7 | toks)
+mh=$(ZMLX_DEVICE_MIN_P=0 gen --temp 0.8 --top-p 0.9 --min-p 0.05 --seed 7 | toks)
+echo "min-p device vs host sampler: $(python3 -c "a=$md; b=$mh; print(sum(x==y for x,y in zip(a,b)), '/', len(a), 'identical')")"
+echo "min-p 0.05 tok/s: device $(ZMLX_DEVICE_MIN_P=1 gen --temp 0.8 --min-p 0.05 --seed 1 | tps), host $(ZMLX_DEVICE_MIN_P=0 gen --temp 0.8 --min-p 0.05 --seed 1 | tps)"
 echo "same seed: $([ "$a" = "$b" ] && echo identical || echo DIFFER); look-ahead off: $([ "$a" = "$c" ] && echo identical || echo DIFFER); eager: $([ "$a" = "$d" ] && echo identical || echo DIFFER); other seed: $([ "$a" = "$e" ] && echo SAME || echo differs)"
 echo "seed 7 tokens: ${a:0:200}"
 } 2>&1 | tee "$OUT/sampled_decode.txt"

@@ -3,7 +3,9 @@
 # 2026-12-06, first run by this script): the kernel self-tests (the sampler rows and the mlx-cpu
 # rows among them), prefill lanes against the one-at-a-time prefill (scripts/device_prefill.sh,
 # prompts of 16 and 600), and sampled decode on the device (scripts/device_sampling.sh, one
-# timing run, f32 and bf16 fixtures). The environment pins both paths on. Logs go to $OUT.
+# timing run, f32 and bf16 fixtures; min-p on the device vs the host). The environment pins
+# both paths on. Logs go to $OUT. Flip DEVICE_MIN_P_DEFAULT in crates/zmlx-models/src/cuda.rs
+# once the min-p `sample` rows pass and the min-p tokens match the host sampler's.
 set -uo pipefail
 export OUT=${OUT:-/tmp/out} ZMLX_CACHE_DIR=$PWD/target/zmlx-kernel-cache ZMLX_PREFILL_LANES=16 ZMLX_DEVICE_SAMPLING=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

@@ -664,8 +664,7 @@ pub fn sample_report(dev: &CudaDevice, workspace: u64) -> Result<[u64; 5]> {
 /// does, bit for bit, with the random word `step_random(*seed, *pos)` (`seed`: a device u64,
 /// `pos`: a device u32); the token goes to
 /// `out`. Runs after [`logprobs_argmax`] on the same logits (`lpa_workspace`: its lse and
-/// largest logprob; `out`: its greedy token, kept when no maximum is finite). `temp` > 0, no
-/// min-p (the engine samples those on the host).
+/// largest logprob; `out`: its greedy token, kept when no maximum is finite). `temp` > 0.
 /// 3 to 7 launches (top-p or top-k add a radix select of three passes; top-k one more),
 /// no host sync. `workspace`: [`sample_workspace_bytes`], zeroed once.
 #[allow(clippy::too_many_arguments)]
@@ -684,9 +683,6 @@ pub fn sample(
     if n == 0 || n >= (1 << 30) || !(params.temp > 0.0) || !params.temp.is_finite() {
         return Err(inv(format!("sample: n={n}, temp={} unsupported", params.temp)));
     }
-    if params.min_p > 0.0 {
-        return Err(inv("sample: min-p is not in the device kernels (sample on the host)".into()));
-    }
     aligned(workspace, 16, "sample workspace")?;
     let tag = dtype_tag(dt)?;
     let blocks = n.div_ceil(256).clamp(1, (2 * dev.sm_count() as usize).min(SMP_MAX_BLOCKS));
@@ -696,7 +692,21 @@ pub fn sample(
     let top_k = if params.top_k_active(n) { params.top_k as u64 } else { 0 };
     let (lpa, ws, top_p, k) = (Arg::Ptr(lpa_workspace), Arg::Ptr(workspace), Arg::U64(top_p_fixed), Arg::U64(top_k));
     let (n, chunk) = (Arg::I32(n as i32), Arg::I32(chunk as i32));
-    let prep_args = [Arg::Ptr(logits), lpa, ws, n, chunk, Arg::F64(params.temp as f64), Arg::I32((top_p_fixed != 0) as i32)];
+    // min-p: ln(min_p) rounded to the dtype here; the kernel adds the largest logprob and rounds
+    // (SampleParams::min_p_threshold).
+    let min_p_on = params.min_p > 0.0 && params.min_p <= 1.0;
+    let min_p_log = if min_p_on { dt.round((params.min_p as f64).ln() as f32) } else { 0.0 };
+    let prep_args = [
+        Arg::Ptr(logits),
+        lpa,
+        ws,
+        n,
+        chunk,
+        Arg::F64(params.temp as f64),
+        Arg::I32((top_p_fixed != 0) as i32),
+        Arg::F32(min_p_log),
+        Arg::I32(min_p_on as i32),
+    ];
     dev.launch(&format!("smp_prep_{tag}"), grid, (256, 1, 1), 0, &prep_args)?;
     if top_p_fixed != 0 || top_k != 0 {
         for pass in 0..3 {

@@ -920,7 +920,8 @@ fn test_sample(dev: &CudaDevice, rng: &mut Rng, dt: DType, n: usize, shape: &str
         v.len()
     };
     note += &format!("{bad}/8 draws differ; {distinct} distinct tokens; {us:.1} us per graph (logprobs_argmax + sample)");
-    let shape_s = format!("{} n={n} {shape} temp={} top_p={} top_k={}", dtn(dt), params.temp, params.top_p, params.top_k);
+    let min_p = if params.min_p > 0.0 { format!(" min_p={}", params.min_p) } else { String::new() };
+    let shape_s = format!("{} n={n} {shape} temp={} top_p={} top_k={}{min_p}", dtn(dt), params.temp, params.top_p, params.top_k);
     Ok(pass_row("sample", shape_s, bad == 0, note))
 }
 
@@ -961,6 +962,7 @@ fn engine_kernel_tests(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
         push("kv_append", test_kv_append(dev, rng, dt, kv, hd, 300));
     }
     let sp = |temp: f32, top_p: f32, top_k: usize| SampleParams { temp, top_p, top_k, min_p: 0.0 };
+    let mp = |min_p: f32, p: SampleParams| SampleParams { min_p, ..p };
     for (dt, n, shape, p) in [
         (bf, 151936, "flat", sp(1.0, 1.0, 0)),
         (bf, 151936, "flat", sp(0.7, 0.9, 0)),
@@ -975,6 +977,11 @@ fn engine_kernel_tests(dev: &CudaDevice, rng: &mut Rng) -> Vec<TestRow> {
         (bf, 1000, "ties", sp(1.0, 1e-6, 0)),
         (bf, 151936, "masked", sp(0.9, 0.8, 30)),
         (f32, 5000, "inf", sp(0.9, 0.8, 30)),
+        // min-p (alone, with top-p, with top-k; ties put the threshold on tied values)
+        (bf, 151936, "peaked", mp(0.05, sp(1.0, 1.0, 0))),
+        (bf, 151936, "ties", mp(0.1, sp(0.8, 0.95, 0))),
+        (f16, 32000, "flat", mp(0.5, sp(0.7, 1.0, 40))),
+        (f32, 5000, "peaked", mp(1.0, sp(1.0, 1.0, 0))),
     ] {
         push("sample", test_sample(dev, rng, dt, n, shape, p));
     }

@@ -438,6 +438,10 @@ impl Scratch {
 /// 600-token prompt 787 vs 450 tok/s); docs/kernels.md, docs/benchmarks.md.
 const DEFAULT_PREFILL_LANES: usize = 16;
 const DEVICE_SAMPLING_DEFAULT: bool = true;
+/// Whether `--min-p` samples on the device too (`ZMLX_DEVICE_MIN_P`). The kernels take it, but
+/// they have not run on a GPU yet (written 2026-12-06 after the session's device time was
+/// spent): until the `sample` self-test rows with min-p pass there, min-p samples on the host.
+const DEVICE_MIN_P_DEFAULT: bool = false;
 
 /// The attention kernel for a step over `len` positions, and whether it takes the q/k
 /// prologue: what a step's graph depends on besides its head.
@@ -463,14 +467,15 @@ struct SampleKey {
     temp_bits: u32,
     top_p_bits: u32,
     top_k: usize,
+    min_p_bits: u32,
 }
 
 impl SampleKey {
     fn new(p: &SampleParams) -> Self {
-        SampleKey { temp_bits: p.temp.to_bits(), top_p_bits: p.top_p.to_bits(), top_k: p.top_k }
+        SampleKey { temp_bits: p.temp.to_bits(), top_p_bits: p.top_p.to_bits(), top_k: p.top_k, min_p_bits: p.min_p.to_bits() }
     }
     fn params(&self) -> SampleParams {
-        SampleParams { temp: f32::from_bits(self.temp_bits), top_p: f32::from_bits(self.top_p_bits), top_k: self.top_k, min_p: 0.0 }
+        SampleParams { temp: f32::from_bits(self.temp_bits), top_p: f32::from_bits(self.top_p_bits), top_k: self.top_k, min_p: f32::from_bits(self.min_p_bits) }
     }
 }
 
@@ -501,6 +506,8 @@ pub struct CudaQwen3Moe {
     prefill_lanes_max: usize,
     /// Sample on the device (`ZMLX_DEVICE_SAMPLING=1`; 0: on the host from the logits).
     device_sampling: bool,
+    /// Min-p on the device too (`DEVICE_MIN_P_DEFAULT`).
+    device_min_p: bool,
     args: ModelArgs,
     /// Launches of the last step (`launches_per_token`).
     last_launches: Option<usize>,
@@ -617,6 +624,7 @@ impl CudaQwen3Moe {
             lane_scratch: Vec::new(),
             prefill_lanes_max: std::env::var("ZMLX_PREFILL_LANES").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_PREFILL_LANES).max(1),
             device_sampling: std::env::var("ZMLX_DEVICE_SAMPLING").map_or(DEVICE_SAMPLING_DEFAULT, |v| v != "0"),
+            device_min_p: std::env::var("ZMLX_DEVICE_MIN_P").map_or(DEVICE_MIN_P_DEFAULT, |v| v != "0"),
             args: a.clone(),
             last_launches: None,
             use_graph,
@@ -1118,9 +1126,9 @@ impl Decoder for CudaQwen3Moe {
     }
 
     fn forward_sample(&mut self, tokens: &[u32], params: &SampleParams, seed: u64, pos: usize) -> Result<u32> {
-        if self.mlx_cpu.is_some() || !self.device_sampling || params.min_p > 0.0 {
-            // MLX's CPU numerics, ZMLX_DEVICE_SAMPLING=0, or min-p (not in the device kernels
-            // yet): the host samples from the logits, as on the CPU.
+        if self.mlx_cpu.is_some() || !self.device_sampling || (params.min_p > 0.0 && !self.device_min_p) {
+            // MLX's CPU numerics, ZMLX_DEVICE_SAMPLING=0, or min-p before its device check: the
+            // host samples from the logits, as on the CPU.
             return sample_on_host(self, tokens, params, seed, pos);
         }
         // The device draws with the position it stores for the step's last token; a caller that

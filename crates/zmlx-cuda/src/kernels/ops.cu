@@ -1076,6 +1076,7 @@ __device__ __forceinline__ void affine_impl(const typename D::T* x, typename D::
 #define SMP_CARRY_K 5
 #define SMP_PICK_BLOCK 6
 #define SMP_PICK_REM 7
+#define SMP_MIN_KEY 8
 #define SMP_OUT_Q 10
 #define SMP_OUT_VP 11
 #define SMP_OUT_VK 12
@@ -1165,13 +1166,16 @@ __device__ __forceinline__ u64 smp_scan_blocks(const u64* p, u64 v[4], u64* sh, 
   }
   return smp_block_scan(local, sh, total);
 }
+// min_p_on: also stores min-p's lowest kept key, that of r(R + min_p_log) (min_p_log = ln(min_p)
+// rounded to the dtype by the host: mlx-lm's `max + math.log(min_p)` in the dtype).
 template <class D>
 __device__ __forceinline__ void smp_prep_impl(const typename D::T* x, const u32* lpa, u64* ws, int n, int chunk,
-                                              double temp, int need_q) {
+                                              double temp, int need_q, float min_p_log, int min_p_on) {
   __shared__ u64 sh[32];
   if (!smp_finite_max(lpa)) return;
   const SmpWs s = smp_ws(ws, n);
   const float R = __uint_as_float(lpa[2]), lse = __uint_as_float(lpa[3]);
+  if (min_p_on && blockIdx.x == 0 && threadIdx.x == 0) s.h[SMP_MIN_KEY] = ordered_bits(D::rnd(__fadd_rn(R, min_p_log)));
   const int start = blockIdx.x * chunk, end = min(start + chunk, n);
   u64 sq = 0;
   for (int i = start + threadIdx.x; i < end; i += SMP_THREADS) {
@@ -1271,16 +1275,18 @@ extern "C" __global__ void __launch_bounds__(SMP_THREADS) smp_ties(const u32* lp
     run += v[j];
   }
 }
-// Which tokens are kept: value >= v_p (the nucleus), and within the first k of the (value
-// desc, index asc) order: above v_k, or tied with it among the first keep_ties in index order.
+// Which tokens are kept: value >= v_lo (the nucleus' v_p and min-p's key, the larger), and
+// within the first k of the (value desc, index asc) order: above v_k, or tied with it among the
+// first keep_ties in index order.
 struct SmpKeep {
-  u32 v_p, v_k;
+  u32 v_p, v_lo, v_k;
   u64 keep_ties;
   bool k_on;
 };
 __device__ __forceinline__ SmpKeep smp_keep(const SmpWs& s, u64 top_p_fixed, u64 top_k) {
   SmpKeep c;
   c.v_p = top_p_fixed ? (u32)s.h[SMP_PREFIX_P] : 0u;
+  c.v_lo = max(c.v_p, (u32)s.h[SMP_MIN_KEY]);  // 0 when min-p is off
   c.k_on = top_k != 0;
   c.v_k = c.k_on ? (u32)s.h[SMP_PREFIX_K] : 0u;
   c.keep_ties = c.k_on ? top_k - s.h[SMP_CARRY_K] : 0ull;
@@ -1290,7 +1296,7 @@ __device__ __forceinline__ SmpKeep smp_keep(const SmpWs& s, u64 top_p_fixed, u64
 // index order; ties_before: tokens tied with v_k before this tile (updated). All threads call.
 __device__ __forceinline__ u64 smp_kept_weight(const SmpWs& s, const SmpKeep& c, int i, bool valid, u64* ties_before, u64* sh) {
   const u32 key = valid ? s.key[i] : 0u;
-  bool kept = valid && key >= c.v_p;
+  bool kept = valid && key >= c.v_lo;
   if (c.k_on) {
     const bool tie = valid && key == c.v_k;
     u64 tile_ties;
@@ -1367,6 +1373,7 @@ extern "C" __global__ void __launch_bounds__(SMP_THREADS) smp_pick(const u32* lp
     s.h[SMP_CARRY_P] = 0ull;
     s.h[SMP_PREFIX_K] = 0ull;
     s.h[SMP_CARRY_K] = 0ull;
+    s.h[SMP_MIN_KEY] = 0ull;
   }
 }
 
@@ -1526,8 +1533,9 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
     lpa_select_impl<DT>(x, ws, out, n, chunk);                                                                 \
   }                                                                                                            \
   extern "C" __global__ void __launch_bounds__(SMP_THREADS) smp_prep_##DN(const DT::T* x, const u32* lpa, u64* ws, \
-                                                                         int n, int chunk, double temp, int need_q) { ZMLX_GRID_DEP(); \
-    smp_prep_impl<DT>(x, lpa, ws, n, chunk, temp, need_q);                                                     \
+                                                                         int n, int chunk, double temp, int need_q,     \
+                                                                         float min_p_log, int min_p_on) { ZMLX_GRID_DEP(); \
+    smp_prep_impl<DT>(x, lpa, ws, n, chunk, temp, need_q, min_p_log, min_p_on);                                \
   }                                                                                                            \
   extern "C" __global__ void fill_random_uniform_##DN(DT::T* p, u64 n, u64 seed, float lo, float hi) { ZMLX_GRID_DEP();         \
     fill_uniform_impl<DT>(p, n, seed, lo, hi);                                                                 \
