@@ -68,4 +68,17 @@ fn validate_cli_reports_fidelity_and_json() {
     let (code, _, stderr) = zmlx(&["validate", "--model", dir.to_str().unwrap(), "--patterns", "moe_mlp,nonsense"]);
     assert_ne!(code, 0);
     assert!(stderr.contains("nonsense") && stderr.lines().count() == 1, "{stderr}");
+    // Sampled: both sides draw with the same seed, so the tokens must still be identical, and
+    // they are not the greedy ones.
+    let sampled = ["--temp", "0.9", "--top-p", "0.95", "--min-p", "0.02", "--top-k", "40", "--seed", "7", "--ignore-eos"];
+    let args: Vec<&str> = ["validate", "--model", dir.to_str().unwrap(), "--max-tokens", "16", "--runs", "2", "--json"].into_iter().chain(sampled).collect();
+    let (code, stdout, stderr) = zmlx(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let s: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(s["fidelity"]["identical"], 16);
+    assert_eq!(s["sampling"]["seed"], 7);
+    assert_ne!(s["patched_tokens"], v["patched_tokens"], "sampling at temp 0.9 should leave the greedy path");
+    let (code, _, stderr) = zmlx(&["validate", "--model", dir.to_str().unwrap(), "--min-p", "2"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--min-p") && stderr.lines().count() == 1, "{stderr}");
 }

@@ -23,23 +23,8 @@ pub struct Args {
     pub prompt_tokens: Option<String>,
     #[arg(long, default_value_t = 100)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy. Sampling applies mlx-lm's filters (top-p, min-p,
-    /// then top-k) and draws on the device under --device cuda.
-    #[arg(long, default_value_t = 0.0)]
-    pub temp: f32,
-    /// Nucleus: keep the most likely tokens whose probability (at temperature 1) reaches P.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Keep the K most likely tokens (0: all; ties at the K-th value keep the lowest ids).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Min-p: keep the tokens at least MIN_P times as likely as the best one (0: off). Applied
-    /// between top-p and top-k, as mlx-lm; sampled on the host under --device cuda.
-    #[arg(long, default_value_t = 0.0)]
-    pub min_p: f32,
-    /// Seed of the draws: the same seed, prompt and model give the same tokens (CPU or GPU).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Use the raw prompt, without the chat template.
     #[arg(long)]
     pub ignore_chat_template: bool,
@@ -51,16 +36,45 @@ pub struct Args {
     pub json: bool,
 }
 
+/// How tokens are chosen (`zmlx generate`, `zmlx validate`).
+#[derive(clap::Args, Clone)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy. Sampling applies mlx-lm's filters (top-p, min-p,
+    /// then top-k) and draws on the device under --device cuda.
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    /// Nucleus: keep the most likely tokens whose probability (at temperature 1) reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Min-p: keep the tokens at least MIN_P times as likely as the best one (0: off). Applied
+    /// between top-p and top-k, as mlx-lm.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Keep the K most likely tokens (0: all; ties at the K-th value keep the lowest ids).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Seed of the draws: the same seed, prompt and model give the same tokens (CPU or GPU).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn options(&self) -> Result<SamplingOptions> {
+        if !(self.temp >= 0.0 && self.temp.is_finite()) {
+            bail!("--temp must be a finite number >= 0, got {}", self.temp);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {}", self.top_p);
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            bail!("--min-p must be in [0, 1], got {}", self.min_p);
+        }
+        Ok(SamplingOptions { temp: self.temp, top_p: self.top_p, top_k: self.top_k, min_p: self.min_p, seed: self.seed })
+    }
+}
+
 pub fn run(args: Args) -> Result<ExitCode> {
-    if !(args.temp >= 0.0 && args.temp.is_finite()) {
-        bail!("--temp must be a finite number >= 0, got {}", args.temp);
-    }
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", args.top_p);
-    }
-    if !(0.0..=1.0).contains(&args.min_p) {
-        bail!("--min-p must be in [0, 1], got {}", args.min_p);
-    }
+    let sampling = args.sampling.options()?;
     let mut model = ModelFolder::open(&args.engine.model)?;
     let prompt = match (&args.prompt, &args.prompt_tokens) {
         (_, Some(ids)) => parse_token_list(ids)?,
@@ -77,7 +91,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
     }
     let eos = if args.ignore_eos { Vec::new() } else { model.eos_token_ids() };
-    let sampling = SamplingOptions { temp: args.temp, top_p: args.top_p, top_k: args.top_k, min_p: args.min_p, seed: args.seed };
     let tokenizer = model.tokenizer.take();
     let mut engine = engine::open(model, &args.engine, prompt.len() + args.max_tokens)?;
     let opts = args.patch.options()?;

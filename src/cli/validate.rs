@@ -8,6 +8,7 @@ use serde_json::json;
 use zmlx_models::{generate, Decoder, ModelFolder, SamplingOptions};
 
 use super::engine::{self, EngineArgs, PatchArgs};
+use super::generate::SamplingArgs;
 use super::{parse_token_list, Device};
 
 #[derive(clap::Args)]
@@ -38,6 +39,10 @@ pub struct Args {
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     pub json: bool,
+    /// Greedy by default; with --temp both sides sample with the same seed, so identical
+    /// logits must give identical tokens.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 pub const DEFAULT_PROMPT: &str = "Explain how a mixture-of-experts language model decodes one token, step by step.";
@@ -70,17 +75,18 @@ fn median(mut xs: Vec<f64>) -> f64 {
     if xs.is_empty() { 0.0 } else { xs[xs.len() / 2] }
 }
 
-/// Greedy decode `runs` times; returns the tokens of the first run and the tok/s of each.
-fn decode(d: &mut dyn Decoder, prompt: &[u32], max_tokens: usize, runs: usize, eos: &[u32]) -> Result<(Vec<u32>, Vec<f64>, bool)> {
+/// Decode `runs` times (greedy, or sampled with `sampling`'s seed); returns the tokens of the
+/// first run and the tok/s of each.
+fn decode(d: &mut dyn Decoder, prompt: &[u32], max_tokens: usize, runs: usize, eos: &[u32], sampling: &SamplingOptions) -> Result<(Vec<u32>, Vec<f64>, bool)> {
     let mut first = None;
     let mut tps = Vec::new();
     let mut stable = true;
     // One warm-up run (kernel loading, graph capture).
     d.reset();
-    generate(d, prompt, max_tokens.min(4), SamplingOptions::default(), eos, |_| {})?;
+    generate(d, prompt, max_tokens.min(4), sampling.clone(), eos, |_| {})?;
     for _ in 0..runs.max(1) {
         d.reset();
-        let (tokens, stats) = generate(d, prompt, max_tokens, SamplingOptions::default(), eos, |_| {})?;
+        let (tokens, stats) = generate(d, prompt, max_tokens, sampling.clone(), eos, |_| {})?;
         tps.push(stats.generation_tps);
         match &first {
             None => first = Some(tokens),
@@ -124,6 +130,7 @@ fn logits_rel_err(a: &[f32], b: &[f32]) -> f64 {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let opts = args.patch.options()?;
+    let sampling = args.sampling.options()?;
     let mut folder = ModelFolder::open(&args.engine.model)?;
     let prompt = prompt_ids(&folder, args.prompt.as_deref(), args.prompt_tokens.as_deref(), 16)?;
     let eos = if args.ignore_eos { Vec::new() } else { folder.eos_token_ids() };
@@ -138,14 +145,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
         zmlx_core::quant::set_exact_accumulation(args.reference.as_deref() == Some("cpu-exact"));
         let mut cpu = engine::open(ModelFolder::open(&args.engine.model)?, &cpu_args, max_len)?;
         cpu.decoder.patch(&[])?;
-        let (t, tps, _) = decode(cpu.decoder.as_mut(), &prompt, args.max_tokens, args.runs, &eos)?;
+        let (t, tps, _) = decode(cpu.decoder.as_mut(), &prompt, args.max_tokens, args.runs, &eos, &sampling)?;
         cpu.decoder.reset();
         let logits = cpu.decoder.forward(&prompt)?;
         zmlx_core::quant::set_exact_accumulation(false);
         (t, tps, Some(logits), None, format!("{} reference", args.reference.as_deref().unwrap_or("cpu")))
     } else {
         eng.decoder.patch(&[])?;
-        let (t, tps, _) = decode(eng.decoder.as_mut(), &prompt, args.max_tokens, args.runs, &eos)?;
+        let (t, tps, _) = decode(eng.decoder.as_mut(), &prompt, args.max_tokens, args.runs, &eos, &sampling)?;
         (t, tps, None, eng.decoder.launches_per_token(), format!("unpatched {}", eng.device_name))
     };
 
@@ -158,7 +165,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     } else {
         engine::apply_patches(&mut eng, &opts)?
     };
-    let (tokens, tps, stable) = decode(eng.decoder.as_mut(), &prompt, args.max_tokens, args.runs, &eos)?;
+    let (tokens, tps, stable) = decode(eng.decoder.as_mut(), &prompt, args.max_tokens, args.runs, &eos, &sampling)?;
     let logits_err = match &base_logits {
         Some(b) => {
             eng.decoder.reset();
@@ -176,7 +183,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
     println!("{report}");
     println!("model: {} · device: {} · baseline: {base_name}", args.engine.model, eng.device_name);
-    println!("prompt: {} tokens · decode: {} tokens × {} runs", prompt.len(), args.max_tokens, args.runs);
+    let how = if sampling.temp > 0.0 {
+        format!(", sampled (temp {} top-p {} min-p {} top-k {} seed {})", sampling.temp, sampling.top_p, sampling.min_p, sampling.top_k, sampling.seed)
+    } else {
+        ", greedy".to_string()
+    };
+    println!("prompt: {} tokens · decode: {} tokens × {} runs{how}", prompt.len(), args.max_tokens, args.runs);
     println!("fidelity: {identical}/{total} identical tokens{}", if stable { "" } else { " (patched runs disagree with each other!)" });
     if let Some(e) = logits_err {
         println!("logits vs cpu: relative error {e:.2e}");
@@ -214,6 +226,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 "logits_rel_err": logits_err,
                 "prefill": prefill.map(|(same, c, s1)| json!({"bitwise_equal": same, "concurrent_tps": c, "serial_tps": s1})),
                 "baseline_tokens": base_tokens, "patched_tokens": tokens,
+                "sampling": {"temp": sampling.temp, "top_p": sampling.top_p, "min_p": sampling.min_p, "top_k": sampling.top_k, "seed": sampling.seed},
             })
         );
     }
