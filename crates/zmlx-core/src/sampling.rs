@@ -222,6 +222,8 @@ struct Filtered {
     v_k: u32,
 }
 
+/// The vocabulary is sorted only when top-p or top-k needs the order (temperature and min-p
+/// alone are thresholds).
 fn filter(logprobs: &[f32], dtype: DType, p: &SampleParams) -> Option<Filtered> {
     let n = logprobs.len();
     let m = logprobs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -229,13 +231,18 @@ fn filter(logprobs: &[f32], dtype: DType, p: &SampleParams) -> Option<Filtered> 
         return None;
     }
     let key: Vec<u32> = logprobs.iter().map(|&v| order_key(v)).collect();
-    // Tokens in (key desc, index asc) order.
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| key[b].cmp(&key[a]).then(a.cmp(&b)));
+    let pfix = p.top_p_fixed();
+    // Tokens in (key desc, index asc) order, when a filter needs it.
+    let order: Vec<usize> = if pfix != 0 || p.top_k_active(n) {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_unstable_by(|&a, &b| key[b].cmp(&key[a]).then(a.cmp(&b)));
+        order
+    } else {
+        Vec::new()
+    };
     let (mut nucleus_total, mut v_p, mut v_k) = (0, 0, 0);
     // top-p: the smallest prefix whose temperature-1 mass reaches ⌈p·Q⌉, widened to every
     // token with the boundary's value.
-    let pfix = p.top_p_fixed();
     if pfix != 0 {
         let q: Vec<u64> = logprobs.iter().map(|&v| fixed_weight(v as f64 - m as f64)).collect();
         nucleus_total = q.iter().sum();
@@ -253,14 +260,12 @@ fn filter(logprobs: &[f32], dtype: DType, p: &SampleParams) -> Option<Filtered> 
     let lowest = p.min_p_threshold(m, dtype).map_or(v_p, |t| v_p.max(order_key(t)));
     // top-k: the first k of the order (ties at the k-th value: lowest indices); among the
     // survivors of the prefix, that is the prefix cut at k.
-    let limit = if p.top_k_active(n) {
-        v_k = key[order[p.top_k - 1]];
-        p.top_k
-    } else {
-        n
-    };
+    if !p.top_k_active(n) {
+        return Some(Filtered { kept: key.iter().map(|&k| k >= lowest).collect(), max: m, nucleus_total, v_p, v_k });
+    }
+    v_k = key[order[p.top_k - 1]];
     let mut kept = vec![false; n];
-    for &i in order.iter().take_while(|&&i| key[i] >= lowest).take(limit) {
+    for &i in order.iter().take_while(|&&i| key[i] >= lowest).take(p.top_k) {
         kept[i] = true;
     }
     Some(Filtered { kept, max: m, nucleus_total, v_p, v_k })
@@ -388,6 +393,79 @@ mod tests {
         let all = params(1.0, 0, 0.0);
         assert_eq!(sample(&lp, f, &all, 0), 0);
         assert_eq!(sample(&lp, f, &all, u64::MAX), 4);
+    }
+
+    /// The filters as first written and verified against the device kernels (2026-12-06): a
+    /// walk over the whole sorted vocabulary, always. `filter` must agree exactly.
+    fn filter_by_sort(logprobs: &[f32], dtype: DType, p: &SampleParams) -> Option<Filtered> {
+        let n = logprobs.len();
+        let m = logprobs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        if !m.is_finite() {
+            return None;
+        }
+        let key: Vec<u32> = logprobs.iter().map(|&v| order_key(v)).collect();
+        // Tokens in (key desc, index asc) order.
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| key[b].cmp(&key[a]).then(a.cmp(&b)));
+        let (mut nucleus_total, mut v_p, mut v_k) = (0, 0, 0);
+        // top-p: the smallest prefix whose temperature-1 mass reaches ⌈p·Q⌉, widened to every
+        // token with the boundary's value.
+        let pfix = p.top_p_fixed();
+        if pfix != 0 {
+            let q: Vec<u64> = logprobs.iter().map(|&v| fixed_weight(v as f64 - m as f64)).collect();
+            nucleus_total = q.iter().sum();
+            let target = nucleus_target(nucleus_total, pfix);
+            let mut cum = 0u64;
+            for &i in &order {
+                cum += q[i];
+                if cum >= target {
+                    v_p = key[i];
+                    break;
+                }
+            }
+        }
+        // min-p: a value threshold too, so top-p's and min-p's survivors are a prefix of the order.
+        let lowest = p.min_p_threshold(m, dtype).map_or(v_p, |t| v_p.max(order_key(t)));
+        // top-k: the first k of the order (ties at the k-th value: lowest indices); among the
+        // survivors of the prefix, that is the prefix cut at k.
+        let limit = if p.top_k_active(n) {
+            v_k = key[order[p.top_k - 1]];
+            p.top_k
+        } else {
+            n
+        };
+        let mut kept = vec![false; n];
+        for &i in order.iter().take_while(|&&i| key[i] >= lowest).take(limit) {
+            kept[i] = true;
+        }
+        Some(Filtered { kept, max: m, nucleus_total, v_p, v_k })
+    }
+
+    #[test]
+    fn filter_equals_the_sorted_walk() {
+        let mut s = 777u64;
+        for case in 0..600 {
+            let n = 1 + (lcg(&mut s) >> 40) as usize % 3000;
+            // coarse grids give ties everywhere; some rows hold -inf / NaN
+            let grid = [0.25f32, 0.125, 1e-3, 2.0][case % 4];
+            let lp: Vec<f32> = (0..n)
+                .map(|_| match (lcg(&mut s) >> 40) % 50 {
+                    0 => f32::NEG_INFINITY,
+                    1 if case % 7 == 0 => f32::NAN,
+                    _ => -(((lcg(&mut s) >> 40) % 80) as f32) * grid,
+                })
+                .collect();
+            let pick = |s: &mut u64, xs: &[f32]| xs[(lcg(s) >> 40) as usize % xs.len()];
+            let params = SampleParams {
+                temp: 1.0,
+                top_p: pick(&mut s, &[1.0, 0.9, 0.5, 0.05, 1e-6]),
+                top_k: [0, 1, 3, 40, n, n + 1][(lcg(&mut s) >> 40) as usize % 6],
+                min_p: pick(&mut s, &[0.0, 0.0, 0.05, 0.5, 1.0]),
+            };
+            let dtype = [DType::BF16, DType::F16, DType::F32][case % 3];
+            let key = |f: Filtered| (f.kept, f.max.to_bits(), f.nucleus_total, f.v_p, f.v_k);
+            assert_eq!(filter(&lp, dtype, &params).map(key), filter_by_sort(&lp, dtype, &params).map(key), "case {case}: n={n} {params:?}");
+        }
     }
 
     #[test]
