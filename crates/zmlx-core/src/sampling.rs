@@ -222,6 +222,25 @@ struct Filtered {
     v_k: u32,
 }
 
+/// top-p (when `top_p_fixed` != 0): the temperature-1 mass Q and the key where the walk along
+/// `order` (key desc, index asc) first reaches ⌈p·Q⌉; every token with that key is kept.
+fn nucleus(logprobs: &[f32], m: f32, key: &[u32], order: &[usize], top_p_fixed: u64) -> (u64, u32) {
+    if top_p_fixed == 0 {
+        return (0, 0);
+    }
+    let q: Vec<u64> = logprobs.iter().map(|&v| fixed_weight(v as f64 - m as f64)).collect();
+    let total = q.iter().sum();
+    let target = nucleus_target(total, top_p_fixed);
+    let mut cum = 0u64;
+    for &i in order {
+        cum += q[i];
+        if cum >= target {
+            return (total, key[i]);
+        }
+    }
+    (total, 0)
+}
+
 /// The vocabulary is sorted only when top-p or top-k needs the order (temperature and min-p
 /// alone are thresholds).
 fn filter(logprobs: &[f32], dtype: DType, p: &SampleParams) -> Option<Filtered> {
@@ -240,22 +259,8 @@ fn filter(logprobs: &[f32], dtype: DType, p: &SampleParams) -> Option<Filtered> 
     } else {
         Vec::new()
     };
-    let (mut nucleus_total, mut v_p, mut v_k) = (0, 0, 0);
-    // top-p: the smallest prefix whose temperature-1 mass reaches ⌈p·Q⌉, widened to every
-    // token with the boundary's value.
-    if pfix != 0 {
-        let q: Vec<u64> = logprobs.iter().map(|&v| fixed_weight(v as f64 - m as f64)).collect();
-        nucleus_total = q.iter().sum();
-        let target = nucleus_target(nucleus_total, pfix);
-        let mut cum = 0u64;
-        for &i in &order {
-            cum += q[i];
-            if cum >= target {
-                v_p = key[i];
-                break;
-            }
-        }
-    }
+    let (nucleus_total, v_p) = nucleus(logprobs, m, &key, &order, pfix);
+    let mut v_k = 0;
     // min-p: a value threshold too, so top-p's and min-p's survivors are a prefix of the order.
     let lowest = p.min_p_threshold(m, dtype).map_or(v_p, |t| v_p.max(order_key(t)));
     // top-k: the first k of the order (ties at the k-th value: lowest indices); among the
@@ -407,23 +412,8 @@ mod tests {
         // Tokens in (key desc, index asc) order.
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by(|&a, &b| key[b].cmp(&key[a]).then(a.cmp(&b)));
-        let (mut nucleus_total, mut v_p, mut v_k) = (0, 0, 0);
-        // top-p: the smallest prefix whose temperature-1 mass reaches ⌈p·Q⌉, widened to every
-        // token with the boundary's value.
-        let pfix = p.top_p_fixed();
-        if pfix != 0 {
-            let q: Vec<u64> = logprobs.iter().map(|&v| fixed_weight(v as f64 - m as f64)).collect();
-            nucleus_total = q.iter().sum();
-            let target = nucleus_target(nucleus_total, pfix);
-            let mut cum = 0u64;
-            for &i in &order {
-                cum += q[i];
-                if cum >= target {
-                    v_p = key[i];
-                    break;
-                }
-            }
-        }
+        let (nucleus_total, v_p) = nucleus(logprobs, m, &key, &order, p.top_p_fixed());
+        let mut v_k = 0;
         // min-p: a value threshold too, so top-p's and min-p's survivors are a prefix of the order.
         let lowest = p.min_p_threshold(m, dtype).map_or(v_p, |t| v_p.max(order_key(t)));
         // top-k: the first k of the order (ties at the k-th value: lowest indices); among the
