@@ -48,10 +48,17 @@ fn bench_writes_a_capsule_with_routing_stats_and_report_reads_it() {
     let (code, _, err) = zmlx(&["bench", "report", dir.join("bad.json").to_str().unwrap()]);
     assert_ne!(code, 0);
     assert_eq!(err.lines().count(), 1, "{err}");
-    // Never overwrite: the same name again gets a new file.
-    let (code, stdout, _) = zmlx(&["bench", "--model", model.to_str().unwrap(), "--gen-lens", "4", "--runs", "1", "--out-dir", dir.to_str().unwrap(), "--name", "cap"]);
-    assert_eq!(code, 0);
-    assert!(stdout.contains("cap-1.json"), "{stdout}");
+    assert_eq!(c["settings"]["sampling"], "greedy");
+    // Never overwrite: the same name again gets a new file. Sampled runs record their settings
+    // and replay the same tokens run to run (one seed).
+    let (code, stdout, stderr) = zmlx(&["bench", "--model", model.to_str().unwrap(), "--gen-lens", "4", "--runs", "2", "--out-dir", dir.to_str().unwrap(), "--name", "cap",
+        "--temp", "0.8", "--top-p", "0.9", "--seed", "5"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("cap-1.json") && stdout.contains("fidelity: 2/2 runs token-identical"), "{stdout}");
+    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cap-1.json")).unwrap()).unwrap();
+    assert_eq!(c["settings"]["sampling"]["seed"], 5);
+    assert_eq!(c["settings"]["sampling"]["top_p"].as_f64().unwrap() as f32, 0.9);
+    assert!(stdout.contains("sampled: ") && stdout.contains("seed 5"), "{stdout}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -9,6 +9,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use zmlx_models::{generate, ModelFolder, SamplingOptions};
 
+use super::generate::SamplingArgs;
+
 use super::engine::{self, Engine, EngineArgs, PatchArgs};
 
 #[derive(clap::Args)]
@@ -60,6 +62,18 @@ pub struct RunArgs {
     /// entropy per layer (CUDA).
     #[arg(long)]
     pub routing_stats: bool,
+    /// Greedy by default; with --temp every run samples with the same seed.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+/// The capsule's record of how tokens were chosen.
+fn sampling_json(s: &SamplingOptions) -> serde_json::Value {
+    if s.temp > 0.0 {
+        json!({"temp": s.temp, "top_p": s.top_p, "min_p": s.min_p, "top_k": s.top_k, "seed": s.seed})
+    } else {
+        json!("greedy")
+    }
 }
 
 /// The stress protocol's prompt styles.
@@ -105,6 +119,7 @@ fn run_bench(args: RunArgs) -> Result<ExitCode> {
     }
     let Some(eargs) = args.engine.clone() else { bail!("give --model (or `zmlx bench report CAPSULE`)") };
     let opts = args.patch.options()?;
+    let sampling = args.sampling.options()?;
     if args.runs == 0 || args.prompt_lens.iter().chain(&args.gen_lens).any(|&n| n == 0) {
         bail!("--runs, --prompt-lens and --gen-lens must be positive");
     }
@@ -150,13 +165,13 @@ fn run_bench(args: RunArgs) -> Result<ExitCode> {
             for &gl in &args.gen_lens {
                 // Warm-up (kernel loading, graph capture), not measured.
                 engine.decoder.reset();
-                generate(engine.decoder.as_mut(), &prompt, 4.min(gl), SamplingOptions::default(), &[], |_| {})?;
+                generate(engine.decoder.as_mut(), &prompt, 4.min(gl), sampling.clone(), &[], |_| {})?;
                 // launches of a decode step right after the prompt (the count is taken as issued)
                 launches = launches.or(engine.decoder.launches_per_token());
                 let (mut decode, mut prefill) = (Vec::new(), Vec::new());
                 for r in 0..args.runs {
                     engine.decoder.reset();
-                    let (tokens, stats) = generate(engine.decoder.as_mut(), &prompt, gl, SamplingOptions::default(), &[], |_| {})?;
+                    let (tokens, stats) = generate(engine.decoder.as_mut(), &prompt, gl, sampling.clone(), &[], |_| {})?;
                     let same = match reference_tokens.get(&(pl, gl)) {
                         Some(t) => *t == tokens,
                         None => {
@@ -189,10 +204,10 @@ fn run_bench(args: RunArgs) -> Result<ExitCode> {
         "model": {"path": eargs.model, "model_type": folder.config.model_type, "dummy_weights": eargs.dummy_weights,
                   "bits": eargs.bits, "group_size": eargs.group_size, "config": folder.config.raw},
         "settings": {"prompt_lens": args.prompt_lens, "gen_lens": args.gen_lens, "runs": args.runs, "warmup_runs": 1,
-                     "graph_modes": modes, "sampling": "greedy", "launches_per_token": launches, "weight_bytes_on_device": weight_bytes, "patch": patch_report},
+                     "graph_modes": modes, "sampling": sampling_json(&sampling), "launches_per_token": launches, "weight_bytes_on_device": weight_bytes, "patch": patch_report},
         "routing": routing,
         "fidelity": {"identical": fidelity_identical, "total": fidelity_total,
-                     "what": "greedy tokens of every run equal the first run of the same (prompt, gen) config, across graph modes"},
+                     "what": "tokens of every run (greedy, or sampled with one seed) equal the first run of the same (prompt, gen) config, across graph modes"},
         "summary": summary,
         "runs": runs,
     }).as_object().unwrap().clone());
@@ -267,6 +282,7 @@ fn routing_stats(engine: &mut Engine, prompt: &[u32], n: usize) -> Result<Value>
 fn run_stress(args: RunArgs) -> Result<ExitCode> {
     let Some(eargs) = args.engine.clone() else { bail!("give --model") };
     let opts = args.patch.options()?;
+    let sampling = args.sampling.options()?;
     let mut folder = ModelFolder::open(&eargs.model)?;
     let tokenizer = folder.tokenizer.take();
     let vocab = folder.config.raw.get("vocab_size").and_then(Value::as_u64).context("config.json: missing vocab_size")?;
@@ -294,12 +310,12 @@ fn run_stress(args: RunArgs) -> Result<ExitCode> {
                 if patched {
                     report_line = r.to_string();
                 }
-                generate(engine.decoder.as_mut(), prompt, 4, SamplingOptions::default(), &[], |_| {})?;
+                generate(engine.decoder.as_mut(), prompt, 4, sampling.clone(), &[], |_| {})?;
                 let mut tps = Vec::new();
                 let mut first = None;
                 for _ in 0..args.runs {
                     engine.decoder.reset();
-                    let (t, st) = generate(engine.decoder.as_mut(), prompt, len, SamplingOptions::default(), &[], |_| {})?;
+                    let (t, st) = generate(engine.decoder.as_mut(), prompt, len, sampling.clone(), &[], |_| {})?;
                     tps.push(st.generation_tps);
                     first.get_or_insert(t);
                 }
@@ -321,7 +337,7 @@ fn run_stress(args: RunArgs) -> Result<ExitCode> {
         "model": {"path": eargs.model, "model_type": folder.config.model_type, "dummy_weights": eargs.dummy_weights, "config": folder.config.raw},
         "settings": {"styles": STRESS_PROMPTS.iter().map(|p| p.0).collect::<Vec<_>>(), "gen_lens": args.stress_lens, "runs": args.runs,
                      "prompt_source": if tokenizer.is_some() { "model tokenizer + chat template" } else { "fixed ids per style (no tokenizer)" },
-                     "patch": report_line, "sampling": "greedy"},
+                     "patch": report_line, "sampling": sampling_json(&sampling)},
         "fidelity": {"identical_configs": identical_configs, "total_configs": total_configs},
         "stress": rows,
     }).as_object().unwrap().clone());
@@ -346,6 +362,9 @@ fn report(c: &Value) -> Result<String> {
     );
     if let Some(l) = c["settings"]["launches_per_token"].as_u64() {
         out += &format!("launches per decode step: {l} (after the prompt)\n");
+    }
+    if let Some(sm) = c["settings"]["sampling"].as_object() {
+        out += &format!("sampled: {}\n", sm.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
     }
     out += &format!("{:>6} {:>8} {:>8} {:>14} {:>14} {:>5} {:>9}\n", "graph", "prompt", "gen", "decode tok/s", "prefill tok/s", "runs", "launches");
     for s in summary {
