@@ -9,9 +9,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use zmlx_models::{generate, ModelFolder, SamplingOptions};
 
-use super::generate::SamplingArgs;
-
 use super::engine::{self, Engine, EngineArgs, PatchArgs};
+use super::generate::SamplingArgs;
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]

@@ -36,7 +36,7 @@ pub struct Args {
     pub json: bool,
 }
 
-/// How tokens are chosen (`zmlx generate`, `zmlx validate`).
+/// How tokens are chosen (`zmlx generate`, `zmlx validate`, `zmlx bench`).
 #[derive(clap::Args, Clone)]
 pub struct SamplingArgs {
     /// Sampling temperature; 0 is greedy. Sampling applies mlx-lm's filters (top-p, min-p,

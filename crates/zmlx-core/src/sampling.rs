@@ -47,11 +47,17 @@ impl SampleParams {
         }
     }
 
+    /// mlx-lm's `math.log(min_p)` as the scalar MLX adds to a `dtype` array (rounded to the
+    /// dtype); None when min-p is off. The device sampler takes this value.
+    pub fn min_p_log(&self, dtype: DType) -> Option<f32> {
+        (self.min_p > 0.0 && self.min_p <= 1.0).then(|| dtype.round((self.min_p as f64).ln() as f32))
+    }
+
     /// The lowest logprob min-p keeps, for logprobs of `dtype` whose maximum is `max`: mlx-lm's
-    /// `max + math.log(min_p)`, the scalar and the sum each rounded to the dtype (MLX computes a
-    /// bf16/f16 add in f32 and rounds). None when min-p is off.
+    /// `max + math.log(min_p)`, the sum rounded to the dtype too (MLX computes a bf16/f16 add in
+    /// f32 and rounds). None when min-p is off.
     pub fn min_p_threshold(&self, max: f32, dtype: DType) -> Option<f32> {
-        (self.min_p > 0.0 && self.min_p <= 1.0).then(|| dtype.round(max + dtype.round((self.min_p as f64).ln() as f32)))
+        self.min_p_log(dtype).map(|l| dtype.round(max + l))
     }
 
     /// Whether top-k removes anything from `n` tokens.
@@ -260,15 +266,14 @@ fn filter(logprobs: &[f32], dtype: DType, p: &SampleParams) -> Option<Filtered> 
         Vec::new()
     };
     let (nucleus_total, v_p) = nucleus(logprobs, m, &key, &order, pfix);
-    let mut v_k = 0;
     // min-p: a value threshold too, so top-p's and min-p's survivors are a prefix of the order.
     let lowest = p.min_p_threshold(m, dtype).map_or(v_p, |t| v_p.max(order_key(t)));
     // top-k: the first k of the order (ties at the k-th value: lowest indices); among the
     // survivors of the prefix, that is the prefix cut at k.
     if !p.top_k_active(n) {
-        return Some(Filtered { kept: key.iter().map(|&k| k >= lowest).collect(), max: m, nucleus_total, v_p, v_k });
+        return Some(Filtered { kept: key.iter().map(|&k| k >= lowest).collect(), max: m, nucleus_total, v_p, v_k: 0 });
     }
-    v_k = key[order[p.top_k - 1]];
+    let v_k = key[order[p.top_k - 1]];
     let mut kept = vec![false; n];
     for &i in order.iter().take_while(|&&i| key[i] >= lowest).take(p.top_k) {
         kept[i] = true;

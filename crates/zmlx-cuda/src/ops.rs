@@ -692,10 +692,8 @@ pub fn sample(
     let top_k = if params.top_k_active(n) { params.top_k as u64 } else { 0 };
     let (lpa, ws, top_p, k) = (Arg::Ptr(lpa_workspace), Arg::Ptr(workspace), Arg::U64(top_p_fixed), Arg::U64(top_k));
     let (n, chunk) = (Arg::I32(n as i32), Arg::I32(chunk as i32));
-    // min-p: ln(min_p) rounded to the dtype here; the kernel adds the largest logprob and rounds
-    // (SampleParams::min_p_threshold).
-    let min_p_on = params.min_p > 0.0 && params.min_p <= 1.0;
-    let min_p_log = if min_p_on { dt.round((params.min_p as f64).ln() as f32) } else { 0.0 };
+    // min-p: the kernel adds the largest logprob to this and rounds (SampleParams::min_p_threshold).
+    let min_p_log = params.min_p_log(dt);
     let prep_args = [
         Arg::Ptr(logits),
         lpa,
@@ -704,8 +702,8 @@ pub fn sample(
         chunk,
         Arg::F64(params.temp as f64),
         Arg::I32((top_p_fixed != 0) as i32),
-        Arg::F32(min_p_log),
-        Arg::I32(min_p_on as i32),
+        Arg::F32(min_p_log.unwrap_or(0.0)),
+        Arg::I32(min_p_log.is_some() as i32),
     ];
     dev.launch(&format!("smp_prep_{tag}"), grid, (256, 1, 1), 0, &prep_args)?;
     if top_p_fixed != 0 || top_k != 0 {
