@@ -182,6 +182,56 @@ pub fn min_value(dtype: DType) -> f32 {
     }
 }
 
+/// mlx-lm's `group_expert_select` (the "noaux_tc" sigmoid gating of DeepSeek-V3, Kimi-K2 and
+/// GLM-4.x MoE) on the CPU, bit for bit: `p = sigmoid(f32(gates))`, the selection score
+/// `s = p + bias` (bias: `e_score_correction_bias`, it only chooses); with `n_group > 1` the
+/// experts are cut into `n_group` groups and the `n_group - topk_group` groups whose two largest
+/// scores sum lowest (argpartition) get score 0; the `top_k` experts are then
+/// `argpartition(-s, top_k - 1)[..top_k]`, in that order (the order the experts are summed in);
+/// their weights are `p[id]`, divided by their f32 sum in that order when `top_k > 1` and
+/// `norm_topk_prob`, times `routed_scaling_factor`. All arithmetic in f32, as mlx-lm's.
+/// Returns (expert ids, weights).
+pub fn group_expert_select(gates: &[f32], bias: &[f32], top_k: usize, n_group: usize, topk_group: usize, routed_scaling_factor: f32, norm_topk_prob: bool) -> (Vec<u32>, Vec<f32>) {
+    let e = gates.len();
+    assert!(bias.len() == e && top_k >= 1 && top_k <= e && n_group >= 1 && e % n_group == 0 && topk_group <= n_group, "group_expert_select: bad shape");
+    let probs: Vec<f32> = gates.iter().map(|&g| crate::mlx_math::sigmoid(DType::F32, g)).collect();
+    let mut scores: Vec<f32> = probs.iter().zip(bias).map(|(p, b)| p + b).collect();
+    if n_group > 1 {
+        let per = e / n_group;
+        // `mx.topk(scores, 2).sum()`: the two largest of each group (their order does not
+        // change an f32 sum of two).
+        let group_scores: Vec<f32> = scores
+            .chunks_exact(per)
+            .map(|g| {
+                let mut top = [f32::NEG_INFINITY; 2];
+                for &v in g {
+                    if v > top[0] {
+                        top = [v, top[0]];
+                    } else if v > top[1] {
+                        top[1] = v;
+                    }
+                }
+                if per == 1 { top[0] } else { top[0] + top[1] }
+            })
+            .collect();
+        let dropped = n_group - topk_group;
+        if dropped > 0 {
+            for &g in &argpartition(&group_scores, dropped - 1)[..dropped] {
+                scores[g as usize * per..(g as usize + 1) * per].fill(0.0);
+            }
+        }
+    }
+    let neg: Vec<f32> = scores.iter().map(|&v| -v).collect();
+    let ids = argpartition(&neg, top_k - 1)[..top_k].to_vec();
+    let mut weights: Vec<f32> = ids.iter().map(|&i| probs[i as usize]).collect();
+    if top_k > 1 && norm_topk_prob {
+        let denominator = weights.iter().fold(0.0f32, |acc, &w| acc + w);
+        weights.iter_mut().for_each(|w| *w /= denominator);
+    }
+    weights.iter_mut().for_each(|w| *w *= routed_scaling_factor);
+    (ids, weights)
+}
+
 /// `mx.argpartition(values, kth)` on the CPU: MLX runs libstdc++'s
 /// `std::nth_element` (introselect) over an iota of indices. The order of the
 /// returned indices is that algorithm's, and it matters: mlx-lm sums the
