@@ -27,23 +27,24 @@ pub fn oracle_python() -> PathBuf {
     p
 }
 
+/// Run `scripts/<script>` with `args` and then a temporary JSON file holding `input`; returns
+/// the JSON its last stdout line holds. A failing or silent oracle fails the test.
+pub fn oracle_json(script: &str, args: &[&str], input: &serde_json::Value) -> serde_json::Value {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = std::env::temp_dir().join(format!("zmlx-oracle-{}-{n}-{script}.json", std::process::id()));
+    std::fs::write(&file, input.to_string()).unwrap();
+    let out = Command::new(oracle_python()).arg(root().join("scripts").join(script)).args(args).arg(&file).output().expect("cannot start the oracle");
+    std::fs::remove_file(&file).ok();
+    assert!(out.status.success(), "{script} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().expect("the oracle printed nothing")).unwrap()
+}
+
 /// Run scripts/oracle_generate.py with a batch of requests; returns its parsed JSON list.
 pub fn oracle_batch(model: &Path, requests: &serde_json::Value) -> Vec<serde_json::Value> {
-    let file = std::env::temp_dir().join(format!("zmlx-oracle-{}-{}.json", std::process::id(), model.file_name().unwrap().to_string_lossy()));
-    std::fs::write(&file, requests.to_string()).unwrap();
-    let out = Command::new(oracle_python())
-        .arg(root().join("scripts/oracle_generate.py"))
-        .arg("--model")
-        .arg(model)
-        .arg("--batch")
-        .arg(&file)
-        .output()
-        .expect("cannot start the oracle");
-    std::fs::remove_file(&file).ok();
-    assert!(out.status.success(), "oracle failed on {}: {}", model.display(), String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let last = stdout.lines().last().expect("oracle printed nothing");
-    serde_json::from_str::<serde_json::Value>(last).unwrap().as_array().unwrap().clone()
+    let model_arg = model.to_string_lossy();
+    oracle_json("oracle_generate.py", &["--model", &model_arg, "--batch"], requests).as_array().unwrap().clone()
 }
 
 /// mlx-lm's token list with a trailing EOS removed (zmlx does not emit the EOS id).
