@@ -3,7 +3,8 @@
 
 Usage: oracle_sampler.py CASES.json
 
-CASES.json: a list of {"dtype": "bf16"|"f16"|"f32", "logprobs": [...], "top_p": float,
+CASES.json: a list of {"dtype": "bfloat16"|"float16"|"float32" (MLX's names),
+"logprobs": [...], "top_p": float,
 "min_p": float, "top_k": int}. For each case, mlx-lm's own filters run in make_sampler's
 order (apply_top_p when 0 < top_p < 1, apply_min_p when min_p != 0, apply_top_k when
 top_k > 0) on the logprobs as an array of that dtype; prints one JSON line: the list of
@@ -15,11 +16,9 @@ import sys
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-DT = {"bf16": mx.bfloat16, "f16": mx.float16, "f32": mx.float32}
-
 out = []
 for case in json.load(open(sys.argv[1])):
-    x = mx.array([case["logprobs"]], dtype=mx.float32).astype(DT[case["dtype"]])
+    x = mx.array([case["logprobs"]], dtype=mx.float32).astype(getattr(mx, case["dtype"]))
     if 0 < case["top_p"] < 1.0:
         x = apply_top_p(x, case["top_p"])
     if case["min_p"] != 0.0:

@@ -41,15 +41,10 @@ fn gating_matches_mlx_lm_group_expert_select() {
             }
         }
     }
-    let name = |dt: DType| match dt {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "f32",
-    };
     let json: Vec<serde_json::Value> = cases
         .iter()
         .map(|c| {
-            serde_json::json!({"dtype": name(c.dtype), "gates": c.gates, "bias": c.bias, "top_k": c.top_k,
+            serde_json::json!({"dtype": c.dtype.name(), "gates": c.gates, "bias": c.bias, "top_k": c.top_k,
                                "n_group": c.n_group, "topk_group": c.topk_group, "scale": c.scale, "norm": c.norm})
         })
         .collect();
@@ -59,8 +54,8 @@ fn gating_matches_mlx_lm_group_expert_select() {
     for (i, (c, (want_ids, want_bits))) in cases.iter().zip(&want).enumerate() {
         let (ids, weights) = group_expert_select(&c.gates, &c.bias, c.top_k, c.n_group, c.topk_group, c.scale, c.norm);
         let bits: Vec<u32> = weights.iter().map(|w| w.to_bits()).collect();
-        assert_eq!(&ids, want_ids, "case {i} ({} E={} top_k={} groups {}/{}): expert ids or their order", name(c.dtype), c.gates.len(), c.top_k, c.topk_group, c.n_group);
-        assert_eq!(&bits, want_bits, "case {i} ({} E={}): weights", name(c.dtype), c.gates.len());
+        assert_eq!(&ids, want_ids, "case {i} ({} E={} top_k={} groups {}/{}): expert ids or their order", c.dtype, c.gates.len(), c.top_k, c.topk_group, c.n_group);
+        assert_eq!(&bits, want_bits, "case {i} ({} E={}): weights", c.dtype, c.gates.len());
         let mut sorted = ids.clone();
         sorted.sort();
         order_matters += (sorted != ids) as usize;

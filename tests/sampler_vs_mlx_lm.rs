@@ -19,14 +19,6 @@ struct Case {
     params: SampleParams,
 }
 
-fn dtype_name(dt: DType) -> &'static str {
-    match dt {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "f32",
-    }
-}
-
 /// Whether mlx-lm's answer is fixed by the values alone (see the module comment).
 fn comparable(c: &Case) -> bool {
     let n = c.logprobs.len();
@@ -92,7 +84,7 @@ fn kept_tokens_match_mlx_lm_filters() {
     let json: Vec<serde_json::Value> = cases
         .iter()
         .map(|c| {
-            serde_json::json!({"dtype": dtype_name(c.dtype), "logprobs": c.logprobs, "top_p": c.params.top_p,
+            serde_json::json!({"dtype": c.dtype.name(), "logprobs": c.logprobs, "top_p": c.params.top_p,
                                "min_p": c.params.min_p, "top_k": c.params.top_k})
         })
         .collect();
@@ -105,7 +97,7 @@ fn kept_tokens_match_mlx_lm_filters() {
         }
         let kept = kept_tokens(&c.logprobs, c.dtype, &c.params).unwrap();
         let ours: Vec<usize> = (0..kept.len()).filter(|&t| kept[t]).collect();
-        assert_eq!(&ours, w, "case {i} ({} {:?}): kept {} tokens, mlx-lm {}", dtype_name(c.dtype), c.params, ours.len(), w.len());
+        assert_eq!(&ours, w, "case {i} ({} {:?}): kept {} tokens, mlx-lm {}", c.dtype, c.params, ours.len(), w.len());
         compared += 1;
         filtered += (ours.len() < c.logprobs.len()) as usize;
     }

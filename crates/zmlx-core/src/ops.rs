@@ -225,7 +225,7 @@ pub fn group_expert_select(gates: &[f32], bias: &[f32], top_k: usize, n_group: u
     let ids = argpartition(&neg, top_k - 1)[..top_k].to_vec();
     let mut weights: Vec<f32> = ids.iter().map(|&i| probs[i as usize]).collect();
     if top_k > 1 && norm_topk_prob {
-        let denominator = weights.iter().fold(0.0f32, |acc, &w| acc + w);
+        let denominator = sum_in_dtype(weights.iter().copied(), DType::F32);
         weights.iter_mut().for_each(|w| *w /= denominator);
     }
     weights.iter_mut().for_each(|w| *w *= routed_scaling_factor);

@@ -247,15 +247,18 @@ fn nucleus(logprobs: &[f32], m: f32, key: &[u32], order: &[usize], top_p_fixed: 
     (total, 0)
 }
 
+/// The largest logprob (None when it is not finite: nothing to sample) and every token's
+/// order key.
+fn max_and_keys(logprobs: &[f32]) -> Option<(f32, Vec<u32>)> {
+    let m = logprobs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    m.is_finite().then(|| (m, logprobs.iter().map(|&v| order_key(v)).collect()))
+}
+
 /// The vocabulary is sorted only when top-p or top-k needs the order (temperature and min-p
 /// alone are thresholds).
 fn filter(logprobs: &[f32], dtype: DType, p: &SampleParams) -> Option<Filtered> {
     let n = logprobs.len();
-    let m = logprobs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    if !m.is_finite() {
-        return None;
-    }
-    let key: Vec<u32> = logprobs.iter().map(|&v| order_key(v)).collect();
+    let (m, key) = max_and_keys(logprobs)?;
     let pfix = p.top_p_fixed();
     // Tokens in (key desc, index asc) order, when a filter needs it.
     let order: Vec<usize> = if pfix != 0 || p.top_k_active(n) {
@@ -409,11 +412,7 @@ mod tests {
     /// walk over the whole sorted vocabulary, always. `filter` must agree exactly.
     fn filter_by_sort(logprobs: &[f32], dtype: DType, p: &SampleParams) -> Option<Filtered> {
         let n = logprobs.len();
-        let m = logprobs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        if !m.is_finite() {
-            return None;
-        }
-        let key: Vec<u32> = logprobs.iter().map(|&v| order_key(v)).collect();
+        let (m, key) = max_and_keys(logprobs)?;
         // Tokens in (key desc, index asc) order.
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by(|&a, &b| key[b].cmp(&key[a]).then(a.cmp(&b)));
