@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use zmlx_core::ops::group_expert_select;
+use zmlx_core::ops::{group_expert_select, GroupGating, SelectOrder};
 use zmlx_core::DType;
 
 struct Case {
@@ -52,13 +52,24 @@ fn gating_matches_mlx_lm_group_expert_select() {
     assert_eq!(want.len(), cases.len());
     let mut order_matters = 0;
     for (i, (c, (want_ids, want_bits))) in cases.iter().zip(&want).enumerate() {
-        let (ids, weights) = group_expert_select(&c.gates, &c.bias, c.top_k, c.n_group, c.topk_group, c.scale, c.norm);
+        let gating = GroupGating { top_k: c.top_k, n_group: c.n_group, topk_group: c.topk_group, routed_scaling_factor: c.scale, norm_topk_prob: c.norm };
+        let (ids, weights) = group_expert_select(&c.gates, &c.bias, &gating, SelectOrder::Mlx);
         let bits: Vec<u32> = weights.iter().map(|w| w.to_bits()).collect();
         assert_eq!(&ids, want_ids, "case {i} ({} E={} top_k={} groups {}/{}): expert ids or their order", c.dtype, c.gates.len(), c.top_k, c.topk_group, c.n_group);
         assert_eq!(&bits, want_bits, "case {i} ({} E={}): weights", c.dtype, c.gates.len());
         let mut sorted = ids.clone();
         sorted.sort();
         order_matters += (sorted != ids) as usize;
+        // The GPU's order (descending score): the same experts, and weights that differ at most
+        // by the sum order of the normalisation.
+        let (desc_ids, desc_weights) = group_expert_select(&c.gates, &c.bias, &gating, SelectOrder::Descending);
+        let mut desc_sorted = desc_ids.clone();
+        desc_sorted.sort();
+        assert_eq!(desc_sorted, sorted, "case {i}: the descending order selects other experts");
+        for (id, w) in desc_ids.iter().zip(&desc_weights) {
+            let mlx_w = weights[ids.iter().position(|x| x == id).unwrap()];
+            assert!((w - mlx_w).abs() <= 4.0 * f32::EPSILON * mlx_w.abs(), "case {i}: expert {id} weight {w} vs {mlx_w}");
+        }
     }
     eprintln!("{} cases equal to mlx-lm, {order_matters} of them with ids not in index order", cases.len());
     assert!(order_matters * 2 >= cases.len(), "only {order_matters} of {} cases test the order", cases.len());

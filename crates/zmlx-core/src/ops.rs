@@ -182,16 +182,38 @@ pub fn min_value(dtype: DType) -> f32 {
     }
 }
 
-/// mlx-lm's `group_expert_select` (the "noaux_tc" sigmoid gating of DeepSeek-V3, Kimi-K2 and
-/// GLM-4.x MoE) on the CPU, bit for bit: `p = sigmoid(f32(gates))`, the selection score
-/// `s = p + bias` (bias: `e_score_correction_bias`, it only chooses); with `n_group > 1` the
-/// experts are cut into `n_group` groups and the `n_group - topk_group` groups whose two largest
-/// scores sum lowest (argpartition) get score 0; the `top_k` experts are then
-/// `argpartition(-s, top_k - 1)[..top_k]`, in that order (the order the experts are summed in);
-/// their weights are `p[id]`, divided by their f32 sum in that order when `top_k > 1` and
+/// The "noaux_tc" sigmoid gating of DeepSeek-V3, Kimi-K2 and GLM-4.x MoE (config.json:
+/// `num_experts_per_tok`, `n_group`, `topk_group`, `routed_scaling_factor`, `norm_topk_prob`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupGating {
+    pub top_k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub routed_scaling_factor: f32,
+    pub norm_topk_prob: bool,
+}
+
+/// The order the selected experts are listed in (and so summed in, for the normalisation and
+/// by the expert combine).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelectOrder {
+    /// MLX's CPU `argpartition` order (libstdc++ introselect): what mlx-lm computes on the CPU.
+    Mlx,
+    /// Descending score, ties by lower index: what a GPU kernel can compute in parallel
+    /// (the CUDA `group_topk` kernel); the same set and, up to the sum order, the same weights.
+    Descending,
+}
+
+/// mlx-lm's `group_expert_select` on the CPU, bit for bit with [`SelectOrder::Mlx`]:
+/// `p = sigmoid(f32(gates))`, the selection score `s = p + bias` (bias: `e_score_correction_bias`,
+/// it only chooses); with `n_group > 1` the experts are cut into `n_group` groups and the
+/// `n_group - topk_group` groups whose two largest scores sum lowest (argpartition) get score 0;
+/// the `top_k` experts are then `argpartition(-s, top_k - 1)[..top_k]`, listed in `order`; their
+/// weights are `p[id]`, divided by their f32 sum in list order when `top_k > 1` and
 /// `norm_topk_prob`, times `routed_scaling_factor`. All arithmetic in f32, as mlx-lm's.
 /// Returns (expert ids, weights).
-pub fn group_expert_select(gates: &[f32], bias: &[f32], top_k: usize, n_group: usize, topk_group: usize, routed_scaling_factor: f32, norm_topk_prob: bool) -> (Vec<u32>, Vec<f32>) {
+pub fn group_expert_select(gates: &[f32], bias: &[f32], g: &GroupGating, order: SelectOrder) -> (Vec<u32>, Vec<f32>) {
+    let GroupGating { top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob } = *g;
     let e = gates.len();
     assert!(bias.len() == e && top_k >= 1 && top_k <= e && n_group >= 1 && e % n_group == 0 && topk_group <= n_group, "group_expert_select: bad shape");
     let probs: Vec<f32> = gates.iter().map(|&g| crate::mlx_math::sigmoid(DType::F32, g)).collect();
@@ -222,7 +244,11 @@ pub fn group_expert_select(gates: &[f32], bias: &[f32], top_k: usize, n_group: u
         }
     }
     let neg: Vec<f32> = scores.iter().map(|&v| -v).collect();
-    let ids = argpartition(&neg, top_k - 1)[..top_k].to_vec();
+    let mut ids = argpartition(&neg, top_k - 1)[..top_k].to_vec();
+    if order == SelectOrder::Descending {
+        // IEEE comparison (-0 == +0, as the GPU compares), ties by index; NaN scores: unspecified.
+        ids.sort_by(|&a, &b| scores[b as usize].partial_cmp(&scores[a as usize]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    }
     let mut weights: Vec<f32> = ids.iter().map(|&i| probs[i as usize]).collect();
     if top_k > 1 && norm_topk_prob {
         let denominator = sum_in_dtype(weights.iter().copied(), DType::F32);

@@ -96,6 +96,8 @@ pub fn module_spec(name: &str) -> Option<ModuleSpec> {
                 "lpa_max", "lpa_select", "fill_random_u32", "fill_random_uniform", "affine", "mv_dense", "embed_dense",
                 // decode-latency kernels: one-launch q/k norm + rope + append; legacy paths for the tests
                 "qk_norm_rope_append", "softmax_topk_legacy",
+                // DeepSeek-V3 / Kimi-K2 / GLM-4.x gating
+                "group_topk",
                 // sampling on the device
                 "smp_prep", "smp_radix", "smp_ties", "smp_mass", "smp_pick",
             ]

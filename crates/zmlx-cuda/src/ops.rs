@@ -516,6 +516,32 @@ pub fn softmax_topk(dev: &CudaDevice, dt: DType, logits: u64, rows: usize, e: us
     topk_launch(dev, "softmax_topk", dt, logits, rows, e, k, round_probs, renorm, ids, weights)
 }
 
+/// The DeepSeek-V3 / Kimi-K2 / GLM-4.x gating for one token in one launch (kernel
+/// `group_topk`): router logits [E] in `dt` and the correction bias [E] in f32 to expert ids
+/// [k] (u32) and weights [k] (f32), listed by descending score: bit for bit zmlx-core's
+/// `group_expert_select` with `SelectOrder::Descending` (the same experts as mlx-lm's, whose
+/// argpartition order only changes the f32 sum of the normalisation).
+pub fn group_topk(dev: &CudaDevice, dt: DType, logits: u64, bias: u64, e: usize, g: &zmlx_core::ops::GroupGating, ids: u64, weights: u64) -> Result<()> {
+    let ok = e <= 1024 && (1..=64).contains(&g.n_group) && e % g.n_group == 0 && g.topk_group <= g.n_group && (1..=64.min(e)).contains(&g.top_k);
+    if !ok {
+        return Err(inv(format!("group_topk: E={e}, k={}, groups {}/{} unsupported (E <= 1024, E % n_group == 0, n_group <= 64, k <= 64)", g.top_k, g.topk_group, g.n_group)));
+    }
+    let tag = dtype_tag(dt)?;
+    let args = [
+        Arg::Ptr(logits),
+        Arg::Ptr(bias),
+        Arg::Ptr(ids),
+        Arg::Ptr(weights),
+        Arg::I32(e as i32),
+        Arg::I32(g.top_k as i32),
+        Arg::I32(g.n_group as i32),
+        Arg::I32(g.topk_group as i32),
+        Arg::F32(g.routed_scaling_factor),
+        Arg::I32(g.norm_topk_prob as i32),
+    ];
+    dev.launch(&format!("group_topk_{tag}"), (1, 1, 1), (e.div_ceil(32) as u32 * 32, 1, 1), 0, &args)
+}
+
 /// The previous softmax_topk kernel (serial shared-memory scans), kept for the bitwise
 /// self-test and the before/after benchmark.
 #[doc(hidden)]

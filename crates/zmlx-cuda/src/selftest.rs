@@ -378,6 +378,33 @@ fn test_embed(dev: &CudaDevice, rng: &mut Rng, dt: DType, vocab: usize, dim: usi
     Ok(loose_row("embed", format!("{} vocab={vocab} D={dim} b{bits} g{gs} id={id}", dtn(dt)), dt, compare_loose(dt, &o, &refs, chain_c(dt)), bad, note))
 }
 
+/// group_topk vs zmlx-core's group_expert_select in the GPU's order (that function is checked
+/// against mlx-lm's own in tests/gating_vs_mlx_lm.rs): ids and weight bits equal. `levels`:
+/// logits and bias on a few values, so scores and group sums tie.
+fn test_group_topk(dev: &CudaDevice, rng: &mut Rng, dt: DType, e: usize, g: zmlx_core::ops::GroupGating, levels: bool) -> Result<TestRow> {
+    let (mut bad_ids, mut bad_bits, reps) = (0, 0, 8);
+    for _ in 0..reps {
+        let logits: Vec<f32> = if levels { (0..e).map(|_| (rng.next_u32() % 4) as f32 - 2.0).collect() } else { rng.vec(e, -4.0, 4.0, dt) };
+        let bias: Vec<f32> = (0..e).map(|_| if levels { (rng.next_u32() % 3) as f32 * 0.03125 } else { rng.uniform(-0.1, 0.1) }).collect();
+        let (lb, bb) = (up(dev, dt, &logits)?, dev.upload(&bias)?);
+        let (ib, wb) = (poisoned(dev, g.top_k * 4)?, poisoned(dev, g.top_k * 4)?);
+        ops::group_topk(dev, dt, lb.ptr(), bb.ptr(), e, &g, ib.ptr(), wb.ptr())?;
+        let ids: Vec<u32> = dev.read(ib.ptr(), g.top_k)?;
+        let ws: Vec<f32> = dev.read(wb.ptr(), g.top_k)?;
+        let (want_ids, want_ws) = zmlx_core::ops::group_expert_select(&logits, &bias, &g, zmlx_core::ops::SelectOrder::Descending);
+        bad_ids += ids.iter().zip(&want_ids).filter(|(a, b)| a != b).count();
+        bad_bits += ws.iter().zip(&want_ws).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    }
+    Ok(TestRow {
+        name: "group_topk".into(),
+        shape: format!("{} E={e} k={} groups {}/{} scale {} {}{}", dtn(dt), g.top_k, g.topk_group, g.n_group, g.routed_scaling_factor, if g.norm_topk_prob { "norm" } else { "no norm" }, if levels { " (ties)" } else { "" }),
+        passed: bad_ids + bad_bits == 0,
+        worst: (bad_ids + bad_bits) as f64,
+        rel_norm: 0.0,
+        note: format!("{reps} tokens: {bad_ids} id, {bad_bits} weight mismatches vs zmlx-core group_expert_select (descending order)"),
+    })
+}
+
 fn test_topk(dev: &CudaDevice, rng: &mut Rng, dt: DType, rows: usize, e: usize, k: usize, round_probs: bool, renorm: bool) -> Result<TestRow> {
     let mut logits = rng.vec(rows * e, -4.0, 4.0, dt);
     // bf16/f16 router probabilities tie often; force a few exact logit ties too
@@ -1063,6 +1090,14 @@ pub fn run_self_tests_dump(dev: &CudaDevice, dump: Option<&Path>) -> Vec<TestRow
     push("softmax_topk", test_topk(dev, &mut rng, bf, 16, 128, 8, true, false));
     push("softmax_topk", test_topk(dev, &mut rng, f16, 16, 60, 4, true, true));
     push("softmax_topk", test_topk(dev, &mut rng, bf, 3, 512, 10, false, true));
+    // DeepSeek-V3 (256 experts, 8 groups keep 4), Kimi-K2 (384, one group), GLM-4.7-Flash (64,
+    // top-4), a top-1 without normalisation, groups of one expert.
+    let gg = |top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob| zmlx_core::ops::GroupGating { top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob };
+    for (dt, e, g) in [(bf, 256, gg(8, 8, 4, 2.5, true)), (bf, 384, gg(8, 1, 1, 2.827, true)), (f16, 64, gg(4, 1, 1, 1.8, true)), (f32, 16, gg(1, 4, 2, 1.0, false)), (bf, 32, gg(6, 32, 3, 1.0, true))] {
+        for levels in [false, true] {
+            push("group_topk", test_group_topk(dev, &mut rng, dt, e, g, levels));
+        }
+    }
     push("cuda_graph", test_graph(dev, &mut rng));
     for (dt, h, kv, hd, ml, len) in [(bf, 4, 2, 32, 300, 257), (bf, 16, 1, 32, 512, 400), (bf, 8, 4, 16, 200, 130), (f16, 4, 2, 16, 1000, 999), (f32, 4, 2, 32, 256, 129), (bf, 4, 1, 16, 130, 1)] {
         for kernel in AttnKernel::ALL {

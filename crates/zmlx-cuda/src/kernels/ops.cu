@@ -1481,6 +1481,63 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
     attn_combine_long_impl<DT, HD>(part, y, len, len_add, G, S, max_len, chunk);                               \
   }
 
+// group_topk: the "noaux_tc" gating of DeepSeek-V3 / Kimi-K2 / GLM-4.x (mlx-lm's
+// group_expert_select) for one token, one block, one thread per expert (E <= 1024):
+// p = MLX's f32 sigmoid of f32(logit), s = p + bias; with n_group > 1 the n_group - topk_group
+// groups whose score (their two largest s summed) ranks lowest (ties: the lower index counts as
+// lower) get s = 0; the k largest s (ties by lower index) are listed by descending s (MLX lists
+// them in argpartition order instead: zmlx-core SelectOrder::Descending is this order); their
+// weights p, divided by their f32 sum in list order when norm (and k > 1), times scaling.
+// Ranks, not a sort: thread e counts the experts that go before it. NaN logits: unspecified.
+#define GTK_MAX_E 1024
+template <class D>
+__device__ __forceinline__ void group_topk_impl(const typename D::T* logits, const float* bias, u32* ids, float* w, int E,
+                                                int k, int n_group, int topk_group, float scaling, int norm) {
+  __shared__ float s_sh[GTK_MAX_E], p_sel[64], g_sc[64];
+  __shared__ int g_drop[64];
+  const int e = threadIdx.x, per = E / n_group;
+  float p = 0.0f;
+  if (e < E) {
+    const float x = D::ld(logits[e]);
+    const float y = __fdiv_rn(1.0f, __fadd_rn(1.0f, mlx_exp(fabsf(x))));
+    p = x < 0.0f ? y : __fsub_rn(1.0f, y);
+    s_sh[e] = __fadd_rn(p, bias[e]);
+  }
+  __syncthreads();
+  if (n_group > 1) {
+    if (e < n_group) {  // the group's two largest scores, as zmlx-core scans them
+      float t0 = __int_as_float(0xff800000), t1 = t0;  // -inf
+      for (int i = e * per; i < (e + 1) * per; i++) {
+        const float v = s_sh[i];
+        if (v > t0) { t1 = t0; t0 = v; } else if (v > t1) t1 = v;
+      }
+      g_sc[e] = per == 1 ? t0 : __fadd_rn(t0, t1);
+    }
+    __syncthreads();
+    if (e < n_group) {
+      int rank = 0;
+      for (int h = 0; h < n_group; h++) rank += g_sc[h] < g_sc[e] || (g_sc[h] == g_sc[e] && h < e);
+      g_drop[e] = rank < n_group - topk_group;
+    }
+    __syncthreads();
+    if (e < E && g_drop[e / per]) s_sh[e] = 0.0f;
+    __syncthreads();
+  }
+  if (e < E) {
+    const float v = s_sh[e];
+    int rank = 0;
+    for (int j = 0; j < E; j++) rank += s_sh[j] > v || (s_sh[j] == v && j < e);
+    if (rank < k) { ids[rank] = e; p_sel[rank] = p; }
+  }
+  __syncthreads();
+  if (e == 0) {
+    float den = 0.0f;
+    if (norm && k > 1)
+      for (int j = 0; j < k; j++) den = __fadd_rn(den, p_sel[j]);
+    for (int j = 0; j < k; j++) w[j] = __fmul_rn(norm && k > 1 ? __fdiv_rn(p_sel[j], den) : p_sel[j], scaling);
+  }
+}
+
 #define ZMLX_OPS(DT, DN)                                                                                       \
   extern "C" __global__ void rms_norm_##DN(const DT::T* x, const DT::T* w, DT::T* y, int n, float eps,         \
                                            float inv_n) { /* waits inside */ rms_norm_impl<DT>(x, w, y, n, eps, inv_n); }         \
@@ -1500,6 +1557,11 @@ extern "C" __global__ void copy_u4(const uint4* __restrict__ src, uint4* __restr
                                                int round_probs, int renorm) { ZMLX_GRID_DEP();                                  \
     if (E <= 32 * STK_PER && k <= 32) softmax_topk_fast_impl<DT>(logits, ids, w, E, k, round_probs, renorm);   \
     else softmax_topk_impl<DT>(logits, ids, w, E, k, round_probs, renorm);                                     \
+  }                                                                                                            \
+  extern "C" __global__ void group_topk_##DN(const DT::T* logits, const float* bias, u32* ids, float* w, int E,   \
+                                             int k, int n_group, int topk_group, float scaling, int norm) {            \
+    ZMLX_GRID_DEP();                                                                                           \
+    group_topk_impl<DT>(logits, bias, ids, w, E, k, n_group, topk_group, scaling, norm);                       \
   }                                                                                                            \
   extern "C" __global__ void softmax_topk_legacy_##DN(const DT::T* logits, u32* ids, float* w, int E, int k,   \
                                                       int round_probs, int renorm) { ZMLX_GRID_DEP();                           \
