@@ -222,6 +222,11 @@ fn run_benchmarks_inner(dev: &CudaDevice) -> Result<Vec<BenchRow>> {
     let wout = dev.alloc(64 * 4)?;
     let us = time_graph(dev, 32, &|d, _| ops::softmax_topk(d, bf, xs.ptr(), 1, 128, 8, true, true, ids.ptr(), wout.ptr()))?;
     rows.push(row("softmax_topk", "E=128 k=8 bf16".into(), 128 * 2 + 64, us, copy));
+    // DeepSeek-V3's gating (256 experts, 8 groups keep 4, top-8): logits + f32 bias in, ids + weights out.
+    let bias = random_floats(dev, &mut rng, DType::F32, 256, -0.1, 0.1)?;
+    let deepseek = zmlx_core::ops::GroupGating { top_k: 8, n_group: 8, topk_group: 4, routed_scaling_factor: 2.5, norm_topk_prob: true };
+    let us = time_graph(dev, 32, &|d, _| ops::group_topk(d, bf, xs.ptr(), bias.ptr(), 256, &deepseek, ids.ptr(), wout.ptr()))?;
+    rows.push(row("group_topk", "E=256 k=8 groups 4/8 bf16".into(), 256 * 6 + 64, us, copy));
     let logits = random_floats(dev, &mut rng, bf, 151936, -10.0, 10.0)?;
     let amws = dev.alloc(ops::ARGMAX_WORKSPACE_BYTES)?;
     dev.memset(amws.ptr(), 0, ops::ARGMAX_WORKSPACE_BYTES)?;
