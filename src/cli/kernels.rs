@@ -21,6 +21,10 @@ pub enum Action {
         /// Target architecture.
         #[arg(long, default_value = "sm_90")]
         arch: String,
+        /// Compile every module, also those whose cubin for this exact source, options and arch
+        /// is already in the kernel cache (by default those are only checked for their functions).
+        #[arg(long)]
+        fresh: bool,
     },
     /// Run every kernel on the GPU against its reference on fresh random inputs.
     Test {
@@ -72,20 +76,22 @@ mod imp {
 
     pub fn run(action: Action) -> Result<ExitCode> {
         match action {
-            Action::Check { arch, .. } => {
+            Action::Check { arch, fresh, .. } => {
                 let lib = zmlx_cuda::nvrtc::ensure_nvrtc().map_err(|e| anyhow!("{e}"))?;
-                let results = zmlx_cuda::check_all_kernels(&arch).map_err(|e| anyhow!("{e}"))?;
+                let results = zmlx_cuda::check_all_kernels(&arch, !fresh).map_err(|e| anyhow!("{e}"))?;
                 let mut failed = 0;
                 for (module, res) in &results {
                     match res {
-                        Ok(()) => println!("ok    {module}"),
+                        Ok(false) => println!("ok    {module}"),
+                        Ok(true) => println!("ok    {module} (cached)"),
                         Err(log) => {
                             failed += 1;
                             println!("FAIL  {module}\n{log}");
                         }
                     }
                 }
-                println!("{} modules compiled for {arch} with NVRTC ({lib}): {} ok, {failed} failed", results.len(), results.len() - failed);
+                let cached = results.iter().filter(|(_, r)| matches!(r, Ok(true))).count();
+                println!("{} modules for {arch} with NVRTC ({lib}; {cached} from the kernel cache): {} ok, {failed} failed", results.len(), results.len() - failed);
                 Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
             }
             Action::Test { device, .. } => {

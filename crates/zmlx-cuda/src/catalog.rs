@@ -134,26 +134,22 @@ pub fn all_modules() -> Vec<ModuleSpec> {
 }
 
 /// Compile every kernel module with NVRTC for `arch` (e.g. "sm_90"). Needs libnvrtc only,
-/// no GPU. Each entry is (module name, Ok or the compiler log). Successful cubins are also
-/// written to the kernel cache, so a later run on a GPU of that arch starts without JIT.
+/// no GPU. Each entry is (module name, Ok(taken from the cache) or the compiler log). Cubins are
+/// written to the kernel cache, so a later run on a GPU of that arch starts without JIT. With
+/// `use_cache`, a module whose cubin for this exact (source, options, arch) is already cached is
+/// not compiled again (it is still checked for every function); otherwise every module is.
 /// Errors only when libnvrtc cannot be loaded at all.
-pub fn check_all_kernels(arch: &str) -> Result<Vec<(String, std::result::Result<(), String>)>> {
+pub fn check_all_kernels(arch: &str, use_cache: bool) -> Result<Vec<(String, std::result::Result<bool, String>)>> {
     nvrtc::ensure_nvrtc()?;
-    let opts = nvrtc::compile_options(arch);
     let mut out = Vec::new();
     for m in all_modules() {
-        let res = nvrtc::compile_cubin(&m.name, &m.source, &opts).map_err(|e| e.to_string()).and_then(|cubin| {
-            let missing: Vec<&String> =
-                m.functions.iter().filter(|f| !contains(&cubin, f.as_bytes())).collect();
+        let built = if use_cache { nvrtc::cached_cubin(&m.name, &m.source, arch) } else { nvrtc::fresh_cubin(&m.name, &m.source, arch).map(|c| (c, false)) };
+        let res = built.map_err(|e| e.to_string()).and_then(|(cubin, cached)| {
+            let missing: Vec<&String> = m.functions.iter().filter(|f| !contains(&cubin, f.as_bytes())).collect();
             if !missing.is_empty() {
                 return Err(format!("cubin lacks functions {missing:?}"));
             }
-            let key = nvrtc::stable_hash(&[m.source.as_bytes(), opts.join(" ").as_bytes(), arch.as_bytes()]);
-            let dir = nvrtc::cache_dir();
-            if std::fs::create_dir_all(&dir).is_ok() {
-                let _ = std::fs::write(dir.join(format!("{}-{arch}-{key}.cubin", m.name)), &cubin);
-            }
-            Ok(())
+            Ok(cached)
         });
         out.push((m.name.clone(), res));
     }

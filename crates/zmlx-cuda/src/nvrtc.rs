@@ -192,21 +192,30 @@ pub fn stable_hash(parts: &[&[u8]]) -> String {
 /// Cubin for (name, src, arch): from the disk cache when present, else compiled and stored.
 /// Returns (cubin, was_cached).
 pub fn cached_cubin(name: &str, src: &str, arch: &str) -> Result<(Vec<u8>, bool)> {
-    let opts = compile_options(arch);
-    let key = stable_hash(&[src.as_bytes(), opts.join(" ").as_bytes(), arch.as_bytes()]);
-    let dir = cache_dir();
-    let path = dir.join(format!("{name}-{arch}-{key}.cubin"));
-    if let Ok(bytes) = std::fs::read(&path) {
+    if let Ok(bytes) = std::fs::read(cache_path(name, src, arch)) {
         if bytes.len() > 4 && &bytes[..4] == b"\x7fELF" {
             return Ok((bytes, true));
         }
     }
-    let cubin = compile_cubin(name, src, &opts)?;
-    if std::fs::create_dir_all(&dir).is_ok() {
-        let tmp = dir.join(format!(".{name}-{key}.{}.tmp", std::process::id()));
+    Ok((fresh_cubin(name, src, arch)?, false))
+}
+
+/// Cubin for (name, src, arch) compiled now, then stored in the disk cache.
+pub fn fresh_cubin(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
+    let cubin = compile_cubin(name, src, &compile_options(arch))?;
+    let path = cache_path(name, src, arch);
+    if let Some(dir) = path.parent().filter(|d| std::fs::create_dir_all(d).is_ok()) {
+        // Write then rename, so a concurrent reader never sees half a cubin.
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         if std::fs::write(&tmp, &cubin).is_ok() {
             let _ = std::fs::rename(&tmp, &path);
         }
     }
-    Ok((cubin, false))
+    Ok(cubin)
+}
+
+/// Where the cubin of (name, src, arch) lives in the cache: keyed by (source, options, arch).
+fn cache_path(name: &str, src: &str, arch: &str) -> std::path::PathBuf {
+    let key = stable_hash(&[src.as_bytes(), compile_options(arch).join(" ").as_bytes(), arch.as_bytes()]);
+    cache_dir().join(format!("{name}-{arch}-{key}.cubin"))
 }
