@@ -204,9 +204,10 @@ pub fn cached_cubin(name: &str, src: &str, arch: &str) -> Result<(Vec<u8>, bool)
 pub fn fresh_cubin(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
     let cubin = compile_cubin(name, src, &compile_options(arch))?;
     let path = cache_path(name, src, arch);
-    if let Some(dir) = path.parent().filter(|d| std::fs::create_dir_all(d).is_ok()) {
-        // Write then rename, so a concurrent reader never sees half a cubin.
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    if let (Some(dir), Some(file)) = (path.parent().filter(|d| std::fs::create_dir_all(d).is_ok()), path.file_name()) {
+        // Write then rename, so a concurrent reader never sees half a cubin; the temporary name
+        // keeps the key, as two sources of one module may be compiled at once.
+        let tmp = dir.join(format!(".{}.{}.tmp", file.to_string_lossy(), std::process::id()));
         if std::fs::write(&tmp, &cubin).is_ok() {
             let _ = std::fs::rename(&tmp, &path);
         }
